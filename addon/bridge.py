@@ -1,0 +1,183 @@
+"""The loopback bridge: how a response the addon fetched itself reaches mitmproxy as a stream.
+
+mitmproxy only streams bytes that arrive from a server connection, so once the addon has
+chosen an upstream response it parks it here under a one-time token and points the flow
+at this server. mitmproxy connects (and keeps the connection for the next request), asks
+with the token, and gets the response relayed chunk by chunk. Listening on 127.0.0.1
+only, and answering nothing without a valid token, keeps it out of anyone else's reach.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import h11
+
+TOKEN_HEADER = "x-ccf-bridge-token"
+
+log = logging.getLogger(__name__)
+
+
+class Relayable(Protocol):
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+
+    def chunks(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Parked:
+    response: Relayable
+    on_done: Callable[[BaseException | None], None]
+
+
+class Bridge:
+    def __init__(self) -> None:
+        self.parked: dict[str, Parked] = {}
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: _BridgeConnection(self), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+        for token in list(self.parked):
+            self.discard(token)
+
+    def park(self, response: Relayable, on_done: Callable[[BaseException | None], None]) -> str:
+        """Parks a response; `on_done` gets None after a clean end, else what broke the relay."""
+        token = secrets.token_urlsafe(18)
+        self.parked[token] = Parked(response, on_done)
+        return token
+
+    def discard(self, token: str) -> None:
+        """Drops a parked response that will never be fetched (the flow died first)."""
+        if parked := self.parked.pop(token, None):
+            parked.response.close()
+            parked.on_done(ConnectionAbortedError("flow ended before the response was relayed"))
+
+
+class _BridgeConnection(asyncio.Protocol):
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.conn = h11.Connection(h11.SERVER)
+        self.transport: asyncio.Transport | None = None
+        self.relay: asyncio.Task[None] | None = None
+        self.parked: Parked | None = None
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.conn.receive_data(data)
+            self._next_events()
+        except h11.RemoteProtocolError:
+            self._abort()
+
+    def eof_received(self) -> bool | None:
+        self._abort()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()
+        if self.relay and not self.relay.done():
+            self.relay.cancel()
+        elif self.parked:
+            self._finish(ConnectionAbortedError("client went away"))
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def _next_events(self) -> None:
+        while self.relay is None:
+            event = self.conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                token = dict(event.headers).get(TOKEN_HEADER.encode(), b"").decode("latin-1")
+                self.parked = self.bridge.parked.pop(token, None)
+            elif isinstance(event, h11.EndOfMessage):
+                if self.parked is None:
+                    self._refuse()
+                    return
+                self.relay = asyncio.ensure_future(self._relay(self.parked))
+            elif isinstance(event, h11.ConnectionClosed):
+                self._abort()
+                return
+
+    def _refuse(self) -> None:
+        body = b'{"type":"error","error":{"type":"permission_error","message":"not a valid bridge token"}}'
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        self._write(h11.Response(status_code=403, headers=headers))
+        self._write(h11.Data(data=body))
+        self._write(h11.EndOfMessage())
+        if self.transport:
+            self.transport.close()
+
+    def _write(self, event: h11._events.Event) -> None:
+        data = self.conn.send(event)
+        if data and self.transport:
+            self.transport.write(data)
+
+    async def _relay(self, parked: Parked) -> None:
+        response = parked.response
+        error: BaseException | None = None
+        try:
+            self._write(h11.Response(status_code=response.status, headers=list(response.headers)))
+            async for chunk in response.chunks():
+                self._write(h11.Data(data=chunk))
+                if not self.writable.is_set():
+                    await self.writable.wait()
+                if self.transport is None or self.transport.is_closing():
+                    raise ConnectionAbortedError("client went away")
+            self._write(h11.EndOfMessage())
+        except asyncio.CancelledError:
+            error = ConnectionAbortedError("client went away")
+        except Exception as e:
+            error = e
+        finally:
+            response.close()
+        self._finish(error, parked)
+        if error is not None:
+            self._abort()
+            return
+        self.relay = None
+        self.parked = None
+        try:
+            self.conn.start_next_cycle()
+        except h11.LocalProtocolError:
+            self._abort()
+            return
+        self._next_events()
+
+    def _finish(self, error: BaseException | None, parked: Parked | None = None) -> None:
+        parked = parked or self.parked
+        self.parked = None
+        if parked is not None:
+            try:
+                parked.on_done(error)
+            except Exception:
+                log.exception("bridge completion callback failed")
+
+    def _abort(self) -> None:
+        """Ends the connection without a clean end of body, so a cut is seen as a cut."""
+        if self.transport:
+            self.transport.abort()

@@ -1,0 +1,241 @@
+"""The failover loop: try endpoints in order until one gives an answer worth sending.
+
+Written with tenacity: the stop, wait and retry strategies are small pieces combined,
+and the plan (`policy.Plan`) decides which endpoint each attempt goes to. Nothing here
+reaches the client; the caller gets either an `UpstreamResponse` to relay or a `Failure`
+to send whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from .config import Config
+from .endpoints import EndpointPool, EndpointState
+from .logs import EventLog
+from .metrics import Metrics
+from .policy import TIMEOUT_KINDS, AttemptFailed, ErrorResponse, Plan, RetryBudget, backoff_delay
+from .upstream import ClientRequest, UpstreamClient, UpstreamResponse
+
+RATELIMIT_KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    endpoint: str
+    outcome: str
+    duration: float
+    detail: str = ""
+
+
+@dataclass
+class Failure:
+    """What the client gets when no endpoint gave a usable answer."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    reason: str
+
+
+@dataclass
+class Outcome:
+    attempts: list[Attempt] = field(default_factory=list)
+    response: UpstreamResponse | None = None
+    failure: Failure | None = None
+
+
+class _NoEndpointLeft(Exception):
+    pass
+
+
+class Failover:
+    def __init__(
+        self,
+        config: Config,
+        pool: EndpointPool,
+        client: UpstreamClient,
+        metrics: Metrics,
+        events: EventLog,
+        budget: RetryBudget,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.client = client
+        self.metrics = metrics
+        self.events = events
+        self.budget = budget
+
+    async def run(
+        self, request: ClientRequest, drop_headers: frozenset[str] = frozenset()
+    ) -> Outcome:
+        retry = self.config.retry
+        started = time.monotonic()
+        deadline = started + self.config.timeouts.total
+        self.budget.record_request(started)
+        plan = Plan(self.pool, retry.max_retries if retry.enabled else 1)
+        outcome = Outcome()
+        last_failure: list[AttemptFailed] = []
+        backoffs = [0]
+
+        def wait(state: RetryCallState) -> float:
+            if plan.has_fresh():
+                return 0.0
+            retry_after = last_failure[-1].retry_after if last_failure else None
+            return backoff_delay(retry, backoffs[0], retry_after)
+
+        def stop(state: RetryCallState) -> bool:
+            if plan.has_fresh():
+                return False
+            if plan.exhausted() or not retry.enabled:
+                return True
+            delay = state.upcoming_sleep
+            if time.monotonic() + delay >= deadline:
+                return True
+            if not self.budget.try_spend(time.monotonic()):
+                self.metrics.budget_exhausted.inc()
+                return True
+            backoffs[0] += 1
+            self.metrics.retries.inc()
+            return False
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.metrics.backoff.inc(state.upcoming_sleep)
+
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception_type(AttemptFailed),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        previous: EndpointState | None = None
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    state = plan.fresh() or plan.fallback()
+                    if state is None:
+                        raise _NoEndpointLeft
+                    if previous is not None and previous is not state:
+                        self.metrics.failovers.labels(previous.name, state.name).inc()
+                        self.events.event(
+                            "failover",
+                            from_endpoint=previous.name,
+                            to_endpoint=state.name,
+                            reason=last_failure[-1].kind if last_failure else None,
+                        )
+                    previous = state
+                    try:
+                        outcome.response = await self._attempt(
+                            state, request, plan, outcome, deadline, drop_headers
+                        )
+                    except AttemptFailed as failure:
+                        last_failure.append(failure)
+                        raise
+        except (AttemptFailed, _NoEndpointLeft):
+            outcome.failure = final_failure(last_failure)
+        return outcome
+
+    async def _attempt(
+        self,
+        state: EndpointState,
+        request: ClientRequest,
+        plan: Plan,
+        outcome: Outcome,
+        deadline: float,
+        drop_headers: frozenset[str],
+    ) -> UpstreamResponse:
+        plan.record(state)
+        name = state.name
+        started = time.monotonic()
+        try:
+            response = await self.client.send(state.endpoint, request, deadline, drop_headers)
+        except AttemptFailed as failure:
+            duration = time.monotonic() - started
+            plan.mark_failed(state)
+            outcome.attempts.append(Attempt(name, failure.kind, duration, failure.detail))
+            self.metrics.attempts.labels(name, failure.kind).inc()
+            cooldown = max(self.config.retry.cooldown_seconds, failure.retry_after or 0.0)
+            state.failed(failure.kind, cooldown)
+            self.metrics.cooldowns.labels(name, failure.kind).inc()
+            self.events.event(
+                "endpoint_cooling",
+                logging.WARNING,
+                endpoint=name,
+                reason=failure.kind,
+                status=failure.status,
+                detail=failure.detail,
+                attempt=len(outcome.attempts),
+                cooldown_seconds=round(cooldown, 3),
+                duration_ms=round(duration * 1000, 1),
+            )
+            raise
+        except BaseException:
+            state.released()
+            raise
+        duration = time.monotonic() - started
+        self.metrics.time_to_headers.labels(name).observe(response.time_to_headers)
+        kind = "ok" if response.status < 400 else "client_error"
+        self.metrics.attempts.labels(name, kind).inc()
+        outcome.attempts.append(Attempt(name, kind, duration, f"HTTP {response.status}"))
+        state.succeeded()
+        self._watch_ratelimit(state, response)
+        return response
+
+    def _watch_ratelimit(self, state: EndpointState, response: UpstreamResponse) -> None:
+        """Cools an endpoint whose rate-limit headers say the next request would get a 429."""
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+        threshold = self.config.streaming.ratelimit_threshold
+        for kind in RATELIMIT_KINDS:
+            remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining")
+            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
+            if remaining is None or reset is None:
+                continue
+            try:
+                exhausted = int(remaining) <= threshold
+                until = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+            if exhausted and until > time.time():
+                reason = f"ratelimit_{kind.replace('-', '_')}_exhausted"
+                state.cool(until, reason)
+                self.metrics.cooldowns.labels(state.name, "ratelimit").inc()
+                self.events.event(
+                    "endpoint_cooling",
+                    logging.WARNING,
+                    endpoint=state.name,
+                    reason=reason,
+                    until=reset,
+                )
+                return
+
+
+def final_failure(failures: list[AttemptFailed]) -> Failure:
+    """The last upstream error response as it came, else an Anthropic-shaped error naming every attempt."""
+    answered = [f for f in failures if f.response is not None]
+    if answered:
+        response = answered[-1].response
+        assert isinstance(response, ErrorResponse)
+        return Failure(response.status, response.headers, response.body, f"HTTP {response.status}")
+    tried = "; ".join(f"{f.endpoint}: {f.detail}" for f in failures) or "no endpoint is enabled"
+    last = failures[-1] if failures else None
+    if last is not None and last.kind == "sse_error":
+        status, error_type = (last.status or 529), "overloaded_error"
+        if status == 429:
+            error_type = "rate_limit_error"
+    elif failures and all(f.kind in TIMEOUT_KINDS for f in failures):
+        status, error_type = 504, "timeout_error"
+    else:
+        status, error_type = 502, "api_error"
+    return error_failure(status, error_type, f"All endpoints failed: {tried}")
+
+
+def error_failure(status: int, error_type: str, message: str) -> Failure:
+    body = json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+    return Failure(status, ((b"content-type", b"application/json"),), body, message)

@@ -1,0 +1,163 @@
+"""What counts as a failed attempt, how long to wait, and which endpoint to try next.
+
+Every failure the proxy can meet becomes one `AttemptFailed` with a `kind` from a fixed
+set; the plan, the metrics and the logs all read that one value.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .config import Retry
+from .endpoints import EndpointPool, EndpointState
+
+# Bounded label values for metrics and logs.
+FAILURE_KINDS = (
+    "status",
+    "refused",
+    "reset",
+    "dns",
+    "tls",
+    "connect_timeout",
+    "first_byte_timeout",
+    "closed",
+    "malformed",
+    "sse_error",
+    "idle_timeout",
+)
+TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "idle_timeout"})
+
+
+@dataclass(frozen=True)
+class ErrorResponse:
+    """An upstream error response kept whole, to hand to the client when nothing better exists."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+
+
+class AttemptFailed(Exception):
+    """One attempt at one endpoint failed in a way another attempt may fix."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        kind: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        response: ErrorResponse | None = None,
+    ) -> None:
+        super().__init__(f"{endpoint}: {detail}")
+        self.endpoint = endpoint
+        self.kind = kind
+        self.detail = detail
+        self.status = status
+        self.retry_after = retry_after
+        self.response = response
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """`retry-after-ms`, else `retry-after` in seconds or as an HTTP-date; None when absent."""
+    if ms := headers.get("retry-after-ms"):
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_delay(retry: Retry, waits_so_far: int, retry_after: float | None) -> float:
+    """Exponential backoff with full jitter on top of half the step, capped; Retry-After wins."""
+    step = min(retry.max_delay, retry.initial_delay * retry.backoff_factor**waits_so_far)
+    delay = step / 2 + random.uniform(0, step / 2)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, retry.max_delay)
+
+
+@dataclass
+class RetryBudget:
+    """Extra attempts allowed as a share of client requests over a sliding window (Envoy-style).
+
+    Failing over to an endpoint that has not failed yet is free; what the budget bounds
+    is going back to endpoints that already failed, which is what multiplies traffic
+    in an outage.
+    """
+
+    ratio: float
+    min_retries: int
+    window: float = 10.0
+    requests: deque[float] = field(default_factory=deque)
+    retries: deque[float] = field(default_factory=deque)
+
+    def record_request(self, now: float) -> None:
+        self.requests.append(now)
+
+    def try_spend(self, now: float) -> bool:
+        for q in (self.requests, self.retries):
+            while q and q[0] < now - self.window:
+                q.popleft()
+        if len(self.retries) >= self.min_retries + self.ratio * len(self.requests):
+            return False
+        self.retries.append(now)
+        return True
+
+
+@dataclass
+class Plan:
+    """Which endpoint a request tries next.
+
+    An endpoint that is usable and has not failed this request comes first, in config
+    order, with no wait. Only when none is left does the request wait (backoff) and go
+    back to the endpoint whose cooldown ends first, up to `maxRetries` attempts each.
+    """
+
+    pool: EndpointPool
+    max_attempts: int
+    attempts: dict[str, int] = field(default_factory=dict)
+    failed: set[str] = field(default_factory=set)
+
+    def fresh(self) -> EndpointState | None:
+        for state in self.pool:
+            if state.name not in self.failed and state.take():
+                return state
+        return None
+
+    def has_fresh(self) -> bool:
+        return any(
+            state.name not in self.failed and state.status == "healthy" for state in self.pool
+        )
+
+    def fallback(self) -> EndpointState | None:
+        left = [s for s in self.pool if self.attempts.get(s.name, 0) < self.max_attempts]
+        if not left:
+            return None
+        return min(left, key=lambda s: (s.name in self.failed, s.cooling_until))
+
+    def exhausted(self) -> bool:
+        return self.fallback() is None
+
+    def record(self, state: EndpointState) -> None:
+        self.attempts[state.name] = self.attempts.get(state.name, 0) + 1
+
+    def mark_failed(self, state: EndpointState) -> None:
+        self.failed.add(state.name)

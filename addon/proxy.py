@@ -1,0 +1,480 @@
+"""The Fallback addon: mitmproxy's hooks, telling each request's story in small steps.
+
+Each request is sent by the addon itself to the first healthy endpoint, failing over
+before a byte reaches the client; the chosen response is then relayed to mitmproxy
+through a loopback bridge so that it streams (see bridge.py for why).
+"""
+
+from __future__ import annotations
+
+import sys
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mitmproxy import command, ctx, exceptions, http
+
+from . import __version__
+from .bridge import TOKEN_HEADER, Bridge
+from .config import Config, ConfigError, load_config, mask_secret
+from .endpoints import COOLING, EndpointPool
+from .failover import Failover, Failure, Outcome, error_failure
+from .logs import EventLog
+from .metrics import Metrics
+from .policy import RetryBudget
+from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient
+
+ACCESS_HEADER = "x-ccf-access-key"
+AUTH_HEADERS = ("x-api-key", "authorization")
+META_KEY = "claude-code-fallback"
+
+
+@dataclass
+class InFlight:
+    """What the addon keeps about a flow while its response is relayed."""
+
+    outcome: Outcome
+    started: float
+    token: str = ""
+    saved_request: tuple[Any, bytes | None] | None = None
+    endpoint_url: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Fallback:
+    def __init__(self) -> None:
+        self.config: Config | None = None
+        self.pool = EndpointPool()
+        self.metrics = Metrics(lambda: self.pool)
+        self.events = EventLog()
+        self.bridge = Bridge()
+        self.client: UpstreamClient | None = None
+        self.failover: Failover | None = None
+        self.budget = RetryBudget(0.2, 10)
+        self.inflight: dict[str, InFlight] = {}
+        self.started_at = time.time()
+        self.is_running = False
+        self.config_mtime: float | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.metrics_server: Any = None
+
+    # -- mitmproxy hooks ------------------------------------------------------------
+
+    def load(self, loader: Any) -> None:
+        loader.add_option(
+            "fallback_config",
+            str,
+            "",
+            """
+            Path of the claude-code-fallback config file. Empty means
+            $CLAUDE_FALLBACK_HOME/config.yaml or ~/.claude-code-fallback/config.yaml when it
+            exists, else one endpoint: the reverse-proxy target.
+            """,
+        )
+        loader.add_option(
+            "fallback_log_level",
+            str,
+            "",
+            "Overrides logging.level of the config (trace, debug, info, warn, error).",
+        )
+        loader.add_option(
+            "fallback_flow_body_limit",
+            int,
+            1 << 20,
+            """
+            Bytes of each relayed response body kept on the flow for inspection (mitmweb,
+            saved flows). 0 keeps none.
+            """,
+        )
+        loader.add_option(
+            "fallback_watch_config",
+            bool,
+            True,
+            "Reload the config file when it changes on disk.",
+        )
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"fallback_config", "fallback_log_level", "mode"}:
+            try:
+                self.apply(self.read_config())
+            except ConfigError as e:
+                if not self.is_running:
+                    # before listening: refuse to start, like any tool given a bad config
+                    print(f"claude-code-fallback: invalid config\n{e}", file=sys.stderr)
+                    raise SystemExit(2) from None
+                raise exceptions.OptionsError(str(e)) from None
+        if "fallback_flow_body_limit" in updated and self.client:
+            self.client.copy_limit = ctx.options.fallback_flow_body_limit
+
+    async def running(self) -> None:
+        # The addon opens upstream connections itself; mitmproxy must not open its own.
+        ctx.options.update(connection_strategy="lazy")
+        await self.bridge.start()
+        await self.start_client()
+        self.is_running = True
+        self.started_at = time.time()
+        self.start_metrics_server()
+        self.watch()
+        assert self.config is not None
+        self.events.event(
+            "started",
+            version=__version__,
+            endpoints=",".join(s.name for s in self.pool),
+            config=self.config.source,
+        )
+
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.config is None:
+            return
+        length = flow.request.headers.get("content-length", "")
+        limit = self.config.server.max_body_bytes
+        if length.isdigit() and int(length) > limit:
+            self.respond(flow, self.too_large(limit))
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.config is None:
+            return
+        if self.serve_local(flow):
+            return
+        body = flow.request.raw_content or b""
+        refusal = self.check_access(flow)
+        if refusal is None and len(body) > self.config.server.max_body_bytes:
+            refusal = self.too_large(self.config.server.max_body_bytes)
+        if refusal is not None:
+            self.respond(flow, refusal)
+            self.metrics.requests.labels("rejected").inc()
+            return
+        request = ClientRequest.parse(
+            flow.request.method,
+            flow.request.path,
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields],
+            body,
+        )
+        self.mask_flow_keys(flow)
+        assert self.failover is not None
+        started = time.monotonic()
+        outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+        state = InFlight(outcome, started)
+        self.annotate(flow, outcome)
+        if outcome.response is None:
+            assert outcome.failure is not None
+            self.respond(flow, outcome.failure)
+            self.finish(
+                flow,
+                state,
+                "all_failed" if outcome.attempts else "unavailable",
+                outcome.failure.status,
+            )
+            return
+        if not flow.live:  # the client left while we were failing over
+            outcome.response.close()
+            return
+        self.inflight[flow.id] = state
+        self.metrics.active_streams.inc()
+        state.token = self.bridge.park(
+            outcome.response, lambda error: self.relayed(flow, state, error)
+        )
+        state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
+        self.point_at_bridge(flow, state)
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        state = self.inflight.get(flow.id)
+        if state is None or flow.response is None:
+            return
+        flow.response.stream = True
+        self.restore_request(flow, state)
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        state = self.inflight.pop(flow.id, None)
+        if state is None or flow.response is None or state.outcome.response is None:
+            return
+        upstream = state.outcome.response
+        if upstream.copy and upstream.complete and len(upstream.copy) < upstream.copy_limit:
+            flow.response.raw_content = bytes(upstream.copy)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        state = self.inflight.pop(flow.id, None)
+        if state is None:
+            return
+        self.restore_request(flow, state)
+        self.bridge.discard(state.token)
+
+    async def done(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await self.bridge.stop()
+        if self.client:
+            await self.client.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+
+    # -- commands -------------------------------------------------------------------
+
+    @command.command("fallback.reload")
+    def reload(self) -> None:
+        """Reload the claude-code-fallback config file; a bad file keeps the running config."""
+        try:
+            config = self.read_config()
+        except ConfigError as e:
+            self.metrics.reloads.labels("error").inc()
+            self.events.event("config_reload_failed", logging.ERROR, error=str(e))
+            return
+        self.apply(config)
+        self.metrics.reloads.labels("success").inc()
+        self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
+
+    @command.command("fallback.status")
+    def status(self) -> str:
+        """The health document served on /health, as JSON."""
+        return json.dumps(self.health()[1], indent=2)
+
+    # -- config ---------------------------------------------------------------------
+
+    def read_config(self) -> Config:
+        overrides: dict[str, object] = {}
+        if ctx.options.fallback_log_level:
+            overrides["logging.level"] = ctx.options.fallback_log_level
+        return load_config(
+            ctx.options.fallback_config or None,
+            os.environ,
+            overrides,
+            default_base_url=reverse_target(ctx.options.mode),
+        )
+
+    def apply(self, config: Config) -> None:
+        self.config = config
+        self.pool = EndpointPool.build(config.endpoints, previous=self.pool)
+        secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
+        self.events = EventLog(config.logging.level, config.logging.format, secrets)
+        self.events.mask = config.logging.redact_keys
+        self.budget.ratio = config.retry.budget_ratio
+        self.budget.min_retries = config.retry.budget_min_retries
+        self.config_mtime = _mtime(config.source)
+        if self.client is not None:
+            self.client.config = config
+            self.build_failover()
+
+    async def start_client(self) -> None:
+        assert self.config is not None
+        self.client = UpstreamClient(self.config, ctx.options.fallback_flow_body_limit)
+        await self.client.start()
+        self.build_failover()
+
+    def build_failover(self) -> None:
+        assert self.config is not None and self.client is not None
+        self.failover = Failover(
+            self.config, self.pool, self.client, self.metrics, self.events, self.budget
+        )
+
+    def watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # no SIGHUP on this platform or not in the main thread
+        task = asyncio.ensure_future(self.watch_file())
+        self.tasks.add(task)
+
+    async def watch_file(self) -> None:
+        while True:
+            await asyncio.sleep(1)
+            if (
+                not ctx.options.fallback_watch_config
+                or self.config is None
+                or not self.config.source
+            ):
+                continue
+            mtime = _mtime(self.config.source)
+            if mtime != self.config_mtime:
+                self.config_mtime = mtime
+                self.reload()
+
+    def start_metrics_server(self) -> None:
+        assert self.config is not None
+        port = self.config.server.metrics_port
+        if port is None or self.metrics_server is not None:
+            return
+        from prometheus_client import start_http_server
+
+        server = start_http_server(
+            port, addr=self.config.server.host, registry=self.metrics.registry
+        )
+        self.metrics_server = server[0] if isinstance(server, tuple) else None
+
+    # -- the request's story, in small steps -----------------------------------------
+
+    def serve_local(self, flow: http.HTTPFlow) -> bool:
+        if flow.request.method != "GET":
+            return False
+        path = flow.request.path.split("?", 1)[0]
+        if path == "/health":
+            status, document = self.health()
+            flow.response = http.Response.make(
+                status, json.dumps(document, indent=2), {"content-type": "application/json"}
+            )
+            return True
+        if path == "/metrics":
+            flow.response = http.Response.make(
+                200,
+                self.metrics.render(),
+                {"content-type": "text/plain; version=0.0.4; charset=utf-8"},
+            )
+            return True
+        return False
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        endpoints = [state.snapshot() for state in self.pool]
+        usable = sum(1 for e in endpoints if e["status"] != COOLING)
+        status = "ok" if usable == len(endpoints) else "degraded" if usable else "unavailable"
+        document = {
+            "status": status,
+            "version": __version__,
+            "uptimeSeconds": round(time.time() - self.started_at, 3),
+            "activeStreams": len(self.inflight),
+            "endpoints": endpoints,
+        }
+        return (200 if usable else 503), document
+
+    def check_access(self, flow: http.HTTPFlow) -> Failure | None:
+        assert self.config is not None
+        key = self.config.server.access_key
+        if not key:
+            return None
+        headers = flow.request.headers
+        offered = {
+            headers.get(ACCESS_HEADER, ""),
+            headers.get("x-api-key", ""),
+            headers.get("authorization", "").removeprefix("Bearer ").strip(),
+        }
+        if key in offered:
+            return None
+        return error_failure(
+            401, "authentication_error", "This proxy needs its access key (server.accessKey)."
+        )
+
+    def too_large(self, limit: int) -> Failure:
+        return error_failure(
+            413,
+            "request_too_large",
+            f"Request body exceeds the proxy's limit of {limit} bytes (server.maxBodyBytes).",
+        )
+
+    def mask_flow_keys(self, flow: http.HTTPFlow) -> None:
+        assert self.config is not None
+        if not self.config.logging.redact_keys:
+            return
+        for name in (*AUTH_HEADERS, ACCESS_HEADER):
+            if value := flow.request.headers.get(name):
+                scheme, _, secret = value.rpartition(" ")
+                masked = mask_secret(secret)
+                flow.request.headers[name] = f"{scheme} {masked}" if scheme else masked
+
+    def respond(self, flow: http.HTTPFlow, failure: Failure) -> None:
+        headers = [
+            (k, v)
+            for k, v in failure.headers
+            if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"
+        ]
+        response = http.Response.make(failure.status, b"", headers)
+        response.raw_content = failure.body
+        response.headers["content-length"] = str(len(failure.body))
+        flow.response = response
+
+    def point_at_bridge(self, flow: http.HTTPFlow, state: InFlight) -> None:
+        request = flow.request
+        state.saved_request = (request.headers.copy(), request.raw_content)
+        request.raw_content = b""  # the bridge needs the token, not the body again
+        request.headers.pop("transfer-encoding", None)
+        request.headers["content-length"] = "0"
+        request.headers[TOKEN_HEADER] = state.token
+        request.scheme, request.host, request.port = "http", "127.0.0.1", self.bridge.port
+
+    def restore_request(self, flow: http.HTTPFlow, state: InFlight) -> None:
+        """Puts back what inspection should show: the endpoint's URL and the original body."""
+        if state.saved_request is None:
+            return
+        headers, body = state.saved_request
+        state.saved_request = None
+        flow.request.url = state.endpoint_url
+        flow.request.headers = headers
+        flow.request.raw_content = body
+
+    def annotate(self, flow: http.HTTPFlow, outcome: Outcome) -> None:
+        attempts = [
+            {
+                "endpoint": a.endpoint,
+                "outcome": a.outcome,
+                "durationMs": round(a.duration * 1000, 1),
+                "detail": a.detail,
+            }
+            for a in outcome.attempts
+        ]
+        flow.metadata[META_KEY] = {"attempts": attempts}
+        flow.comment = " → ".join(
+            f"{a.endpoint}: {a.outcome} ({a.duration * 1000:.0f} ms)" for a in outcome.attempts
+        )
+
+    def relayed(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
+        """The bridge finished relaying a response: count it and log its outcome."""
+        self.metrics.active_streams.dec()
+        upstream = state.outcome.response
+        if upstream is None:
+            return
+        name = upstream.endpoint.name
+        self.metrics.count_usage(name, upstream.usage)
+        if error is None:
+            result = "success" if upstream.status < 400 else "client_error"
+        else:
+            reason = error.reason if isinstance(error, StreamBroken) else "client_cancel"
+            self.metrics.stream_aborts.labels(name, reason).inc()
+            result = "aborted"
+            self.events.event(
+                "stream_aborted", logging.WARNING, endpoint=name, reason=reason, detail=str(error)
+            )
+        self.finish(flow, state, result, upstream.status, name)
+
+    def finish(
+        self,
+        flow: http.HTTPFlow,
+        state: InFlight,
+        result: str,
+        status: int,
+        endpoint: str | None = None,
+    ) -> None:
+        duration = time.monotonic() - state.started
+        self.metrics.requests.labels(result).inc()
+        self.metrics.request_duration.labels(result).observe(duration)
+        self.events.event(
+            "request",
+            logging.INFO if result in ("success", "client_error") else logging.WARNING,
+            method=flow.request.method,
+            path=flow.request.path.split("?", 1)[0],
+            endpoint=endpoint,
+            status=status,
+            outcome=result,
+            attempts=len(state.outcome.attempts),
+            duration_ms=round(duration * 1000, 1),
+        )
+
+
+def reverse_target(modes: Any) -> str:
+    """The URL of mitmproxy's first reverse mode (`reverse:https://host@8765`), else Anthropic's API."""
+    for spec in modes or ():
+        if spec.startswith("reverse:"):
+            target = spec.removeprefix("reverse:")
+            if "@" in target.split("//", 1)[-1]:
+                target = target.rsplit("@", 1)[0]
+            return target.rstrip("/")
+    return "https://api.anthropic.com"
+
+
+def _mtime(path: str | None) -> float | None:
+    try:
+        return os.stat(path).st_mtime if path else None
+    except OSError:
+        return None

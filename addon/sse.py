@@ -1,0 +1,143 @@
+"""Server-sent events, read as events rather than chunks.
+
+The proxy never re-frames a stream: the client gets the upstream's bytes as they came.
+What it reads here is a decoded copy, to know whether content has started, whether the
+stream carried an error, and what the usage fields say.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+Decoder = Callable[[bytes], bytes]
+
+
+class Event(NamedTuple):
+    name: str
+    data: str
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.data)
+        except ValueError:
+            return None
+
+
+class EventReader:
+    """Splits a byte stream into complete SSE events, whatever the chunking."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[Event]:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        self._buffer += data
+        if b"\n\n" not in self._buffer:
+            return []
+        *blocks, self._buffer = self._buffer.split(b"\n\n")
+        return [event for block in blocks if (event := parse_event(block)) is not None]
+
+
+def parse_event(block: bytes) -> Event | None:
+    name = "message"
+    data: list[str] = []
+    for raw in block.decode("utf-8", "replace").split("\n"):
+        field, _, value = raw.partition(":")
+        value = value.removeprefix(" ")
+        if field == "event":
+            name = value
+        elif field == "data":
+            data.append(value)
+    if not data and name == "message":
+        return None
+    return Event(name, "\n".join(data))
+
+
+def is_preamble(event: Event) -> bool:
+    """True for the events an Anthropic stream sends before any content.
+
+    `message_start`, `ping`, and a `content_block_start` of an empty text or thinking
+    block carry nothing the user reads; a `tool_use` block start does.
+    """
+    if event.name in ("message_start", "ping"):
+        return True
+    if event.name != "content_block_start":
+        return False
+    block = (event.json() or {}).get("content_block") or {}
+    return block.get("type") in ("text", "thinking") and not (
+        block.get("text") or block.get("thinking")
+    )
+
+
+ERROR_STATUS = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "overloaded_error": 529,
+}
+
+
+def error_status(event: Event) -> int:
+    """The HTTP status an in-stream `error` event stands for (529 when unknown)."""
+    error = (event.json() or {}).get("error") or {}
+    return ERROR_STATUS.get(error.get("type"), 529)
+
+
+class Usage(NamedTuple):
+    input: int = 0
+    output: int = 0
+    cache_read: int = 0
+    cache_creation: int = 0
+
+
+def usage_of(event: Event) -> Usage | None:
+    """Token usage from `message_start` (input side) or `message_delta` (output side)."""
+    if event.name == "message_start":
+        usage = ((event.json() or {}).get("message") or {}).get("usage")
+    elif event.name == "message_delta":
+        usage = (event.json() or {}).get("usage")
+    else:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return Usage(
+        input=_int(usage.get("input_tokens")),
+        output=_int(usage.get("output_tokens")),
+        cache_read=_int(usage.get("cache_read_input_tokens")),
+        cache_creation=_int(usage.get("cache_creation_input_tokens")),
+    )
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def decoder_for(content_encoding: str | None) -> Decoder | None:
+    """An incremental decoder for a compressed stream, identity when there is nothing to undo.
+
+    Returns None for an encoding we cannot read; the stream is then passed on unread.
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return lambda data: data
+    if encoding in ("gzip", "x-gzip"):
+        return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress
+    if encoding == "deflate":
+        return zlib.decompressobj().decompress
+    if encoding == "br":
+        import brotli  # a mitmproxy dependency
+
+        return brotli.Decompressor().process
+    if encoding == "zstd":
+        import zstandard  # a mitmproxy dependency
+
+        return zstandard.ZstdDecompressor().decompressobj().decompress
+    return None

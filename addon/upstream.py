@@ -1,0 +1,371 @@
+"""One attempt at one endpoint: rewrite the request, send it, judge the answer.
+
+An attempt ends in one of three ways: `AttemptFailed` (another endpoint may do better),
+an `UpstreamResponse` the client should get (a success, or a 4xx that is the request's
+own fault), or, for a stream, the same after its preamble has been held until content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from . import sse
+from .config import Config, Endpoint
+from .policy import AttemptFailed, ErrorResponse, retry_after_seconds
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+ERROR_BODY_LIMIT = 1 << 20
+READ_SIZE = 1 << 16
+
+
+@dataclass(frozen=True)
+class ClientRequest:
+    """The client's request as the proxy received it, decoded once."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    streaming: bool
+    model: str | None
+    payload: dict[str, Any] | None
+
+    @classmethod
+    def parse(
+        cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> ClientRequest:
+        payload = None
+        content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
+        if body and "json" in content_type.lower():
+            try:
+                decoded = json.loads(body)
+            except ValueError:
+                decoded = None  # not JSON: the endpoint decides what to make of it
+            payload = decoded if isinstance(decoded, dict) else None
+        model = payload.get("model") if payload else None
+        return cls(
+            method=method,
+            path=path,
+            headers=tuple(headers),
+            body=body,
+            streaming=bool(payload and payload.get("stream") is True),
+            model=model if isinstance(model, str) else None,
+            payload=payload,
+        )
+
+
+def upstream_url(endpoint: Endpoint, path: str) -> URL:
+    return URL(endpoint.base_url + path, encoded=True)
+
+
+def upstream_headers(
+    endpoint: Endpoint, request: ClientRequest, drop: frozenset[str]
+) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras."""
+    connection_tokens = {
+        token.strip().lower()
+        for name, value in request.headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    skip = NOT_FORWARDED | connection_tokens | drop
+    if endpoint.api_key:
+        skip = skip | {"x-api-key", "authorization"}
+    extra = {name.lower() for name, _ in endpoint.headers}
+    headers = [
+        (n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra
+    ]
+    if endpoint.api_key:
+        if endpoint.auth_header == "bearer":
+            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
+        else:
+            headers.append(("x-api-key", endpoint.api_key))
+    headers.extend(endpoint.headers)
+    return headers
+
+
+def upstream_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
+    """The body byte for byte, unless the endpoint maps the model to a name of its own."""
+    if not (endpoint.models and request.payload and request.model):
+        return request.body
+    mapped = endpoint.map_model(request.model)
+    if mapped == request.model:
+        return request.body
+    payload = dict(request.payload, model=mapped)
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _response_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple(
+        (k, v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP
+    )
+
+
+@dataclass
+class UpstreamResponse:
+    """A response chosen for the client: headers received, maybe a held preamble, the rest to come."""
+
+    endpoint: Endpoint
+    response: aiohttp.ClientResponse
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    time_to_headers: float
+    idle_timeout: float
+    held: list[bytes] = field(default_factory=list)
+    events: sse.EventReader | None = None
+    decoder: sse.Decoder | None = None
+    usage: list[sse.Usage] = field(default_factory=list)
+    copy: bytearray = field(default_factory=bytearray)
+    copy_limit: int = 0
+    complete: bool = False
+
+    @property
+    def is_event_stream(self) -> bool:
+        return self.events is not None
+
+    def observe(self, chunk: bytes) -> list[sse.Event]:
+        """Keeps the bounded copy and reads the events in a chunk (usage, errors)."""
+        if len(self.copy) < self.copy_limit:
+            self.copy += chunk[: self.copy_limit - len(self.copy)]
+        if self.events is None or self.decoder is None:
+            return []
+        try:
+            events = self.events.feed(self.decoder(chunk))
+        except Exception:  # a corrupt compressed stream: stop reading, keep passing bytes
+            self.events = None
+            return []
+        for event in events:
+            if (usage := sse.usage_of(event)) is not None:
+                self.usage.append(usage)
+        return events
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The held bytes, then the rest as it arrives; raises StreamBroken if the upstream fails."""
+        for chunk in self.held:
+            yield chunk
+        self.held = []
+        content = self.response.content
+        while True:
+            try:
+                async with asyncio.timeout(self.idle_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise StreamBroken(
+                    "idle_timeout", f"no bytes for {self.idle_timeout:g} s"
+                ) from None
+            except (aiohttp.ClientError, OSError) as e:
+                raise StreamBroken("upstream_cut", type(e).__name__) from None
+            if not chunk:
+                break
+            self.observe(chunk)
+            yield chunk
+        # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
+        self.complete = True
+
+    def close(self) -> None:
+        """Returns the connection to the pool after a clean end; otherwise closes it."""
+        if self.complete:
+            self.response.release()
+        else:
+            self.response.close()
+
+
+class StreamBroken(Exception):
+    """The upstream failed after the response was committed to the client."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def classify_client_error(endpoint: str, error: BaseException) -> AttemptFailed:
+    """Maps a connection-level exception from aiohttp to a failure kind."""
+    kind, detail = "reset", str(error) or type(error).__name__
+    if isinstance(
+        error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError
+    ):
+        kind = "tls"
+    elif isinstance(error, aiohttp.ConnectionTimeoutError):
+        kind = "connect_timeout"
+    elif isinstance(error, aiohttp.ClientConnectorError):
+        os_error = error.os_error
+        if isinstance(os_error, socket.gaierror) or _is_dns_error(error):
+            kind = "dns"
+        elif isinstance(os_error, ConnectionRefusedError):
+            kind = "refused"
+        elif isinstance(os_error, TimeoutError):
+            kind = "connect_timeout"
+    elif isinstance(error, aiohttp.ServerDisconnectedError):
+        kind = "closed"
+    elif isinstance(error, aiohttp.ClientResponseError):
+        kind = "malformed"
+    return AttemptFailed(endpoint, kind, detail)
+
+
+def _is_dns_error(error: aiohttp.ClientConnectorError) -> bool:
+    dns_error = getattr(aiohttp, "ClientConnectorDNSError", None)
+    return dns_error is not None and isinstance(error, dns_error)
+
+
+class UpstreamClient:
+    """The pooled HTTP client that talks to every endpoint."""
+
+    def __init__(self, config: Config, copy_limit: int) -> None:
+        self.config = config
+        self.copy_limit = copy_limit
+        self.session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=15)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # bytes reach the client as the endpoint encoded them
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+
+    async def stop(self) -> None:
+        if self.session:
+            await self.session.close()
+
+    async def send(
+        self,
+        endpoint: Endpoint,
+        request: ClientRequest,
+        deadline: float,
+        drop_headers: frozenset[str] = frozenset(),
+    ) -> UpstreamResponse:
+        assert self.session is not None
+        timeouts = self.config.timeouts
+        header_wait = timeouts.first_byte if request.streaming else timeouts.response
+        header_wait = min(header_wait, max(0.0, deadline - time.monotonic()))
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(header_wait):
+                resp = await self.session.request(
+                    request.method,
+                    upstream_url(endpoint, request.path),
+                    headers=upstream_headers(endpoint, request, drop_headers),
+                    data=upstream_body(endpoint, request) or None,
+                    allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
+                )
+        except TimeoutError:
+            raise AttemptFailed(
+                endpoint.name, "first_byte_timeout", f"no response headers within {header_wait:g} s"
+            ) from None
+        except (aiohttp.ClientError, OSError) as e:
+            raise classify_client_error(endpoint.name, e) from None
+        answer = UpstreamResponse(
+            endpoint=endpoint,
+            response=resp,
+            status=resp.status,
+            headers=_response_headers(resp),
+            time_to_headers=time.monotonic() - started,
+            idle_timeout=timeouts.idle,
+            copy_limit=self.copy_limit,
+        )
+        if resp.status in self.config.retry.statuses:
+            raise await self._error_response(answer, resp)
+        if resp.status == 200 and resp.content_type == "text/event-stream":
+            answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
+            if answer.decoder is not None:
+                answer.events = sse.EventReader()
+                await self._hold_preamble(answer)
+        return answer
+
+    async def _error_response(
+        self, answer: UpstreamResponse, resp: aiohttp.ClientResponse
+    ) -> AttemptFailed:
+        name = answer.endpoint.name
+        try:
+            async with asyncio.timeout(self.config.timeouts.idle):
+                body = await resp.content.read(ERROR_BODY_LIMIT)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            body = b""
+        finally:
+            resp.close()  # an error body is small; a fresh connection is cheaper than reading it out
+        return AttemptFailed(
+            name,
+            "status",
+            f"HTTP {resp.status}",
+            status=resp.status,
+            retry_after=retry_after_seconds(_str_headers(resp.headers)),
+            response=ErrorResponse(resp.status, answer.headers, body),
+        )
+
+    async def _hold_preamble(self, answer: UpstreamResponse) -> None:
+        """Holds the stream's opening events until content arrives; fails the attempt if it never does."""
+        streaming = self.config.streaming
+        name = answer.endpoint.name
+        hold_until = time.monotonic() + streaming.hold_max
+        held_bytes = 0
+        content = answer.response.content
+        while held_bytes <= streaming.hold_max_bytes:
+            hold_left = hold_until - time.monotonic()
+            if hold_left <= 0:
+                return
+            wait = min(answer.idle_timeout, hold_left)
+            try:
+                async with asyncio.timeout(wait):
+                    chunk = await content.readany()
+            except TimeoutError:
+                if wait < answer.idle_timeout:
+                    return  # held long enough: let the client see the stream
+                answer.close()
+                raise AttemptFailed(
+                    name, "idle_timeout", f"stream silent for {wait:g} s before content"
+                ) from None
+            except (aiohttp.ClientError, OSError) as e:
+                answer.close()
+                raise AttemptFailed(
+                    name, "closed", f"stream broke before content: {type(e).__name__}"
+                ) from None
+            if not chunk:
+                answer.close()
+                raise AttemptFailed(name, "closed", "stream ended before content")
+            answer.held.append(chunk)
+            held_bytes += len(chunk)
+            started = False
+            for event in answer.observe(chunk):
+                if event.name == "error" and not started:
+                    answer.close()
+                    status = sse.error_status(event)
+                    raise AttemptFailed(
+                        name,
+                        "sse_error",
+                        f"stream error event before content ({status})",
+                        status=status,
+                    )
+                started = started or not sse.is_preamble(event)
+            if started or answer.events is None:
+                return
+
+
+def _str_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items()}

@@ -1,0 +1,223 @@
+"""Shared fixtures: real mitmdump processes running the addon, fake Anthropic upstreams on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from addon.fakeapi import FakeAnthropic
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "fallback.py"
+# Test keys are distinctive so a leak is easy to grep for.
+PRIMARY_KEY = "sk-ant-test-PRIMARYSECRETKEY0000000001"
+BACKUP_KEY = "sk-ant-test-BACKUPSECRETKEY00000000002"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def mitmdump_command() -> list[str]:
+    script = Path(sys.executable).parent / "mitmdump"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
+
+
+class Proxy:
+    """A real mitmdump running the addon against a config written for the test."""
+
+    def __init__(
+        self, workdir: Path, config: dict[str, Any] | str | None, env: dict[str, str] | None = None
+    ) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = workdir / "config.yaml"
+        if config is not None:
+            text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+            self.config_path.write_text(text)
+        self.log_path = workdir / "proxy.log"
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))
+        }
+        self.env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
+        self.env.update(env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def command(self, *extra: str) -> list[str]:
+        args = [
+            *mitmdump_command(),
+            "-s",
+            str(ADDON),
+            "--mode",
+            f"reverse:http://127.0.0.1:9@{self.port}",
+            "--listen-host",
+            "127.0.0.1",
+            "--set",
+            "termlog_verbosity=info",
+            "--set",
+            "flow_detail=0",
+        ]
+        if self.config_path.exists():
+            args += ["--set", f"fallback_config={self.config_path}"]
+        return args + list(extra)
+
+    def start(self, *extra: str) -> Proxy:
+        self.log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            self.command(*extra),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.workdir,
+        )
+        wait_until(self.ready, 20, f"proxy on port {self.port} (log: {self.logs()[-2000:]})")
+        return self
+
+    def ready(self) -> bool:
+        if self.process and self.process.poll() is not None:
+            raise AssertionError(f"proxy exited with {self.process.returncode}: {self.logs()}")
+        try:
+            self.get("/health")
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if hasattr(self, "log"):
+            self.log.close()
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def health(self) -> dict[str, Any]:
+        return json.loads(self.get("/health")[1])
+
+    def endpoint(self, name: str) -> dict[str, Any]:
+        return next(e for e in self.health()["endpoints"] if e["name"] == name)
+
+    def metric(self, name: str, **labels: str) -> float:
+        """A sample's value from /metrics; 0 when the sample does not exist yet."""
+        text = self.get("/metrics")[1].decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(
+                    sample.labels.get(k) == v for k, v in labels.items()
+                ):
+                    return float(sample.value)
+        return 0.0
+
+
+def endpoints_config(*fakes: FakeAnthropic, **sections: Any) -> dict[str, Any]:
+    keys = [PRIMARY_KEY, BACKUP_KEY]
+    config: dict[str, Any] = {
+        "endpoints": [
+            {"name": fake.name, "baseUrl": fake.url, "apiKey": keys[i % 2]}
+            for i, fake in enumerate(fakes)
+        ],
+        "retry": {"initialDelay": 50, "maxDelay": 200, "cooldownSeconds": 30},
+        "timeouts": {
+            "connect": 1000,
+            "firstByte": 2000,
+            "response": 3000,
+            "idle": 2000,
+            "total": 15000,
+        },
+        "logging": {"level": "debug"},
+    }
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value)
+    return config
+
+
+@pytest.fixture
+def fakes() -> Iterator[Callable[[str], FakeAnthropic]]:
+    started: list[FakeAnthropic] = []
+
+    def make(name: str) -> FakeAnthropic:
+        fake = FakeAnthropic(name).start_in_thread()
+        started.append(fake)
+        return fake
+
+    yield make
+    for fake in started:
+        fake.stop_thread()
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    proxies: list[Proxy] = []
+
+    def make(
+        config: dict[str, Any] | str | None, env: dict[str, str] | None = None, *extra: str
+    ) -> Proxy:
+        workdir = tmp_path / f"proxy{len(proxies)}"
+        workdir.mkdir()
+        proxy = Proxy(workdir, config, env)
+        proxies.append(proxy)
+        return proxy.start(*extra)
+
+    yield make
+    for proxy in proxies:
+        proxy.stop()
+
+
+@pytest.fixture
+def primary(fakes: Callable[[str], FakeAnthropic]) -> FakeAnthropic:
+    return fakes("primary")
+
+
+@pytest.fixture
+def backup(fakes: Callable[[str], FakeAnthropic]) -> FakeAnthropic:
+    return fakes("backup")
+
+
+@pytest.fixture
+def proxy(
+    proxy_factory: Callable[..., Proxy], primary: FakeAnthropic, backup: FakeAnthropic
+) -> Proxy:
+    return proxy_factory(endpoints_config(primary, backup))
