@@ -96,8 +96,8 @@ class Failover:
             if plan.exhausted() or not retry.enabled:
                 return True
             delay = state.upcoming_sleep
-            if time.monotonic() + delay >= deadline:
-                return True
+            if delay > retry.max_delay or time.monotonic() + delay >= deadline:
+                return True  # the client's own retry logic is better placed to wait this long
             if not self.budget.try_spend(time.monotonic()):
                 self.metrics.budget_exhausted.inc()
                 return True

@@ -86,12 +86,14 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
 
 
 def backoff_delay(retry: Retry, waits_so_far: int, retry_after: float | None) -> float:
-    """Exponential backoff with full jitter on top of half the step, capped; Retry-After wins."""
+    """Exponential backoff, jittered over the upper half of the step and capped at `maxDelay`.
+
+    Retry-After is a floor and is not capped: going back earlier than the endpoint asked
+    only earns another refusal, so a wait beyond `maxDelay` means "give up" to the caller.
+    """
     step = min(retry.max_delay, retry.initial_delay * retry.backoff_factor**waits_so_far)
     delay = step / 2 + random.uniform(0, step / 2)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, retry.max_delay)
+    return max(delay, retry_after or 0.0)
 
 
 @dataclass

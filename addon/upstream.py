@@ -275,11 +275,11 @@ class UpstreamClient:
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
                 )
-        except TimeoutError:
-            raise AttemptFailed(
-                endpoint.name, "first_byte_timeout", f"no response headers within {header_wait:g} s"
-            ) from None
         except (aiohttp.ClientError, OSError) as e:
+            if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
+                raise AttemptFailed(
+                    endpoint.name, "first_byte_timeout", f"no response headers within {header_wait:g} s"
+                ) from None
             raise classify_client_error(endpoint.name, e) from None
         answer = UpstreamResponse(
             endpoint=endpoint,

@@ -1,0 +1,821 @@
+"""A fake Anthropic Messages API on loopback that can misbehave on demand.
+
+Tests, the demo and the benchmark point the proxy at one or more `FakeAnthropic`
+servers. Requests are parsed with h11 (keep-alive, multi-MB bodies, `Expect:
+100-continue`); responses are written as raw bytes so a `Behavior` can break HTTP on
+purpose: error statuses with the real error bodies, SSE streams that carry an error,
+stop, stall or get cut, connections that hang or close, garbage, bad chunking, truncated
+gzip and oversized headers. Each server records what it saw (`requests`) and when a
+client went away mid-answer (`disconnects`). It runs in its own daemon thread
+(`start_in_thread`) for synchronous tests or inside a running loop (`start`), and
+`python -m claude_code_fallback.fakeapi` runs one in the foreground. Routes match on the
+path suffix, so a base URL with a provider prefix (`<url>/api/anthropic`) works too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gzip
+import itertools
+import json
+import re
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from http import HTTPStatus
+from typing import Any
+
+import h11
+
+KINDS = frozenset(
+    {
+        "ok",
+        "status",
+        "sse_error_first",
+        "sse_error_after_preamble",
+        "sse_error_after",
+        "cut",
+        "stall",
+        "hang",
+        "close",
+        "garbage",
+        "bad_chunked",
+        "truncated_gzip",
+        "short_body",
+        "huge_headers",
+        "large",
+    }
+)
+"""Every `Behavior.kind` the server understands."""
+
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+"""Anthropic error `type` per HTTP status; any other status is an `api_error`."""
+
+_ERROR_MESSAGES = {
+    400: "Invalid request (fake).",
+    401: "invalid x-api-key",
+    403: "Your API key does not have permission to use the specified resource.",
+    404: "Not found (fake).",
+    413: "Request exceeds the maximum allowed number of bytes.",
+    429: "Number of request tokens has exceeded your rate limit (fake).",
+    500: "Internal server error",
+    529: "Overloaded",
+}
+
+_USAGE = (
+    '{"input_tokens":10,"output_tokens":%d,"cache_creation_input_tokens":0,'
+    '"cache_read_input_tokens":0}'
+)
+_MESSAGE = (
+    '{"id":"%s","type":"message","role":"assistant","model":%s,'
+    '"content":[{"type":"text","text":%s}],"stop_reason":"end_turn","stop_sequence":null,'
+    '"usage":' + _USAGE + "}"
+)
+_MESSAGE_START = (
+    'event: message_start\ndata: {"type":"message_start","message":{"id":"%s","type":"message",'
+    '"role":"assistant","model":%s,"content":[],"stop_reason":null,"stop_sequence":null,'
+    '"usage":' + (_USAGE % 1) + "}}\n\n"
+)
+_BLOCK_START = (
+    b"event: content_block_start\n"
+    b'data: {"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}\n\n'
+)
+_PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+_DELTA = (
+    'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    '"delta":{"type":"text_delta","text":%s}}\n\n'
+)
+_BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+_MESSAGE_DELTA = (
+    'event: message_delta\ndata: {"type":"message_delta",'
+    '"delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens":%d}}\n\n'
+)
+_MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+_SSE_OVERLOADED = (
+    b"event: error\n"
+    b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+)
+_MODELS = json.dumps(
+    {
+        "data": [
+            {
+                "type": "model",
+                "id": "claude-sonnet-4-5-20250929",
+                "display_name": "Claude Sonnet 4.5",
+                "created_at": "2025-09-29T00:00:00Z",
+            },
+            {
+                "type": "model",
+                "id": "claude-haiku-4-5-20251001",
+                "display_name": "Claude Haiku 4.5",
+                "created_at": "2025-10-01T00:00:00Z",
+            },
+        ],
+        "has_more": False,
+        "first_id": "claude-sonnet-4-5-20250929",
+        "last_id": "claude-haiku-4-5-20251001",
+    },
+    separators=(",", ":"),
+).encode()
+_COUNT_TOKENS = b'{"input_tokens":42}'
+_JSON = b"application/json"
+_EVENT_STREAM = b"text/event-stream; charset=utf-8"
+_HUGE_HEADER = b"x-fake-padding: " + b"a" * (200 * 1024) + b"\r\n"
+_GARBAGE = b"NOT-HTTP garbage\r\n\r\n"
+_BAD_CHUNK = b"zz\r\nxx\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_SSE_PIECE = 16 * 1024  # longest text_delta when a padded ("large") text is streamed
+_READ_SIZE = 256 * 1024
+_MAX_HEAD = 64 * 1024
+_WORDS = re.compile(r"^\s+|\S+\s*")
+
+
+@dataclass(frozen=True)
+class Behavior:
+    """How the server answers one request; `kind` picks the (mis)behaviour.
+
+    `ok` answers like the API (SSE when the body asks for `"stream": true`); `status`
+    sends `status` with the matching Anthropic error body; `large` is `ok` padded to
+    `body_size` bytes (the JSON body, or the streamed text). The stream kinds
+    (`sse_error_first`, `sse_error_after_preamble`, `sse_error_after`, `cut`, `stall`)
+    always answer POST .../v1/messages with a 200 SSE stream and leave other routes alone.
+    `hang`, `close`, `garbage`, `bad_chunked`, `truncated_gzip` (half a gzip body behind an
+    honest content-length), `short_body` (half the body behind the full content-length,
+    then close) and `huge_headers` (one 200 KB header line) break HTTP on any route.
+    `headers` are added to every response that has headers. Frozen, so it can be shared
+    between threads and scripts; build a new one to change it.
+    """
+
+    kind: str = "ok"
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    text: str = "Hello from the fake."
+    event_delay: float = 0.0
+    after_events: int = 0
+    gzip: bool = False
+    body_size: int = 0
+    delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Accept any pairs (a list, say) but keep the value hashable for the header cache.
+        object.__setattr__(self, "headers", tuple((str(n), str(v)) for n, v in self.headers))
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"unknown fake behavior kind {self.kind!r}; use one of {sorted(KINDS)}"
+            )
+
+
+@dataclass(frozen=True)
+class SeenRequest:
+    """One request as the fake received it (header names lower-cased, in order).
+
+    `connection` numbers the TCP connections from 1, so tests can tell reuse apart.
+    """
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    time: float
+    connection: int = 0
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (any case), or None."""
+        name = name.lower()
+        return next((v for n, v in self.headers if n == name), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """One request being answered on one connection."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    seen: SeenRequest
+    keep_alive: bool
+    number: int
+
+    @property
+    def head_only(self) -> bool:
+        return self.seen.method == "HEAD"
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Unknown"
+
+
+@lru_cache(maxsize=64)
+def _status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {_reason(status)}\r\n".encode()
+
+
+@lru_cache(maxsize=256)
+def _header_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+    return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers)
+
+
+@lru_cache(maxsize=64)
+def _json_string(value: str) -> str:
+    return json.dumps(value)
+
+
+def _split_words(text: str) -> list[str]:
+    """Words with their trailing spaces, so that joining them gives `text` back."""
+    pieces: list[str] = []
+    for word in _WORDS.findall(text):
+        pieces.extend(word[i : i + _SSE_PIECE] for i in range(0, len(word), _SSE_PIECE))
+    return pieces
+
+
+def _deltas(text: str) -> tuple[bytes, ...]:
+    return tuple((_DELTA % json.dumps(word)).encode() for word in _split_words(text))
+
+
+_cached_deltas = lru_cache(maxsize=64)(_deltas)
+
+
+def _message_body(msg_id: str, model: str, text: str, min_size: int = 0) -> bytes:
+    """A non-streaming message; its text is padded with `x` until the body has min_size bytes."""
+    words = len(_cached_deltas(text))
+    body = (_MESSAGE % (msg_id, model, _json_string(text), words)).encode()
+    if len(body) >= min_size:
+        return body
+    # Appending x's never splits a word, so only the token count's digits can move the size.
+    pad = min_size - len(body)
+    words = len(_split_words(text + "x"))
+    for _ in range(2):
+        body = (_MESSAGE % (msg_id, model, json.dumps(text + "x" * pad), words)).encode()
+        pad = max(1, pad + min_size - len(body))
+    return body
+
+
+def _stream_events(msg_id: str, model: str, deltas: Sequence[bytes]) -> list[bytes]:
+    return [
+        (_MESSAGE_START % (msg_id, model)).encode(),
+        _BLOCK_START,
+        _PING,
+        *deltas,
+        _BLOCK_STOP,
+        (_MESSAGE_DELTA % len(deltas)).encode(),
+        _MESSAGE_STOP,
+    ]
+
+
+def error_body(status: int, message: str | None = None) -> bytes:
+    """The Anthropic JSON error body the real API sends with `status`."""
+    kind = ERROR_TYPES.get(status, "api_error")
+    text = message or _ERROR_MESSAGES.get(status) or _reason(status)
+    return json.dumps({"type": "error", "error": {"type": kind, "message": text}}).encode()
+
+
+def _gzip(body: bytes) -> bytes:
+    return gzip.compress(body, compresslevel=6, mtime=0)
+
+
+async def _read_until_eof(reader: asyncio.StreamReader, sink: bytearray) -> None:
+    """Keep pipelined bytes in `sink` and return once the client has gone away."""
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(_READ_SIZE):
+            sink += data
+
+
+async def _forever() -> None:
+    await asyncio.Event().wait()
+
+
+class FakeAnthropic:
+    """A loopback HTTP/1.1 server that speaks the Anthropic API and misbehaves on demand.
+
+    `behavior` answers every request unless `script` holds behaviours, which are then used
+    one per request, in order. Set either from any thread at any time. Every request is
+    counted in `request_count` and recorded in `requests` once fully read and before it is
+    answered; set `keep` to remember only the latest few (long load runs).
+    """
+
+    def __init__(self, name: str = "fake", port: int = 0) -> None:
+        self.name = name
+        self.port = port
+        self.behavior = Behavior()
+        self.script: list[Behavior] = []
+        self.requests: list[SeenRequest] = []
+        self.request_count = 0
+        self.keep: int | None = None
+        self.disconnects: list[float] = []
+        self.open_connections = 0
+        self._cond = threading.Condition()
+        self._numbers = itertools.count(1)
+        self._connections = itertools.count(1)
+        self._name_line = f"x-fake-name: {name}\r\n".encode()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"FakeAnthropic({self.name!r}, {self.url})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening in the running event loop."""
+        self._server = await asyncio.start_server(
+            self._serve, "127.0.0.1", self.port, limit=_READ_SIZE, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and drop every open connection."""
+        if self._server is None:
+            return
+        self._server.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+
+    def start_in_thread(self) -> FakeAnthropic:
+        """Serve from a daemon thread with its own loop; return once listening."""
+        loop = asyncio.new_event_loop()
+        started: list[BaseException | None] = []
+        ready = threading.Event()
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self.start())
+            except BaseException as e:
+                started.append(e)
+                ready.set()
+                loop.close()
+                return
+            started.append(None)
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.close()
+
+        self._loop = loop
+        self._thread = threading.Thread(target=run, name=f"fakeapi-{self.name}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if started[0] is not None:
+            raise started[0]
+        return self
+
+    def stop_thread(self) -> None:
+        """Undo `start_in_thread`."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> FakeAnthropic:
+        return self.start_in_thread()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop_thread()
+
+    # -- what tests read ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget requests, disconnects, script and `keep`; answer `ok` again."""
+        with self._cond:
+            self.requests.clear()
+            self.request_count = 0
+            self.disconnects.clear()
+            self.script = []
+            self.behavior = Behavior()
+            self.keep = None
+
+    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
+        """Block until `n` requests have been seen (from another thread than the server's)."""
+        self._wait(lambda: self.request_count, n, timeout, "request(s)")
+        return list(self.requests)
+
+    def wait_for_disconnects(self, n: int, timeout: float = 5.0) -> list[float]:
+        """Block until clients have gone away mid-answer `n` times."""
+        self._wait(lambda: len(self.disconnects), n, timeout, "disconnect(s)")
+        return list(self.disconnects)
+
+    async def wait_for_requests_async(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
+        """`wait_for_requests` for coroutines, safe also when the server shares their loop."""
+        return await asyncio.to_thread(self.wait_for_requests, n, timeout)
+
+    def _wait(self, count: Callable[[], int], n: int, timeout: float, what: str) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: count() >= n, timeout):
+                raise AssertionError(
+                    f"fake {self.name!r}: expected {n} {what} within {timeout} s, got {count()}"
+                )
+
+    def _note_disconnect(self) -> None:
+        with self._cond:
+            self.disconnects.append(time.monotonic())
+            self._cond.notify_all()
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
+        # A drain() that waits for an empty buffer makes every SSE event a real flush and
+        # guarantees the events before a "cut" left the process before the abort.
+        transport.set_write_buffer_limits(0)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.open_connections += 1
+        connection = next(self._connections)
+        pending = bytearray()
+        try:
+            while exchange := await self._read_request(reader, writer, pending, connection):
+                with self._cond:
+                    self.request_count += 1
+                    self.requests.append(exchange.seen)
+                    if self.keep is not None and len(self.requests) > self.keep:
+                        del self.requests[: len(self.requests) - self.keep]
+                    behavior = self.script.pop(0) if self.script else self.behavior
+                    self._cond.notify_all()
+                slow = behavior.delay or behavior.event_delay or behavior.kind in ("hang", "stall")
+                try:
+                    if slow:
+                        reuse = await self._answer_watching(exchange, behavior, pending)
+                    else:
+                        reuse = await self._answer(exchange, behavior)
+                except ConnectionError:
+                    self._note_disconnect()
+                    return
+                if not reuse:
+                    return
+        except h11.RemoteProtocolError:
+            if not transport.is_closing():
+                writer.write(_BAD_REQUEST)
+        except ConnectionError:
+            pass
+        except asyncio.CancelledError:
+            # Only stop() cancels; ending normally keeps asyncio 3.11 from logging the
+            # cancellation as an unhandled client_connected_cb error.
+            pass
+        finally:
+            self.open_connections -= 1
+            self._tasks.discard(task)
+            transport.close()
+
+    async def _read_request(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pending: bytearray,
+        connection: int,
+    ) -> _Exchange | None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
+        if pending:
+            conn.receive_data(bytes(pending))
+            pending.clear()
+        request: h11.Request | None = None
+        body: list[bytes] = []
+        continued = False
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                if not continued and conn.they_are_waiting_for_100_continue:
+                    writer.write(_CONTINUE)
+                    continued = True
+                conn.receive_data(await reader.read(_READ_SIZE))
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.Data):
+                body.append(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:  # the client closed between requests
+                return None
+        assert request is not None
+        pending += conn.trailing_data[0]
+        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers]
+        keep_alive = request.http_version == b"1.1" and not any(
+            n == "connection" and "close" in v.lower() for n, v in headers
+        )
+        seen = SeenRequest(
+            request.method.decode("ascii"),
+            request.target.decode("latin-1"),
+            headers,
+            b"".join(body),
+            time.monotonic(),
+            connection,
+        )
+        return _Exchange(reader, writer, seen, keep_alive, next(self._numbers))
+
+    async def _answer_watching(self, x: _Exchange, b: Behavior, pending: bytearray) -> bool:
+        """Answer while watching for the client to leave, which ends the answer early."""
+        answering = asyncio.ensure_future(self._answer(x, b))
+        watching = asyncio.ensure_future(_read_until_eof(x.reader, pending))
+        try:
+            await asyncio.wait((answering, watching), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            answering.cancel()
+            watching.cancel()
+            raise
+        if answering.done():
+            # Wait for the cancellation to land: the next read() must not find this one.
+            watching.cancel()
+            await asyncio.wait((watching,))
+            return answering.result()
+        answering.cancel()
+        await asyncio.wait((answering,))
+        self._note_disconnect()
+        return False
+
+    # -- answers --------------------------------------------------------------------------
+
+    def _head(
+        self,
+        x: _Exchange,
+        b: Behavior,
+        status: int,
+        content_type: bytes,
+        length: int | None,
+        gzipped: bool,
+    ) -> bytes:
+        parts = [_status_line(status), b"content-type: ", content_type, b"\r\n"]
+        if length is None:
+            parts.append(b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n")
+        else:
+            parts.append(b"content-length: %d\r\n" % length)
+        if gzipped:
+            parts.append(b"content-encoding: gzip\r\n")
+        parts += [b"request-id: req_fake_%d\r\n" % x.number, self._name_line]
+        if b.headers:
+            parts.append(_header_lines(b.headers))
+        if b.kind == "huge_headers":
+            parts.append(_HUGE_HEADER)
+        if not x.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def _answer(self, x: _Exchange, b: Behavior) -> bool:
+        """Send the response `b` asks for; return whether the connection can be reused."""
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        kind = b.kind
+        writer = x.writer
+        if kind == "hang":
+            await _forever()
+        if kind == "close":
+            return False
+        if kind == "garbage":
+            writer.write(_GARBAGE)
+            return False
+        if kind == "status":
+            return await self._send_json(x, b, b.status, error_body(b.status))
+        path = x.seen.path.split("?", 1)[0]
+        method = x.seen.method
+        if method == "POST" and path.endswith("/v1/messages"):
+            return await self._messages(x, b)
+        if method == "POST" and path.endswith("/v1/messages/count_tokens"):
+            body = _COUNT_TOKENS
+        elif method in ("GET", "HEAD") and path.endswith("/v1/models"):
+            body = _MODELS
+        else:
+            body = json.dumps({"path": x.seen.path, "method": method}).encode()
+        return await self._send_json(x, b, 200, body)
+
+    async def _messages(self, x: _Exchange, b: Behavior) -> bool:
+        try:
+            payload = json.loads(x.seen.body)
+            model = json.dumps(payload.get("model", "claude-fake"))
+            stream = payload.get("stream") is True
+        except (ValueError, AttributeError):
+            message = "The request body is not a valid JSON object (fake)."
+            return await self._send_json(x, b, 400, error_body(400, message))
+        msg_id = f"msg_fake_{x.number}"
+        kind = b.kind
+        if kind in ("bad_chunked", "truncated_gzip", "short_body") or (
+            not stream and kind in ("ok", "large", "huge_headers")
+        ):
+            size = b.body_size if kind in ("ok", "large") else 0
+            return await self._send_json(x, b, 200, _message_body(msg_id, model, b.text, size))
+        if kind == "large" and len(b.text) < b.body_size:
+            deltas = _deltas(b.text + "x" * (b.body_size - len(b.text)))
+        else:
+            deltas = _cached_deltas(b.text)
+        events = _stream_events(msg_id, model, deltas)
+        after = b.after_events
+        if kind == "sse_error_first":
+            return await self._send_sse(x, b, [_SSE_OVERLOADED], "end")
+        if kind == "sse_error_after_preamble":
+            return await self._send_sse(x, b, [*events[:3], _SSE_OVERLOADED], "end")
+        if kind == "sse_error_after":
+            return await self._send_sse(x, b, [*events[:after], _SSE_OVERLOADED], "end")
+        if kind == "cut":
+            return await self._send_sse(x, b, events[:after], "abort")
+        if kind == "stall":
+            return await self._send_sse(x, b, events[:after], "stall")
+        return await self._send_sse(x, b, events, "end")
+
+    async def _send_json(self, x: _Exchange, b: Behavior, status: int, body: bytes) -> bool:
+        writer = x.writer
+        kind = b.kind
+        if kind == "bad_chunked":
+            writer.write(self._head(x, b, status, _JSON, None, False) + _BAD_CHUNK)
+            return False
+        if kind == "short_body":
+            # Honest content-length, then the connection ends halfway through the body.
+            writer.write(self._head(x, b, status, _JSON, len(body), False) + body[: len(body) // 2])
+            await writer.drain()
+            return False
+        gzipped = b.gzip or kind == "truncated_gzip"
+        if gzipped:
+            body = _gzip(body)
+        if kind == "truncated_gzip":
+            # Well-framed HTTP (content-length matches what is sent) around half a gzip
+            # member: only a client that decodes the body notices.
+            body = body[: len(body) // 2]
+        head = self._head(x, b, status, _JSON, len(body), gzipped)
+        writer.write(head if x.head_only else head + body)
+        await writer.drain()
+        return x.keep_alive
+
+    async def _send_sse(self, x: _Exchange, b: Behavior, events: list[bytes], then: str) -> bool:
+        """Send `events` as chunks, one write each, then end, abort or stall the stream."""
+        writer = x.writer
+        writer.write(self._head(x, b, 200, _EVENT_STREAM, None, b.gzip))
+        await writer.drain()
+        compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if b.gzip else None
+        for i, event in enumerate(events):
+            if i and b.event_delay:
+                await asyncio.sleep(b.event_delay)
+            if compressor is not None:
+                event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            await writer.drain()
+        if then == "abort":
+            writer.transport.abort()
+            return False
+        if then == "stall":
+            await _forever()
+        tail = _LAST_CHUNK
+        if compressor is not None:
+            rest = compressor.flush()
+            tail = b"%x\r\n%s\r\n" % (len(rest), rest) + tail
+        writer.write(tail)
+        await writer.drain()
+        return x.keep_alive
+
+
+class _BlackholeSocket(socket.socket):
+    """A listening socket that owns the connections filling its accept queue."""
+
+    def __init__(self) -> None:
+        super().__init__(socket.AF_INET, socket.SOCK_STREAM)
+        self.fillers: list[socket.socket] = []
+
+    def close(self) -> None:
+        for filler in self.fillers:
+            filler.close()
+        self.fillers.clear()
+        super().close()
+
+
+def blackhole_listener(settle: float = 0.1) -> tuple[socket.socket, int]:
+    """A loopback port where connect() hangs: a listener whose accept queue is full.
+
+    Linux drops a SYN while the listener's accept queue is full (`backlog=0` leaves room
+    for one connection), so further connects retransmit SYNs and time out on the client
+    side instead of being refused. The queue is filled with connections that nobody
+    accepts until one no longer completes within `settle` seconds; closing the returned
+    socket closes them too.
+    """
+    listener = _BlackholeSocket()
+    try:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        address = listener.getsockname()
+        for _ in range(64):
+            filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            filler.connect_ex(address)
+            _, writable, _ = select.select([], [filler], [], settle)
+            if not writable:
+                filler.close()  # its SYN was dropped: the queue is full
+                return listener, address[1]
+            listener.fillers.append(filler)
+            if error := filler.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+                raise OSError(error, f"filling the accept queue of port {address[1]} failed")
+        raise RuntimeError(f"64 connections to port {address[1]} all completed; nothing blocks")
+    except BaseException:
+        listener.close()
+        raise
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def _parse_header(spec: str) -> tuple[str, str]:
+    name, sep, value = spec.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'name: value', got {spec!r}")
+    return name.strip().lower(), value.strip()
+
+
+def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior]:
+    parser = argparse.ArgumentParser(
+        prog="python -m claude_code_fallback.fakeapi",
+        description="Run a fake Anthropic API on 127.0.0.1 in the foreground.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free one)")
+    parser.add_argument("--name", default="fake", help="sent back in the x-fake-name header")
+    parser.add_argument("--kind", choices=sorted(KINDS), default="ok", help="how to answer")
+    parser.add_argument("--status", type=int, help="HTTP status for --kind status")
+    parser.add_argument(
+        "--header",
+        action="append",
+        type=_parse_header,
+        default=[],
+        help="extra response header 'name: value' (repeatable)",
+    )
+    parser.add_argument("--text", default=Behavior.text, help="reply text")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds before the headers")
+    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between events")
+    parser.add_argument("--after-events", type=int, default=0, help="events before misbehaving")
+    parser.add_argument("--body-size", type=int, default=0, help="minimum JSON body size")
+    parser.add_argument("--gzip", action="store_true", help="gzip response bodies")
+    args = parser.parse_args(argv)
+    if args.kind == "status" and args.status is None:
+        parser.error("--kind status needs --status")
+    behavior = Behavior(
+        kind=args.kind,
+        status=args.status or 200,
+        headers=tuple(args.header),
+        text=args.text,
+        event_delay=args.event_delay,
+        after_events=args.after_events,
+        gzip=args.gzip,
+        body_size=args.body_size,
+        delay=args.delay,
+    )
+    return args, behavior
+
+
+async def _run(fake: FakeAnthropic) -> None:
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stopping.set)
+    await fake.start()
+    print(f"listening on {fake.url}", flush=True)
+    await stopping.wait()
+    await fake.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, behavior = _arguments(argv)
+    fake = FakeAnthropic(args.name, args.port)
+    fake.behavior = behavior
+    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
+    try:
+        asyncio.run(_run(fake))
+    except OSError as e:
+        print(f"fakeapi: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
