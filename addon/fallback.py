@@ -14,6 +14,6 @@ if not __package__ or __package__.startswith("__mitmproxy_script__"):
         sys.path.insert(0, str(_here.parent))
     __package__ = _here.name
 
-from .proxy import Fallback  # noqa: E402
+from .proxy import Fallback
 
 addons = [Fallback()]

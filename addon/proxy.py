@@ -7,12 +7,13 @@ through a loopback bridge so that it streams (see bridge.py for why).
 
 from __future__ import annotations
 
-import sys
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,7 @@ class Fallback:
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
         self.is_running = False
+        self.draining = False
         self.config_mtime: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
@@ -90,6 +92,12 @@ class Fallback:
             Bytes of each relayed response body kept on the flow for inspection (mitmweb,
             saved flows). 0 keeps none.
             """,
+        )
+        loader.add_option(
+            "fallback_shutdown_grace",
+            int,
+            30,
+            "Seconds that in-flight responses get to finish after SIGTERM before the proxy exits.",
         )
         loader.add_option(
             "fallback_watch_config",
@@ -205,7 +213,7 @@ class Fallback:
         self.bridge.discard(state.token)
 
     async def done(self) -> None:
-        for task in self.tasks:
+        for task in list(self.tasks):
             task.cancel()
         await self.bridge.stop()
         if self.client:
@@ -273,12 +281,33 @@ class Fallback:
 
     def watch(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
+        # Replaces mitmproxy's own SIGTERM handler: streams in flight get to finish first.
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # no SIGHUP on this platform or not in the main thread
-        task = asyncio.ensure_future(self.watch_file())
+            loop.add_signal_handler(signal.SIGTERM, self.drain)
+        self.spawn(self.watch_file())
+
+    def spawn(self, coroutine: Any) -> None:
+        task = asyncio.ensure_future(coroutine)
         self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def drain(self) -> None:
+        """First SIGTERM: let in-flight responses finish (up to the grace period), then exit.
+        A second SIGTERM exits at once."""
+        if self.draining:
+            ctx.master.shutdown()
+            return
+        self.draining = True
+        grace = ctx.options.fallback_shutdown_grace
+        self.events.event("draining", active_streams=len(self.inflight), grace_seconds=grace)
+        self.spawn(self.shutdown_when_idle(time.monotonic() + grace))
+
+    async def shutdown_when_idle(self, deadline: float) -> None:
+        while self.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self.events.event("stopping", active_streams=len(self.inflight))
+        ctx.master.shutdown()
 
     async def watch_file(self) -> None:
         while True:

@@ -88,7 +88,7 @@ ERROR_STATUS = {
 def error_status(event: Event) -> int:
     """The HTTP status an in-stream `error` event stands for (529 when unknown)."""
     error = (event.json() or {}).get("error") or {}
-    return ERROR_STATUS.get(error.get("type"), 529)
+    return ERROR_STATUS.get(str(error.get("type")), 529)
 
 
 class Usage(NamedTuple):

@@ -278,7 +278,9 @@ class UpstreamClient:
         except (aiohttp.ClientError, OSError) as e:
             if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
                 raise AttemptFailed(
-                    endpoint.name, "first_byte_timeout", f"no response headers within {header_wait:g} s"
+                    endpoint.name,
+                    "first_byte_timeout",
+                    f"no response headers within {header_wait:g} s",
                 ) from None
             raise classify_client_error(endpoint.name, e) from None
         answer = UpstreamResponse(

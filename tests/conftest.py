@@ -55,9 +55,14 @@ class Proxy:
     """A real mitmdump running the addon against a config written for the test."""
 
     def __init__(
-        self, workdir: Path, config: dict[str, Any] | str | None, env: dict[str, str] | None = None
+        self,
+        workdir: Path,
+        config: dict[str, Any] | str | None,
+        env: dict[str, str] | None = None,
+        target: str = "http://127.0.0.1:9",
     ) -> None:
         self.workdir = workdir
+        self.target = target
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "config.yaml"
@@ -80,7 +85,7 @@ class Proxy:
             "-s",
             str(ADDON),
             "--mode",
-            f"reverse:http://127.0.0.1:9@{self.port}",
+            f"reverse:{self.target}@{self.port}",
             "--listen-host",
             "127.0.0.1",
             "--set",
@@ -193,11 +198,14 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     proxies: list[Proxy] = []
 
     def make(
-        config: dict[str, Any] | str | None, env: dict[str, str] | None = None, *extra: str
+        config: dict[str, Any] | str | None,
+        env: dict[str, str] | None = None,
+        *extra: str,
+        target: str = "http://127.0.0.1:9",
     ) -> Proxy:
         workdir = tmp_path / f"proxy{len(proxies)}"
         workdir.mkdir()
-        proxy = Proxy(workdir, config, env)
+        proxy = Proxy(workdir, config, env, target)
         proxies.append(proxy)
         return proxy.start(*extra)
 

@@ -1,0 +1,143 @@
+"""Streams once they have begun: timing, cuts, stalls, cancels, and rate limits read on the way (rows 12-14, 30)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from datetime import UTC, datetime, timedelta
+
+import anthropic
+import httpx
+import pytest
+
+from addon.fakeapi import Behavior
+
+from .conftest import endpoints_config, wait_until
+from .test_failover import MESSAGE, post, sdk, stream_text
+
+WORDS = "one two three four five six seven eight"
+
+
+def test_events_arrive_spaced_as_the_upstream_sent_them(proxy, primary):
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.2)
+    arrivals = []
+    with sdk(proxy).messages.stream(**MESSAGE) as stream:
+        for _ in stream.text_stream:
+            arrivals.append(time.monotonic())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    assert len(arrivals) == 8
+    assert all(0.12 < gap < 0.5 for gap in gaps), gaps  # not bunched, not held back
+
+
+def test_first_content_is_not_delayed_by_the_preamble_hold(proxy, primary):
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.3)
+    started = time.monotonic()
+    with sdk(proxy).messages.stream(**MESSAGE) as stream:
+        next(iter(stream.text_stream))
+        first = time.monotonic() - started
+    # message_start, content_block_start, ping, first delta: 3 gaps of 0.3 s upstream
+    assert first < 0.9 + 0.4
+
+
+def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
+    primary.behavior = Behavior(kind="cut", text=WORDS, after_events=5)
+    with pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError, httpx.ReadError)):
+        stream_text(proxy)
+    assert backup.requests == []  # bytes were sent: nothing to fail over to invisibly
+    wait_until(
+        lambda: (
+            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
+        )
+    )
+    assert proxy.metric("ccf_requests_total", outcome="aborted") == 1
+
+
+def test_raw_client_sees_no_clean_end_after_a_cut(proxy, primary):
+    primary.behavior = Behavior(kind="cut", text=WORDS, after_events=5)
+    with (
+        pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
+        httpx.stream(
+            "POST", proxy.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10
+        ) as r,
+    ):
+        for _ in r.iter_raw():
+            pass
+
+
+def test_stalled_stream_is_aborted_after_the_idle_timeout(proxy_factory, primary, backup):
+    primary.behavior = Behavior(kind="stall", text=WORDS, after_events=5)
+    proxy = proxy_factory(endpoints_config(primary, backup, timeouts={"idle": 800}))
+    started = time.monotonic()
+    with pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError, httpx.ReadError)):
+        stream_text(proxy)
+    assert 0.7 < time.monotonic() - started < 3
+    wait_until(
+        lambda: (
+            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="idle_timeout") == 1
+        )
+    )
+    wait_until(lambda: primary.disconnects, 2, "the stalled upstream to be closed")
+
+
+def test_client_cancel_closes_the_upstream_within_a_second(proxy, primary):
+    primary.behavior = Behavior(kind="ok", text=" ".join(["word"] * 200), event_delay=0.1)
+    body = json.dumps(dict(MESSAGE, stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+        client.sendall(
+            b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        received = b""
+        while b"content_block_delta" not in received:
+            received += client.recv(65536)
+        cancelled = time.monotonic()
+    disconnected = primary.wait_for_disconnects(1, timeout=3)[0]
+    assert disconnected - cancelled < 1.0
+    wait_until(
+        lambda: (
+            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="client_cancel") == 1
+        )
+    )
+
+
+def test_exhausted_rate_limit_headers_move_traffic_before_any_429(proxy, primary, backup):
+    reset = (datetime.now(UTC) + timedelta(seconds=60)).isoformat().replace("+00:00", "Z")
+    primary.behavior = Behavior(
+        kind="ok",
+        headers=(
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", reset),
+        ),
+    )
+    assert post(proxy).headers["x-fake-name"] == "primary"  # this one is still served
+    for _ in range(3):
+        assert stream_text(proxy) == "Hello from the fake."
+    assert len(primary.requests) == 1 and len(backup.requests) == 3
+    state = proxy.endpoint("primary")
+    assert state["status"] == "cooling"
+    assert state["reason"] == "ratelimit_requests_exhausted"
+    assert 55 < state["cooldownSecondsLeft"] <= 60
+
+
+def test_remaining_tokens_above_threshold_change_nothing(proxy, primary, backup):
+    reset = (datetime.now(UTC) + timedelta(seconds=60)).isoformat()
+    primary.behavior = Behavior(
+        kind="ok",
+        headers=(
+            ("anthropic-ratelimit-tokens-remaining", "5000"),
+            ("anthropic-ratelimit-tokens-reset", reset),
+        ),
+    )
+    for _ in range(2):
+        assert post(proxy).headers["x-fake-name"] == "primary"
+    assert proxy.endpoint("primary")["status"] == "healthy"
+
+
+def test_usage_from_the_stream_is_counted_per_endpoint(proxy, primary):
+    assert stream_text(proxy) == "Hello from the fake."
+    usage = primary.requests and proxy.metric("ccf_tokens_total", endpoint="primary", kind="input")
+    assert usage == 10
+    assert proxy.metric("ccf_tokens_total", endpoint="primary", kind="output") == 4
