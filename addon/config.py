@@ -76,9 +76,7 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _number(
-    low: float, high: float = math.inf, *, integer: bool = False, per_second: float = 1
-) -> Check:
+def _number(low: float, high: float = math.inf, *, integer: bool = False, per_second: float = 1) -> Check:
     noun = "an integer" if integer else "a number" + (" of milliseconds" if per_second > 1 else "")
     expected = f"{noun} from {low:g} to {high:g}" if high < math.inf else f"{noun} >= {low:g}"
 
@@ -340,9 +338,7 @@ class _Reader:
             return None
         template, before = Endpoint(name="", base_url=base_url), len(self.problems)
         parsed = [
-            self.apply(
-                template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]"
-            )
+            self.apply(template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]")
             for i, item in enumerate(raw)
         ]
         used: dict[str, int] = {}
@@ -396,9 +392,7 @@ def _read_yaml(path: Path) -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise ConfigError(
-            f"{path}: invalid YAML at {where}: {getattr(e, 'problem', None) or e}"
-        ) from e
+        raise ConfigError(f"{path}: invalid YAML at {where}: {getattr(e, 'problem', None) or e}") from e
 
 
 def _env_endpoints(text: str) -> object:

@@ -72,9 +72,7 @@ class Failover:
         self.events = events
         self.budget = budget
 
-    async def run(
-        self, request: ClientRequest, drop_headers: frozenset[str] = frozenset()
-    ) -> Outcome:
+    async def run(self, request: ClientRequest, drop_headers: frozenset[str] = frozenset()) -> Outcome:
         retry = self.config.retry
         started = time.monotonic()
         deadline = started + self.config.timeouts.total

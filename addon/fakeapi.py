@@ -80,10 +80,7 @@ _ERROR_MESSAGES = {
     529: "Overloaded",
 }
 
-_USAGE = (
-    '{"input_tokens":10,"output_tokens":%d,"cache_creation_input_tokens":0,'
-    '"cache_read_input_tokens":0}'
-)
+_USAGE = '{"input_tokens":10,"output_tokens":%d,"cache_creation_input_tokens":0,"cache_read_input_tokens":0}'
 _MESSAGE = (
     '{"id":"%s","type":"message","role":"assistant","model":%s,'
     '"content":[{"type":"text","text":%s}],"stop_reason":"end_turn","stop_sequence":null,'
@@ -110,8 +107,7 @@ _MESSAGE_DELTA = (
 )
 _MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _SSE_OVERLOADED = (
-    b"event: error\n"
-    b'data: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
 )
 _MODELS = json.dumps(
     {
@@ -180,9 +176,7 @@ class Behavior:
         # Accept any pairs (a list, say) but keep the value hashable for the header cache.
         object.__setattr__(self, "headers", tuple((str(n), str(v)) for n, v in self.headers))
         if self.kind not in KINDS:
-            raise ValueError(
-                f"unknown fake behavior kind {self.kind!r}; use one of {sorted(KINDS)}"
-            )
+            raise ValueError(f"unknown fake behavior kind {self.kind!r}; use one of {sorted(KINDS)}")
 
 
 @dataclass(frozen=True)

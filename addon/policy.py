@@ -145,9 +145,7 @@ class Plan:
         return None
 
     def has_fresh(self) -> bool:
-        return any(
-            state.name not in self.failed and state.status == "healthy" for state in self.pool
-        )
+        return any(state.name not in self.failed and state.status == "healthy" for state in self.pool)
 
     def fallback(self) -> EndpointState | None:
         left = [s for s in self.pool if self.attempts.get(s.name, 0) < self.max_attempts]

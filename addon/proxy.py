@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mitmproxy import command, ctx, exceptions, http
+from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from . import __version__
 from .bridge import TOKEN_HEADER, Bridge
@@ -28,6 +28,7 @@ from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
 from .policy import RetryBudget
+from .sseview import AnthropicStreamView
 from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient
 
 ACCESS_HEADER = "x-ccf-access-key"
@@ -61,13 +62,16 @@ class Fallback:
         self.started_at = time.time()
         self.is_running = False
         self.draining = False
+        self.choosing = 0  # requests still failing over, not yet in `inflight`
         self.config_mtime: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
+        self.view = AnthropicStreamView()
 
     # -- mitmproxy hooks ------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        contentviews.add(self.view)
         loader.add_option(
             "fallback_config",
             str,
@@ -166,7 +170,11 @@ class Fallback:
         self.mask_flow_keys(flow)
         assert self.failover is not None
         started = time.monotonic()
-        outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+        self.choosing += 1
+        try:
+            outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+        finally:
+            self.choosing -= 1
         state = InFlight(outcome, started)
         self.annotate(flow, outcome)
         if outcome.response is None:
@@ -184,9 +192,7 @@ class Fallback:
             return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()
-        state.token = self.bridge.park(
-            outcome.response, lambda error: self.relayed(flow, state, error)
-        )
+        state.token = self.bridge.park(outcome.response, lambda error: self.relayed(flow, state, error))
         state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
         self.point_at_bridge(flow, state)
 
@@ -211,8 +217,12 @@ class Fallback:
             return
         self.restore_request(flow, state)
         self.bridge.discard(state.token)
+        upstream = state.outcome.response
+        if flow.response is not None and upstream is not None and upstream.copy:
+            flow.response.raw_content = bytes(upstream.copy)  # what the client got before the cut
 
     async def done(self) -> None:
+        contentviews.remove(self.view)
         for task in list(self.tasks):
             task.cancel()
         await self.bridge.stop()
@@ -263,6 +273,13 @@ class Fallback:
         self.budget.ratio = config.retry.budget_ratio
         self.budget.min_retries = config.retry.budget_min_retries
         self.config_mtime = _mtime(config.source)
+        if config.source and _readable_by_others(config.source):
+            self.events.event(
+                "config_permissions",
+                logging.WARNING,
+                warning=f"{config.source} is readable by others and may hold API keys; "
+                f"run: chmod 600 {config.source}",
+            )
         if self.client is not None:
             self.client.config = config
             self.build_failover()
@@ -275,9 +292,7 @@ class Fallback:
 
     def build_failover(self) -> None:
         assert self.config is not None and self.client is not None
-        self.failover = Failover(
-            self.config, self.pool, self.client, self.metrics, self.events, self.budget
-        )
+        self.failover = Failover(self.config, self.pool, self.client, self.metrics, self.events, self.budget)
 
     def watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,7 +319,7 @@ class Fallback:
         self.spawn(self.shutdown_when_idle(time.monotonic() + grace))
 
     async def shutdown_when_idle(self, deadline: float) -> None:
-        while self.inflight and time.monotonic() < deadline:
+        while (self.inflight or self.choosing) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         self.events.event("stopping", active_streams=len(self.inflight))
         ctx.master.shutdown()
@@ -312,11 +327,7 @@ class Fallback:
     async def watch_file(self) -> None:
         while True:
             await asyncio.sleep(1)
-            if (
-                not ctx.options.fallback_watch_config
-                or self.config is None
-                or not self.config.source
-            ):
+            if not ctx.options.fallback_watch_config or self.config is None or not self.config.source:
                 continue
             mtime = _mtime(self.config.source)
             if mtime != self.config_mtime:
@@ -330,9 +341,7 @@ class Fallback:
             return
         from prometheus_client import start_http_server
 
-        server = start_http_server(
-            port, addr=self.config.server.host, registry=self.metrics.registry
-        )
+        server = start_http_server(port, addr=self.config.server.host, registry=self.metrics.registry)
         self.metrics_server = server[0] if isinstance(server, tuple) else None
 
     # -- the request's story, in small steps -----------------------------------------
@@ -500,6 +509,13 @@ def reverse_target(modes: Any) -> str:
                 target = target.rsplit("@", 1)[0]
             return target.rstrip("/")
     return "https://api.anthropic.com"
+
+
+def _readable_by_others(path: str) -> bool:
+    try:
+        return bool(os.stat(path).st_mode & 0o044)
+    except OSError:
+        return False
 
 
 def _mtime(path: str | None) -> float | None:

@@ -68,9 +68,7 @@ def is_preamble(event: Event) -> bool:
     if event.name != "content_block_start":
         return False
     block = (event.json() or {}).get("content_block") or {}
-    return block.get("type") in ("text", "thinking") and not (
-        block.get("text") or block.get("thinking")
-    )
+    return block.get("type") in ("text", "thinking") and not (block.get("text") or block.get("thinking"))
 
 
 ERROR_STATUS = {

@@ -55,9 +55,7 @@ class ClientRequest:
     payload: dict[str, Any] | None
 
     @classmethod
-    def parse(
-        cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes
-    ) -> ClientRequest:
+    def parse(cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> ClientRequest:
         payload = None
         content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
         if body and "json" in content_type.lower():
@@ -96,9 +94,7 @@ def upstream_headers(
     if endpoint.api_key:
         skip = skip | {"x-api-key", "authorization"}
     extra = {name.lower() for name, _ in endpoint.headers}
-    headers = [
-        (n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra
-    ]
+    headers = [(n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra]
     if endpoint.api_key:
         if endpoint.auth_header == "bearer":
             headers.append(("authorization", f"Bearer {endpoint.api_key}"))
@@ -120,9 +116,7 @@ def upstream_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
 
 
 def _response_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[bytes, bytes], ...]:
-    return tuple(
-        (k, v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP
-    )
+    return tuple((k, v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP)
 
 
 @dataclass
@@ -174,9 +168,7 @@ class UpstreamResponse:
                 async with asyncio.timeout(self.idle_timeout):
                     chunk = await content.readany()
             except TimeoutError:
-                raise StreamBroken(
-                    "idle_timeout", f"no bytes for {self.idle_timeout:g} s"
-                ) from None
+                raise StreamBroken("idle_timeout", f"no bytes for {self.idle_timeout:g} s") from None
             except (aiohttp.ClientError, OSError) as e:
                 raise StreamBroken("upstream_cut", type(e).__name__) from None
             if not chunk:
@@ -205,9 +197,7 @@ class StreamBroken(Exception):
 def classify_client_error(endpoint: str, error: BaseException) -> AttemptFailed:
     """Maps a connection-level exception from aiohttp to a failure kind."""
     kind, detail = "reset", str(error) or type(error).__name__
-    if isinstance(
-        error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError
-    ):
+    if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
         kind = "tls"
     elif isinstance(error, aiohttp.ConnectionTimeoutError):
         kind = "connect_timeout"
@@ -301,9 +291,7 @@ class UpstreamClient:
                 await self._hold_preamble(answer)
         return answer
 
-    async def _error_response(
-        self, answer: UpstreamResponse, resp: aiohttp.ClientResponse
-    ) -> AttemptFailed:
+    async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
         name = answer.endpoint.name
         try:
             async with asyncio.timeout(self.config.timeouts.idle):

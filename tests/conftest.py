@@ -71,9 +71,7 @@ class Proxy:
             self.config_path.write_text(text)
         self.log_path = workdir / "proxy.log"
         self.env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))
+            k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))
         }
         self.env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
         self.env.update(env or {})
@@ -98,7 +96,7 @@ class Proxy:
         return args + list(extra)
 
     def start(self, *extra: str) -> Proxy:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - held open for the process's lifetime
         self.process = subprocess.Popen(
             self.command(*extra),
             stdout=self.log,
@@ -150,9 +148,7 @@ class Proxy:
         text = self.get("/metrics")[1].decode()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return float(sample.value)
         return 0.0
 
@@ -161,8 +157,7 @@ def endpoints_config(*fakes: FakeAnthropic, **sections: Any) -> dict[str, Any]:
     keys = [PRIMARY_KEY, BACKUP_KEY]
     config: dict[str, Any] = {
         "endpoints": [
-            {"name": fake.name, "baseUrl": fake.url, "apiKey": keys[i % 2]}
-            for i, fake in enumerate(fakes)
+            {"name": fake.name, "baseUrl": fake.url, "apiKey": keys[i % 2]} for i, fake in enumerate(fakes)
         ],
         "retry": {"initialDelay": 50, "maxDelay": 200, "cooldownSeconds": 30},
         "timeouts": {
@@ -225,7 +220,5 @@ def backup(fakes: Callable[[str], FakeAnthropic]) -> FakeAnthropic:
 
 
 @pytest.fixture
-def proxy(
-    proxy_factory: Callable[..., Proxy], primary: FakeAnthropic, backup: FakeAnthropic
-) -> Proxy:
+def proxy(proxy_factory: Callable[..., Proxy], primary: FakeAnthropic, backup: FakeAnthropic) -> Proxy:
     return proxy_factory(endpoints_config(primary, backup))

@@ -60,9 +60,7 @@ def test_no_file_gives_section_defaults(tmp_path: Path) -> None:
 
 
 def test_default_base_url_can_be_replaced(tmp_path: Path) -> None:
-    config = load_config(
-        None, {"CLAUDE_FALLBACK_HOME": str(tmp_path)}, default_base_url="http://127.0.0.1:9"
-    )
+    config = load_config(None, {"CLAUDE_FALLBACK_HOME": str(tmp_path)}, default_base_url="http://127.0.0.1:9")
     assert config.endpoints[0].base_url == "http://127.0.0.1:9"
 
 
@@ -218,9 +216,7 @@ def test_numbers_reject_booleans(tmp_path: Path) -> None:
 
 
 def test_negative_duration_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(
-        ConfigError, match=r"timeouts\.idle: expected a number of milliseconds >= 1"
-    ):
+    with pytest.raises(ConfigError, match=r"timeouts\.idle: expected a number of milliseconds >= 1"):
         load(tmp_path, "timeouts: {idle: -5}\n")
 
 
@@ -346,12 +342,8 @@ endpoints:
 
 
 def test_duplicate_names_name_both_indexes(tmp_path: Path) -> None:
-    text = (
-        "endpoints:\n  - {name: a, baseUrl: 'https://a.x'}\n  - {name: a, baseUrl: 'https://b.x'}\n"
-    )
-    with pytest.raises(
-        ConfigError, match=r"endpoints\[1\]\.name: 'a' is already used by endpoints\[0\]"
-    ):
+    text = "endpoints:\n  - {name: a, baseUrl: 'https://a.x'}\n  - {name: a, baseUrl: 'https://b.x'}\n"
+    with pytest.raises(ConfigError, match=r"endpoints\[1\]\.name: 'a' is already used by endpoints\[0\]"):
         load(tmp_path, text)
 
 
@@ -405,9 +397,7 @@ def test_unknown_auth_header_is_an_error(tmp_path: Path) -> None:
     ("model", "mapped"), [("claude-x", "big"), ("claude-y", "small"), ("other", "small")]
 )
 def test_map_model_prefers_exact_then_star(model: str, mapped: str) -> None:
-    endpoint = Endpoint(
-        name="a", base_url="https://a", models=(("claude-x", "big"), ("*", "small"))
-    )
+    endpoint = Endpoint(name="a", base_url="https://a", models=(("claude-x", "big"), ("*", "small")))
     assert endpoint.map_model(model) == mapped
 
 

@@ -28,9 +28,7 @@ MESSAGE = {
 
 
 def sdk(proxy, **kwargs) -> anthropic.Anthropic:
-    return anthropic.Anthropic(
-        base_url=proxy.url, api_key="sk-ant-client-key-0000", max_retries=0, **kwargs
-    )
+    return anthropic.Anthropic(base_url=proxy.url, api_key="sk-ant-client-key-0000", max_retries=0, **kwargs)
 
 
 def stream_text(proxy) -> str:
@@ -69,9 +67,7 @@ def test_429_fails_over_streamed_and_cools_for_retry_after(proxy, primary, backu
     assert backup.wait_for_requests(1)[0].header("x-api-key") == BACKUP_KEY
     state = proxy.endpoint("primary")
     assert state["status"] == "cooling"
-    assert (
-        85 < state["cooldownSecondsLeft"] <= 90
-    )  # retry-after (90 s) beats cooldownSeconds (30 s)
+    assert 85 < state["cooldownSecondsLeft"] <= 90  # retry-after (90 s) beats cooldownSeconds (30 s)
     for _ in range(3):
         assert sdk(proxy).messages.create(**MESSAGE).content[0].text == "Hello from the fake."
     assert len(primary.requests) == 1
@@ -150,10 +146,7 @@ def test_connect_timeout_fails_over_after_the_connect_limit(proxy_factory, backu
         elapsed = time.monotonic() - started
         assert 0.6 < elapsed < 1.9, elapsed  # the connect limit, well before firstByte (2 s)
         assert (
-            proxy.metric(
-                "ccf_upstream_attempts_total", endpoint="blackhole", outcome="connect_timeout"
-            )
-            == 1
+            proxy.metric("ccf_upstream_attempts_total", endpoint="blackhole", outcome="connect_timeout") == 1
         )
     finally:
         listener.close()
@@ -164,18 +157,11 @@ def test_headers_that_never_come_fail_over_after_first_byte_timeout(proxy, prima
     started = time.monotonic()
     assert stream_text(proxy) == "Hello from the fake."
     assert 1.9 < time.monotonic() - started < 3.5  # timeouts.firstByte is 2 s for streams
-    assert (
-        proxy.metric(
-            "ccf_upstream_attempts_total", endpoint="primary", outcome="first_byte_timeout"
-        )
-        == 1
-    )
+    assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="first_byte_timeout") == 1
 
 
 def test_non_streaming_requests_get_the_longer_response_timeout(proxy, primary, backup):
-    primary.behavior = Behavior(
-        kind="ok", delay=2.5
-    )  # beyond firstByte (2 s), within response (3 s)
+    primary.behavior = Behavior(kind="ok", delay=2.5)  # beyond firstByte (2 s), within response (3 s)
     response = post(proxy)
     assert response.status_code == 200
     assert response.headers["x-fake-name"] == "primary"
@@ -281,9 +267,7 @@ def test_retry_after_beyond_max_delay_returns_the_error_at_once(proxy_factory, p
 
 def test_total_deadline_bounds_a_request(proxy_factory, primary):
     primary.behavior = Behavior(kind="status", status=503)
-    config = endpoints_config(
-        primary, retry={"maxRetries": 50, "initialDelay": 200, "maxDelay": 400}
-    )
+    config = endpoints_config(primary, retry={"maxRetries": 50, "initialDelay": 200, "maxDelay": 400})
     config["timeouts"]["total"] = 1500
     proxy = proxy_factory(config)
     started = time.monotonic()

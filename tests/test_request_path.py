@@ -130,9 +130,7 @@ def test_environment_endpoints_replace_the_files(proxy_factory, primary, backup)
 )
 def test_invalid_config_at_start_exits_nonzero_and_listens_nowhere(tmp_path, text, expected):
     proxy = Proxy(tmp_path, text)
-    result = subprocess.run(
-        proxy.command(), env=proxy.env, capture_output=True, timeout=30, text=True
-    )
+    result = subprocess.run(proxy.command(), env=proxy.env, capture_output=True, timeout=30, text=True)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert str(proxy.config_path) in output

@@ -1,7 +1,8 @@
-"""Streams once they have begun: timing, cuts, stalls, cancels, and rate limits read on the way (rows 12-14, 30)."""
+"""Streams once they have begun: timing, cuts, stalls, cancels, rate limits read on the way (rows 12-14, 30)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import time
@@ -25,7 +26,7 @@ def test_events_arrive_spaced_as_the_upstream_sent_them(proxy, primary):
     with sdk(proxy).messages.stream(**MESSAGE) as stream:
         for _ in stream.text_stream:
             arrivals.append(time.monotonic())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 8
     assert all(0.12 < gap < 0.5 for gap in gaps), gaps  # not bunched, not held back
 
@@ -46,9 +47,7 @@ def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
         stream_text(proxy)
     assert backup.requests == []  # bytes were sent: nothing to fail over to invisibly
     wait_until(
-        lambda: (
-            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
-        )
+        lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
     )
     assert proxy.metric("ccf_requests_total", outcome="aborted") == 1
 
@@ -57,9 +56,7 @@ def test_raw_client_sees_no_clean_end_after_a_cut(proxy, primary):
     primary.behavior = Behavior(kind="cut", text=WORDS, after_events=5)
     with (
         pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)),
-        httpx.stream(
-            "POST", proxy.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10
-        ) as r,
+        httpx.stream("POST", proxy.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10) as r,
     ):
         for _ in r.iter_raw():
             pass
@@ -73,9 +70,7 @@ def test_stalled_stream_is_aborted_after_the_idle_timeout(proxy_factory, primary
         stream_text(proxy)
     assert 0.7 < time.monotonic() - started < 3
     wait_until(
-        lambda: (
-            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="idle_timeout") == 1
-        )
+        lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="idle_timeout") == 1
     )
     wait_until(lambda: primary.disconnects, 2, "the stalled upstream to be closed")
 
@@ -96,9 +91,7 @@ def test_client_cancel_closes_the_upstream_within_a_second(proxy, primary):
     disconnected = primary.wait_for_disconnects(1, timeout=3)[0]
     assert disconnected - cancelled < 1.0
     wait_until(
-        lambda: (
-            proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="client_cancel") == 1
-        )
+        lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="client_cancel") == 1
     )
 
 

@@ -1,0 +1,809 @@
+"""The `ccf` command: run the proxy in the foreground or the background, and look after it.
+
+`dev` and `web` run mitmdump or mitmweb with the addon in the foreground; `start`, `stop`,
+`status` and `logs` manage one background proxy per home directory ($CLAUDE_FALLBACK_HOME,
+else ~/.claude-code-fallback), found through its pid file; `init`, `env`, `check` and `demo`
+help set it up. The options of the original Node tool (`--config/-c`, `--port/-p`,
+`--host/-h`, `--log-level`) are accepted before or after the subcommand, so `-h` means
+`--host` and only `--help` prints help. Exit codes: 0 ok, 1 failure, 2 usage or config
+error, 3 not running (`status`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import http.client
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from . import __version__
+from .config import Config, ConfigError, Endpoint, default_config_path, load_config, mask_secret
+
+OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
+ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
+EXAMPLE_CONFIG = Path(__file__).parent / "config.example.yaml"
+REVERSE_TARGET = "https://api.anthropic.com"
+START_DEADLINE = 30.0
+POLL_INTERVAL = 0.05
+FOLLOW_INTERVAL = 0.2
+ENV_COMMENT = """\
+# CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK=1: when a stream fails, Claude Code retries the
+# turn without streaming; behind a failover proxy that can run the same turn twice."""
+
+
+class CommandFailed(Exception):
+    """A command cannot go on; `main` prints ``ccf: <message>`` and exits with `code`."""
+
+    def __init__(self, message: str, code: int = FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# -- settings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The validated config plus what the command line said about it."""
+
+    config: Config
+    config_path: Path | None
+    log_level: str | None
+
+    @property
+    def url(self) -> str:
+        return base_url(self.config.server.host, self.config.server.port)
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
+    """Load the config with the command line's overrides; a bad config is a usage error."""
+    overrides = {
+        key: value
+        for key, value in (
+            ("server.port", option(args, "port")),
+            ("server.host", option(args, "host")),
+            ("logging.level", option(args, "log_level")),
+        )
+        if value is not None
+    }
+    try:
+        config = load_config(option(args, "config"), os.environ if env is None else env, overrides)
+    except ConfigError as e:
+        raise CommandFailed(str(e), USAGE) from None
+    path = Path(config.source).absolute() if config.source else None
+    return Settings(config, path, option(args, "log_level"))
+
+
+def option(args: argparse.Namespace, name: str) -> str | None:
+    """A global option, wherever it was given; None when it was not."""
+    return getattr(args, name, None)
+
+
+def home_dir() -> Path:
+    return default_config_path(os.environ).parent
+
+
+def pid_file() -> Path:
+    return home_dir() / "ccf.pid"
+
+
+def log_file() -> Path:
+    return home_dir() / "ccf.log"
+
+
+def client_host(host: str) -> str:
+    """Where to connect to reach a listener on `host` (a wildcard means this machine)."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def base_url(host: str, port: int) -> str:
+    host = client_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+# -- the proxy command line ---------------------------------------------------------------
+
+
+def proxy_command(
+    config: Config,
+    config_path: Path | str | None,
+    web: bool = False,
+    *,
+    log_level: str | None = None,
+    web_port: int = 8081,
+) -> list[str]:
+    """mitmdump (or mitmweb) running the addon as configured; `log_level` only if given."""
+    tool = "mitmweb" if web else "mitmdump"
+    verbosity = "debug" if config.logging.level in ("debug", "trace") else "info"
+    command = [
+        sys.executable,
+        "-c",
+        f"from mitmproxy.tools.main import {tool}; {tool}()",
+        "-s",
+        str(ADDON_SCRIPT),
+        "--mode",
+        f"reverse:{REVERSE_TARGET}@{config.server.port}",
+        "--listen-host",
+        config.server.host,
+        "--set",
+        "connection_strategy=lazy",
+    ]
+    if config_path is not None:
+        command += ["--set", f"fallback_config={config_path}"]
+    if log_level is not None:
+        command += ["--set", f"fallback_log_level={log_level}"]
+    command += ["--set", f"termlog_verbosity={verbosity}", "--set", "flow_detail=0"]
+    if web:
+        command += ["--set", "web_open_browser=false"]
+        command += ["--web-port", str(web_port), "--web-host", "127.0.0.1"]
+    return command
+
+
+def exec_proxy(settings: Settings, web: bool = False, web_port: int = 8081) -> int:
+    """Replace this process with the proxy, so signals and the exit status are its own."""
+    command = proxy_command(
+        settings.config, settings.config_path, web, log_level=settings.log_level, web_port=web_port
+    )
+    print(f"claude-code-fallback on {settings.url} (Ctrl-C stops it)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(command[0], command)
+    return FAILURE  # not reached
+
+
+# -- processes and ports ------------------------------------------------------------------
+
+
+def read_pid(path: Path) -> tuple[int, str | None] | None:
+    """The pid and address a pid file names; None when there is no usable pid file."""
+    try:
+        lines = path.read_text().split()
+    except OSError:
+        return None
+    if not lines or not lines[0].isdigit():
+        return None
+    return int(lines[0]), (lines[1] if len(lines) > 1 else None)
+
+
+def write_pid(path: Path, pid: int, url: str) -> None:
+    path.write_text(f"{pid}\n{url}\n")
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` is a live proxy (not a zombie, not a reused pid of another program)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path(f"/proc/{pid}")
+    try:
+        state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = (proc / "cmdline").read_bytes()
+    except (OSError, IndexError):
+        return True  # no /proc here: trust the signal check
+    return state != "Z" and b"mitmproxy" in command
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while is_running(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+    return True
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the proxy could not listen on host:port, found by binding it first; None if free."""
+    try:
+        info = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        return f"cannot resolve host {host!r}: {e.strerror}"
+    family, kind, proto, _, address = info
+    with socket.socket(family, kind, proto) as probe:
+        # mitmproxy sets SO_REUSEADDR too: leftover TIME_WAIT connections do not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            return e.strerror or str(e)
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fetch(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
+    """GET `url` without any HTTP proxy from the environment; None when nothing answers."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except (OSError, http.client.HTTPException):
+        return None
+
+
+def fetch_health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The proxy's /health document (served with 200 or 503); None when it does not answer."""
+    answer = fetch(f"{url}/health", timeout)
+    if answer is None or answer[0] not in (200, 503):
+        return None
+    try:
+        document = json.loads(answer[1])
+    except ValueError:
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def wait_until_up(process: subprocess.Popen[bytes], url: str, deadline: float) -> bool:
+    """Poll /health until it answers; False once the process exits or the deadline passes."""
+    end = time.monotonic() + deadline
+    while process.poll() is None and time.monotonic() < end:
+        if fetch_health(url, timeout=1.0) is not None:
+            return True
+        time.sleep(POLL_INTERVAL)
+    return False
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM (the addon drains in-flight streams), then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def tail(path: Path, count: int) -> list[bytes]:
+    """The last `count` lines of a file, read backwards so a large log costs little."""
+    if count <= 0:
+        return []
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        data, position = b"", end
+        while position > 0 and data.count(b"\n") <= count:
+            step = min(64 * 1024, position)
+            position -= step
+            f.seek(position)
+            data = f.read(step) + data
+    return data.splitlines(keepends=True)[-count:]
+
+
+def tail_since(path: Path, offset: int, count: int) -> str:
+    """The last `count` lines written to `path` after `offset`, as text."""
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            lines = f.read().splitlines()[-count:]
+    except OSError:
+        return ""
+    return "\n".join(line.decode(errors="replace") for line in lines)
+
+
+# -- commands -----------------------------------------------------------------------------
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    return exec_proxy(resolve(args))
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    return exec_proxy(resolve(args), web=True, web_port=args.web_port)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    home, pids, logs = home_dir(), pid_file(), log_file()
+    if (found := read_pid(pids)) is not None:
+        pid, url = found
+        if is_running(pid):
+            where = f" on {url}" if url else ""
+            raise CommandFailed(f"already running (pid {pid}{where}); `ccf stop` stops it")
+        pids.unlink(missing_ok=True)
+        print(f"removed stale pid file {pids} (pid {pid} was not running)")
+    server = settings.config.server
+    if problem := port_problem(server.host, server.port):
+        raise CommandFailed(
+            f"cannot listen on {server.host}:{server.port}: {problem}. Another program is "
+            "probably using that port; pick another one with --port or server.port."
+        )
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    command = proxy_command(settings.config, settings.config_path, log_level=settings.log_level)
+    with logs.open("ab") as log:
+        offset = log.tell()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command and the terminal it ran in
+        )
+    write_pid(pids, process.pid, settings.url)
+    try:
+        up = wait_until_up(process, settings.url, START_DEADLINE)
+    except KeyboardInterrupt:
+        up = False
+    if not up:
+        status = process.poll()
+        why = (
+            f"did not answer on {settings.url}/health within {START_DEADLINE:g} s"
+            if status is None
+            else f"exited with status {status}"
+        )
+        terminate(process, 5)
+        if (read_pid(pids) or (None, None))[0] == process.pid:  # not a concurrent start's
+            pids.unlink(missing_ok=True)
+        print(f"last lines of {logs}:\n{tail_since(logs, offset, 20)}", file=sys.stderr)
+        raise CommandFailed(f"the proxy {why}; see {logs}")
+    print(f"claude-code-fallback started (pid {process.pid}) on {settings.url}")
+    print(f"logs: {logs}")
+    print(f"point Claude Code at it:  export ANTHROPIC_BASE_URL={settings.url}")
+    return OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    pids = pid_file()
+    found = read_pid(pids)
+    if found is None:
+        print("not running")
+        return OK
+    pid = found[0]
+    if not is_running(pid):
+        pids.unlink(missing_ok=True)
+        print(f"not running (removed stale pid file for pid {pid})")
+        return OK
+    print(f"stopping pid {pid}: in-flight requests may take up to {args.timeout:g} s to finish")
+    os.kill(pid, signal.SIGTERM)
+    if wait_for_exit(pid, args.timeout):
+        print("stopped")
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        wait_for_exit(pid, 5)
+        print(f"still running after {args.timeout:g} s; killed")
+    pids.unlink(missing_ok=True)
+    return OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    found = read_pid(pid_file())
+    if found is None or not is_running(found[0]):
+        print("not running")
+        return NOT_RUNNING
+    pid, url = found
+    url = url or resolve(args).url
+    health = fetch_health(url)
+    if health is None:
+        raise CommandFailed(f"pid {pid} is running but {url}/health does not answer")
+    if args.json:
+        print(json.dumps(health, indent=2))
+        return OK
+    print(f"claude-code-fallback {health.get('version', '?')}: {health.get('status', '?')}")
+    print(f"  pid       {pid}")
+    print(f"  address   {url}")
+    print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
+    print(f"  streams   {health.get('activeStreams', 0)} in flight")
+    print()
+    rows = [["ENDPOINT", "STATUS", "LAST ERROR"]]
+    rows += [endpoint_row(e) for e in health.get("endpoints", [])]
+    print(format_table(rows))
+    return OK
+
+
+def endpoint_row(endpoint: Mapping[str, Any]) -> list[str]:
+    status = str(endpoint.get("status", "?"))
+    if status == "cooling":
+        status += f" ({float(endpoint.get('cooldownSecondsLeft') or 0):.0f}s left)"
+    error = endpoint.get("lastError")
+    if error and endpoint.get("lastErrorAt"):
+        error = f"{error} at {endpoint['lastErrorAt']}"
+    return [str(endpoint.get("name", "?")), status, str(error or "-")]
+
+
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+def format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    path = log_file()
+    if not path.is_file():
+        raise CommandFailed(f"no log file at {path}; `ccf start` writes one")
+    out = sys.stdout.buffer
+    out.writelines(tail(path, args.lines))
+    out.flush()
+    if args.follow:
+        follow(path, out)
+    return OK
+
+
+def follow(path: Path, out: IO[bytes]) -> None:
+    """Copy what is appended to `path` until Ctrl-C or SIGTERM; start over if it is replaced."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(OK))
+    with contextlib.suppress(KeyboardInterrupt):
+        f = path.open("rb")
+        f.seek(0, os.SEEK_END)
+        try:
+            while True:
+                if chunk := f.read(64 * 1024):
+                    out.write(chunk)
+                    out.flush()
+                    continue
+                with contextlib.suppress(OSError):
+                    current = path.stat()
+                    if current.st_ino != os.fstat(f.fileno()).st_ino or current.st_size < f.tell():
+                        f.close()
+                        f = path.open("rb")
+                time.sleep(FOLLOW_INTERVAL)
+        finally:
+            f.close()
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    given = option(args, "config")
+    target = Path(given).expanduser() if given else default_config_path(os.environ)
+    if target.exists() and not args.force:
+        raise CommandFailed(f"{target} already exists; not overwriting it (--force replaces it)")
+    try:
+        text = EXAMPLE_CONFIG.read_bytes()
+    except OSError as e:
+        raise CommandFailed(f"cannot read the example config {EXAMPLE_CONFIG}: {e}") from None
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if args.force else os.O_EXCL)
+    try:
+        descriptor = os.open(target, flags, 0o600)
+    except FileExistsError:
+        raise CommandFailed(f"{target} already exists; not overwriting it") from None
+    with os.fdopen(descriptor, "wb") as f:
+        f.write(text)
+    os.chmod(target, 0o600)  # also when --force replaced a file with wider permissions
+    ccf = f"ccf -c {shlex.quote(str(target))}" if given else "ccf"
+    print(f"wrote {target}")
+    print("next steps:")
+    print("  1. edit it: list your endpoints in failover order, keys as ${VARIABLES}")
+    print(f"  2. {ccf} check          # try each endpoint once")
+    print(f"  3. {ccf} start          # run the proxy in the background")
+    print(f'  4. eval "$({ccf} env)"   # point Claude Code at it')
+    return OK
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    settings = resolve(args)
+    server = settings.config.server
+    host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+    print(f"export ANTHROPIC_BASE_URL={shlex.quote(base_url(host, server.port))}")
+    print("export CLAUDE_CODE_DISABLE_NONSTREAMING_FALLBACK=1")
+    print(ENV_COMMENT, file=sys.stderr)
+    return OK
+
+
+def probe_endpoint(endpoint: Endpoint, timeout: float = 10.0) -> tuple[bool, str]:
+    """GET {baseUrl}/v1/models once with the endpoint's credentials: (ok, what happened)."""
+    headers = {
+        "anthropic-version": "2023-06-01",
+        "user-agent": f"claude-code-fallback/{__version__} (ccf check)",
+    }
+    if endpoint.api_key and endpoint.auth_header == "bearer":
+        headers["authorization"] = f"Bearer {endpoint.api_key}"
+    elif endpoint.api_key:
+        headers["x-api-key"] = endpoint.api_key
+    headers.update(endpoint.headers)
+    request = urllib.request.Request(f"{endpoint.base_url}/v1/models", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    except urllib.error.URLError as e:
+        return False, f"unreachable: {describe_error(e.reason)}"
+    except (OSError, http.client.HTTPException) as e:
+        return False, f"unreachable: {describe_error(e)}"
+    if 200 <= status < 300:
+        return True, "ok"
+    if status in (401, 403):
+        return False, f"auth rejected ({status})"
+    return False, f"reachable (HTTP {status})"
+
+
+def describe_error(error: object) -> str:
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or type(error).__name__
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = resolve(args).config
+    print(f"config: {config.source or 'none (defaults and environment)'}")
+    enabled = config.active_endpoints
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(enabled))) as pool:
+        results = dict(zip(enabled, pool.map(probe_endpoint, enabled), strict=True))
+    rows = []
+    for endpoint in config.endpoints:
+        key = mask_secret(endpoint.api_key) if endpoint.api_key else "client key passed through"
+        verdict = results[endpoint][1] if endpoint in results else "disabled (not checked)"
+        rows.append([endpoint.name, endpoint.base_url, key, verdict])
+    print(format_table(rows))
+    return OK if all(ok for ok, _ in results.values()) else FAILURE
+
+
+# -- demo ---------------------------------------------------------------------------------
+
+DEMO_TEXT = "Hello! The primary was rate limited, so the backup is answering you instead."
+DEMO_REQUEST = {
+    "model": "claude-sonnet-4-5",
+    "max_tokens": 256,
+    "stream": True,
+    "messages": [{"role": "user", "content": "Say hello."}],
+}
+DEMO_METRICS = (
+    "ccf_requests_total",
+    "ccf_upstream_attempts_total",
+    "ccf_failovers_total",
+    "ccf_endpoint_up",
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .fakeapi import Behavior, FakeAnthropic
+
+    primary, backup = FakeAnthropic("primary"), FakeAnthropic("backup")
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    backup.behavior = Behavior(event_delay=0.15, text=DEMO_TEXT)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccf-demo-")))
+        for fake in (primary, backup):
+            stack.enter_context(fake)
+        # Neither the user's keys nor their CLAUDE_FALLBACK_* settings reach the fakes.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV)}
+        env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
+        settings = demo_settings(args, workdir, env, primary.url, backup.url)
+        url = settings.url
+        print("ccf demo: two fake Anthropic endpoints on this machine, no API key needed")
+        print(f"  primary  {primary.url}  answers 429 Too Many Requests, retry-after: 30")
+        print(f"  backup   {backup.url}  answers normally, word by word")
+        process = stack.enter_context(demo_proxy(settings, workdir / "proxy.log", env))
+        print(f"  proxy    {url}  (pid {process.pid})\n")
+        print("POST /v1/messages (stream: true) through the proxy:\n")
+        answered_by, text = stream_message(settings.config)
+        print(f"\n\nanswered by: {answered_by}")
+        print(f"requests seen: primary {len(primary.requests)}, backup {len(backup.requests)}")
+        print("\nfrom /metrics:")
+        metrics = fetch(f"{url}/metrics")
+        for line in (metrics[1].decode() if metrics else "").splitlines():
+            if line.startswith(DEMO_METRICS):
+                print(f"  {line}")
+    return OK if answered_by == "backup" and text else FAILURE
+
+
+_PRIVATE_ENV = ("CLAUDE_FALLBACK_", "ANTHROPIC_")
+
+
+def demo_settings(args: argparse.Namespace, workdir: Path, env: Mapping[str, str], *urls: str) -> Settings:
+    port = option(args, "port") or str(free_port())
+    config = {
+        "endpoints": [
+            {"name": name, "baseUrl": url, "apiKey": f"demo-key-for-the-{name}-fake"}
+            for name, url in zip(("primary", "backup"), urls, strict=True)
+        ],
+        "retry": {"initialDelay": 100, "maxDelay": 1000, "cooldownSeconds": 30},
+        "logging": {"format": "pretty"},
+    }
+    path = workdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    demo_args = argparse.Namespace(**{**vars(args), "config": str(path), "port": port})
+    settings = resolve(demo_args, env)
+    server = settings.config.server
+    if problem := port_problem(server.host, server.port):
+        raise CommandFailed(f"cannot listen on {server.host}:{server.port}: {problem}")
+    return settings
+
+
+@contextlib.contextmanager
+def demo_proxy(
+    settings: Settings, log_path: Path, env: Mapping[str, str]
+) -> Iterator[subprocess.Popen[bytes]]:
+    command = proxy_command(settings.config, settings.config_path, log_level=settings.log_level)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        if not wait_until_up(process, settings.url, START_DEADLINE):
+            print(f"proxy log:\n{tail_since(log_path, 0, 20)}", file=sys.stderr)
+            raise CommandFailed(f"the demo proxy did not start on {settings.url}")
+        yield process
+    finally:
+        terminate(process, 10)
+
+
+def stream_message(config: Config) -> tuple[str, str]:
+    """Send the demo request, print each text delta as it arrives; (x-fake-name, text)."""
+    host, port = client_host(config.server.host), config.server.port
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/v1/messages",
+            json.dumps(DEMO_REQUEST),
+            {"content-type": "application/json", "anthropic-version": "2023-06-01"},
+        )
+        response = connection.getresponse()
+        if response.status != 200:
+            body = response.read().decode(errors="replace")
+            raise CommandFailed(f"the proxy answered HTTP {response.status}: {body}")
+        text = []
+        for event in sse_events(response):
+            delta = event.get("delta") or {}
+            if event.get("type") == "content_block_delta" and delta.get("type") == "text_delta":
+                text.append(delta["text"])
+                print(delta["text"], end="", flush=True)
+        return response.getheader("x-fake-name", "?"), "".join(text)
+    finally:
+        connection.close()
+
+
+def sse_events(stream: http.client.HTTPResponse) -> Iterator[dict[str, Any]]:
+    """The JSON `data:` payloads of a server-sent event stream, one per event."""
+    data: list[str] = []
+    for raw in iter(stream.readline, b""):
+        line = raw.decode().rstrip("\r\n")
+        if line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            payload = json.loads("\n".join(data))
+            data = []
+            if isinstance(payload, dict):
+                yield payload
+
+
+# -- argument parsing ---------------------------------------------------------------------
+
+
+def global_options() -> argparse.ArgumentParser:
+    """The original tool's options, valid before or after a subcommand.
+
+    Defaults are suppressed so that a subcommand's parser never overwrites a value given
+    before the subcommand; `option` reads them.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("options")
+    unset = argparse.SUPPRESS
+    group.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        default=unset,
+        help="config file (default: $CLAUDE_FALLBACK_HOME/config.yaml if that variable is set, "
+        "else ~/.claude-code-fallback/config.yaml; none at all means api.anthropic.com)",
+    )
+    group.add_argument("--port", "-p", metavar="N", default=unset, help="port (default: 8765)")
+    group.add_argument("--host", "-h", metavar="HOST", default=unset, help="address (default: 127.0.0.1)")
+    group.add_argument(
+        "--log-level", metavar="LEVEL", default=unset, help="trace, debug, info, warn or error"
+    )
+    group.add_argument("--help", action="help", default=unset, help="show this help and exit")
+    return parser
+
+
+Command = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Command, str]] = {
+    "start": (cmd_start, "start the proxy in the background"),
+    "stop": (cmd_stop, "stop the background proxy, letting in-flight requests finish"),
+    "status": (cmd_status, "show whether it runs and the state of each endpoint"),
+    "logs": (cmd_logs, "print the background proxy's log"),
+    "dev": (cmd_dev, "run the proxy in the foreground"),
+    "web": (cmd_web, "run the proxy in the foreground with mitmweb's UI"),
+    "init": (cmd_init, "write the example config file"),
+    "env": (cmd_env, "print the shell lines that point Claude Code at the proxy"),
+    "check": (cmd_check, "validate the config and try each endpoint once"),
+    "demo": (cmd_demo, "watch a failover between two fake endpoints, no API key needed"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = global_options()
+    parser = argparse.ArgumentParser(
+        prog="ccf",
+        description="claude-code-fallback: a local proxy for Claude Code that fails over "
+        "between Anthropic-compatible endpoints.",
+        epilog='quick start: ccf init; ccf check; ccf start; eval "$(ccf env)"',
+        add_help=False,
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub = {
+        name: commands.add_parser(name, help=summary, description=summary, add_help=False, parents=[common])
+        for name, (_, summary) in COMMANDS.items()
+    }
+    for name, parser_of in sub.items():
+        parser_of.set_defaults(func=COMMANDS[name][0])
+    sub["stop"].add_argument(
+        "--timeout", type=float, default=40.0, metavar="S", help="seconds before SIGKILL (40)"
+    )
+    sub["status"].add_argument("--json", action="store_true", help="print the /health JSON")
+    sub["logs"].add_argument("-n", "--lines", type=int, default=50, metavar="N", help="lines to show (50)")
+    sub["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing")
+    sub["web"].add_argument("--web-port", type=int, default=8081, metavar="N", help="mitmweb UI port (8081)")
+    sub["init"].add_argument("--force", action="store_true", help="replace an existing file")
+    return parser
+
+
+def run(command: Command, args: argparse.Namespace) -> int:
+    try:
+        return command(args)
+    except CommandFailed as e:
+        print(f"ccf: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # `ccf logs | head`: the reader left; stop quietly, as other command-line tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return FAILURE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`ccf`: parse the command line and run the subcommand; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return USAGE
+    return run(args.func, args)
+
+
+def run_foreground(argv: Sequence[str] | None = None) -> int:
+    """`claude-code-fallback [options]`: the original tool's command, same as `ccf dev`."""
+    parser = argparse.ArgumentParser(
+        prog="claude-code-fallback",
+        description="Run the claude-code-fallback proxy in the foreground (same as `ccf dev`).",
+        add_help=False,
+        parents=[global_options()],
+    )
+    return run(cmd_dev, parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""Self-tests for the fake Anthropic upstream (addon/fakeapi.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import pytest
+
+from addon.fakeapi import Behavior, FakeAnthropic, blackhole_listener
+
+MESSAGE = {
+    "model": "claude-test-1",
+    "max_tokens": 16,
+    "messages": [{"role": "user", "content": "hi"}],
+}
+STREAM_NAMES = ["message_start", "content_block_start", "ping"]
+STREAM_NAMES += ["content_block_delta"] * 4
+STREAM_NAMES += ["content_block_stop", "message_delta", "message_stop"]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[FakeAnthropic]:
+    with FakeAnthropic("primary") as fake:
+        yield fake
+
+
+@pytest.fixture
+def fake(server: FakeAnthropic) -> FakeAnthropic:
+    server.reset()
+    return server
+
+
+def request(
+    fake: FakeAnthropic,
+    body: dict[str, Any] | bytes | None = None,
+    method: str = "POST",
+    path: str = "/v1/messages",
+    conn: http.client.HTTPConnection | None = None,
+) -> tuple[http.client.HTTPResponse, bytes]:
+    own = conn is None
+    conn = conn or http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        conn.request(method, path, body=data, headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        if own:
+            conn.close()
+
+
+def sse(data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    events = []
+    for block in data.decode().split("\n\n"):
+        if block:
+            name, payload = block.split("\n")
+            events.append((name.removeprefix("event: "), json.loads(payload.removeprefix("data: "))))
+    return events
+
+
+def raw_stream_request(fake: FakeAnthropic) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", fake.port), timeout=5)
+    body = json.dumps({**MESSAGE, "stream": True}).encode()
+    head = f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n\r\n"
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def recv_until(sock: socket.socket, marker: bytes, count: int) -> bytes:
+    data = b""
+    while data.count(marker) < count:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed after {data!r}"
+        data += chunk
+    return data
+
+
+def test_sdk_message_and_recorded_request(fake: FakeAnthropic) -> None:
+    client = anthropic.Anthropic(base_url=fake.url, api_key="sk-fake-123", max_retries=0)
+    raw = client.messages.with_raw_response.create(**MESSAGE)  # type: ignore[call-overload]
+    message = raw.parse()
+    assert raw.headers["x-fake-name"] == "primary"
+    assert raw.headers["request-id"].startswith("req_")
+    assert message.content[0].text == "Hello from the fake."
+    assert message.model == "claude-test-1"
+    assert message.usage.output_tokens == 4
+    (seen,) = fake.wait_for_requests(1)
+    assert (seen.method, seen.path) == ("POST", "/v1/messages")
+    assert seen.header("X-API-Key") == "sk-fake-123"
+    assert seen.json()["messages"] == MESSAGE["messages"]
+
+
+def test_sdk_stream_and_event_shapes(fake: FakeAnthropic) -> None:
+    client = anthropic.Anthropic(base_url=fake.url, api_key="k", max_retries=0)
+    with client.messages.stream(**MESSAGE) as stream:  # type: ignore[arg-type]
+        assert "".join(stream.text_stream) == "Hello from the fake."
+        assert stream.get_final_message().usage.output_tokens == 4
+    response, data = request(fake, {**MESSAGE, "stream": True})
+    assert response.getheader("content-type", "").startswith("text/event-stream")
+    assert response.getheader("transfer-encoding") == "chunked"
+    events = sse(data)
+    assert [name for name, _ in events] == STREAM_NAMES
+    assert [e["delta"]["text"] for n, e in events if n == "content_block_delta"] == [
+        "Hello ",
+        "from ",
+        "the ",
+        "fake.",
+    ]
+    assert events[0][1]["message"]["model"] == "claude-test-1"
+
+
+@pytest.mark.parametrize(
+    ("status", "error_type"),
+    [
+        (400, "invalid_request_error"),
+        (401, "authentication_error"),
+        (403, "permission_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (429, "rate_limit_error"),
+        (500, "api_error"),
+        (503, "api_error"),
+        (529, "overloaded_error"),
+    ],
+)
+def test_status_answers_with_anthropic_error_body(fake: FakeAnthropic, status: int, error_type: str) -> None:
+    fake.behavior = Behavior("status", status, headers=(("retry-after", "30"),))
+    response, data = request(fake, MESSAGE)
+    assert response.status == status
+    assert response.getheader("retry-after") == "30"
+    assert json.loads(data)["type"] == "error"
+    assert json.loads(data)["error"]["type"] == error_type
+
+
+def test_sdk_sees_429_with_retry_after(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("status", 429, headers=(("retry-after", "7"),))
+    client = anthropic.Anthropic(base_url=fake.url, api_key="k", max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(**MESSAGE)  # type: ignore[call-overload]
+    assert caught.value.response.headers["retry-after"] == "7"
+
+
+def test_script_is_used_before_behavior(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("status", 500)
+    fake.script = [Behavior("status", 529), Behavior()]
+    statuses = [request(fake, MESSAGE)[0].status for _ in range(3)]
+    assert statuses == [529, 200, 500]
+    fake.reset()
+    assert request(fake, MESSAGE)[0].status == 200
+    assert (fake.request_count, len(fake.requests)) == (1, 1)
+
+
+def test_keep_bounds_the_record_but_not_the_count(fake: FakeAnthropic) -> None:
+    fake.keep = 2
+    for i in range(5):
+        request(fake, None, "GET", f"/r{i}")
+    assert [r.path for r in fake.wait_for_requests(5)] == ["/r3", "/r4"]
+    with pytest.raises(AssertionError, match="expected 6 request"):
+        fake.wait_for_requests(6, timeout=0.05)
+
+
+def test_keep_alive_head_and_5mb_body(fake: FakeAnthropic) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    response, data = request(fake, None, "HEAD", "/", conn=conn)
+    assert (response.status, data) == (200, b"")
+    big = json.dumps({**MESSAGE, "system": "x" * 5_000_000}).encode()
+    for _ in range(2):
+        response, data = request(fake, big, conn=conn)
+        assert json.loads(data)["type"] == "message"
+    seen = fake.wait_for_requests(3)
+    assert [r.method for r in seen] == ["HEAD", "POST", "POST"]
+    assert len({r.connection for r in seen}) == 1
+    assert seen[1].body == big == seen[2].body
+    conn.close()
+
+
+def test_slow_answers_keep_the_connection(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior(delay=0.01, event_delay=0.001)
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=5)
+    for body in (MESSAGE, {**MESSAGE, "stream": True}, MESSAGE):
+        response, data = request(fake, body, conn=conn)
+        assert (response.status, data.count(b"Hello")) == (200, 1)
+    assert len({r.connection for r in fake.wait_for_requests(3)}) == 1
+    conn.close()
+
+
+def test_expect_100_continue_and_pipelining(fake: FakeAnthropic) -> None:
+    body = json.dumps(MESSAGE).encode()
+    head = f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: {len(body)}\r\n"
+    with socket.create_connection(("127.0.0.1", fake.port), timeout=5) as sock:
+        sock.sendall(head.encode() + b"expect: 100-continue\r\n\r\n")
+        assert recv_until(sock, b"\r\n\r\n", 1) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body + (head + "\r\n").encode() + body)
+        assert recv_until(sock, b'"type":"message"', 2).count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_other_routes_and_path_prefix(fake: FakeAnthropic) -> None:
+    _, data = request(fake, None, "GET", "/v1/models")
+    assert json.loads(data)["data"][0]["type"] == "model"
+    _, data = request(fake, MESSAGE, path="/api/anthropic/v1/messages/count_tokens")
+    assert json.loads(data) == {"input_tokens": 42}
+    _, data = request(fake, MESSAGE, path="/api/anthropic/v1/messages?beta=true")
+    assert json.loads(data)["type"] == "message"
+    _, data = request(fake, None, "GET", "/health?x=1")
+    assert json.loads(data) == {"path": "/health?x=1", "method": "GET"}
+    response, data = request(fake, b"{not json")
+    assert (response.status, json.loads(data)["error"]["type"]) == (400, "invalid_request_error")
+
+
+@pytest.mark.parametrize(
+    ("behavior", "names"),
+    [
+        (Behavior("sse_error_first"), ["error"]),
+        (Behavior("sse_error_after_preamble"), [*STREAM_NAMES[:3], "error"]),
+        (Behavior("sse_error_after", after_events=5), [*STREAM_NAMES[:5], "error"]),
+    ],
+)
+def test_sse_error_kinds_end_cleanly(fake: FakeAnthropic, behavior: Behavior, names: list[str]) -> None:
+    fake.behavior = behavior
+    response, data = request(fake, {**MESSAGE, "stream": True})
+    assert response.status == 200
+    events = sse(data)
+    assert [name for name, _ in events] == names
+    assert events[-1][1]["error"]["type"] == "overloaded_error"
+
+
+def test_cut_aborts_without_last_chunk(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("cut", after_events=4)
+    with raw_stream_request(fake) as sock:
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"event: ") == 4
+    assert b"event: content_block_delta" in data
+    assert not data.endswith(b"0\r\n\r\n")
+
+
+def test_stall_until_client_leaves_is_recorded(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("stall", after_events=3)
+    with raw_stream_request(fake) as sock:
+        recv_until(sock, b"event: ", 3)
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recv(65536)
+        closed = time.monotonic()
+    (gone,) = fake.wait_for_disconnects(1)
+    assert 0 <= gone - closed < 1
+
+
+def test_client_cancelling_a_slow_stream_is_recorded(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior(text="word " * 50, event_delay=0.05)
+    with raw_stream_request(fake) as sock:
+        recv_until(sock, b"text_delta", 2)
+        closed = time.monotonic()
+    (gone,) = fake.wait_for_disconnects(1)
+    assert 0 <= gone - closed < 1
+
+
+def test_hang_never_answers(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("hang")
+    conn = http.client.HTTPConnection("127.0.0.1", fake.port, timeout=0.3)
+    with pytest.raises(TimeoutError):
+        request(fake, MESSAGE, conn=conn)
+    fake.wait_for_requests(1)
+    conn.close()
+    fake.wait_for_disconnects(1)
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [
+        ("close", http.client.RemoteDisconnected),
+        ("garbage", http.client.BadStatusLine),
+        ("bad_chunked", http.client.IncompleteRead),
+        ("short_body", http.client.IncompleteRead),
+        ("huge_headers", http.client.LineTooLong),
+    ],
+)
+def test_broken_http(fake: FakeAnthropic, kind: str, error: type[Exception]) -> None:
+    fake.behavior = Behavior(kind)
+    with pytest.raises(error):
+        request(fake, MESSAGE)
+    fake.wait_for_requests(1)
+
+
+def test_gzip_json_and_sse(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior(gzip=True)
+    response, data = request(fake, MESSAGE)
+    assert response.getheader("content-encoding") == "gzip"
+    assert json.loads(gzip.decompress(data))["content"][0]["text"] == "Hello from the fake."
+    response, data = request(fake, {**MESSAGE, "stream": True})
+    assert response.getheader("content-encoding") == "gzip"
+    decoder = zlib.decompressobj(31)
+    assert [name for name, _ in sse(decoder.decompress(data))] == STREAM_NAMES
+    assert decoder.eof
+
+
+def test_truncated_gzip_is_well_framed_but_undecodable(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("truncated_gzip")
+    response, data = request(fake, MESSAGE)
+    assert response.getheader("content-length") == str(len(data))
+    with pytest.raises(EOFError):
+        gzip.decompress(data)
+
+
+def test_body_size(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior(body_size=100_000)
+    _, data = request(fake, MESSAGE)
+    assert len(data) == 100_000
+    assert json.loads(data)["content"][0]["text"].startswith("Hello from the fake.xxx")
+    fake.behavior = Behavior("large", body_size=1_000_000)
+    _, data = request(fake, {**MESSAGE, "stream": True})
+    text = "".join(e["delta"]["text"] for n, e in sse(data) if n == "content_block_delta")
+    assert len(text) == 1_000_000
+
+
+def test_behavior_rejects_unknown_kind() -> None:
+    with pytest.raises(ValueError, match="unknown fake behavior kind 'nope'"):
+        Behavior("nope")
+
+
+def test_in_loop_delays() -> None:
+    async def scenario() -> None:
+        fake = FakeAnthropic("loop")
+        fake.behavior = Behavior(delay=0.1, event_delay=0.03)
+        await fake.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+            body = json.dumps({**MESSAGE, "stream": True}).encode()
+            writer.write(b"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body))
+            writer.write(body)
+            (seen,) = await fake.wait_for_requests_async(1)
+            await reader.readuntil(b"\r\n\r\n")
+            assert time.monotonic() - seen.time >= 0.1
+            stamps = []
+            for _ in STREAM_NAMES:
+                await reader.readuntil(b"\n\n")
+                stamps.append(time.monotonic())
+            assert stamps[-1] - stamps[0] >= 0.03 * (len(STREAM_NAMES) - 1) * 0.9
+            writer.close()
+        finally:
+            await fake.stop()
+
+    asyncio.run(scenario())
+
+
+def test_blackhole_listener_makes_connect_time_out() -> None:
+    listener, port = blackhole_listener()
+    with listener:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            socket.create_connection(("127.0.0.1", port), timeout=0.3)
+        assert time.monotonic() - started >= 0.29
+
+
+def test_cli_runs_in_foreground() -> None:
+    args = ["--name", "cli", "--kind", "status", "--status", "429", "--header", "retry-after: 30"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "addon.fakeapi", *args],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith("listening on http://127.0.0.1:")
+        fake = FakeAnthropic(port=int(line.rsplit(":", 1)[1]))
+        response, _ = request(fake, MESSAGE)
+        assert response.status == 429
+        assert response.getheader("retry-after") == "30"
+        assert response.getheader("x-fake-name") == "cli"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=5) == 0

@@ -1,0 +1,169 @@
+"""Running it every day: live reload, drain on SIGTERM, masked secrets (rows 23-24), mitmweb inspection."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+import httpx
+import yaml
+
+from addon.fakeapi import Behavior
+
+from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, free_port, wait_until
+from .test_failover import post, stream_text
+
+CLIENT_KEY = "sk-ant-client-CLIENTSECRETKEY000000003"
+WORDS = " ".join(f"w{i}" for i in range(30))
+
+
+def rewrite(proxy: Proxy, config: dict | str) -> None:
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    proxy.config_path.write_text(text)
+
+
+def test_config_change_is_picked_up_and_endpoint_state_kept(proxy_factory, primary, backup, fakes):
+    config = endpoints_config(primary, backup)
+    proxy = proxy_factory(config)
+    primary.behavior = Behavior(kind="status", status=503)
+    post(proxy)
+    third = fakes("third")
+    config["endpoints"].append({"name": "third", "baseUrl": third.url})
+    rewrite(proxy, config)
+    wait_until(lambda: len(proxy.health()["endpoints"]) == 3, 10, "the new endpoint to appear")
+    assert proxy.endpoint("primary")["status"] == "cooling"  # unchanged endpoint keeps its state
+    assert proxy.metric("ccf_config_reloads_total", result="success") == 1
+
+
+def test_invalid_config_on_reload_keeps_the_running_one(proxy, primary, backup):
+    rewrite(proxy, "endpoints:\n  - name: broken\n    baseUrl: not a url\n")
+    wait_until(
+        lambda: proxy.metric("ccf_config_reloads_total", result="error") == 1, 10, "the reload to fail"
+    )
+    assert "config_reload_failed" in proxy.logs()
+    assert "endpoints[0].baseUrl" in proxy.logs()
+    assert [e["name"] for e in proxy.health()["endpoints"]] == ["primary", "backup"]
+    assert stream_text(proxy) == "Hello from the fake."
+
+
+def test_sighup_reloads(proxy, primary, backup):
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proxy.metric("ccf_config_reloads_total", result="success") == 1, 10, "SIGHUP reload")
+
+
+def test_reload_does_not_drop_a_stream_in_flight(proxy, primary, backup):
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.05)
+    result: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: result.update(text=stream_text(proxy)))
+    reader.start()
+    primary.wait_for_requests(1)
+    config = endpoints_config(backup)  # the streaming endpoint is even removed
+    rewrite(proxy, config)
+    wait_until(lambda: len(proxy.health()["endpoints"]) == 1, 10, "the reload")
+    reader.join(10)
+    assert result["text"] == WORDS
+
+
+def test_sigterm_lets_streams_finish_then_exits(proxy, primary):
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.05)
+    result: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: result.update(text=stream_text(proxy)))
+    reader.start()
+    primary.wait_for_requests(1)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    reader.join(10)
+    assert result["text"] == WORDS
+    assert proxy.process.wait(10) == 0
+    assert "draining" in proxy.logs()
+
+
+def test_no_key_appears_in_logs_health_metrics_errors_or_flows(proxy_factory, primary, backup, tmp_path):
+    flows = tmp_path / "flows.mitm"
+    config = endpoints_config(primary, backup, retry={"cooldownSeconds": 0})
+    proxy = proxy_factory(config, None, "--set", f"save_stream_file={flows}")
+    client = {"x-api-key": CLIENT_KEY}
+    outputs = []
+    for behavior in (
+        Behavior(kind="status", status=429),
+        Behavior(kind="status", status=401),
+        Behavior(kind="sse_error_after_preamble"),
+        Behavior(kind="cut", after_events=4),
+        Behavior(kind="garbage"),
+        Behavior(kind="ok"),
+    ):
+        primary.behavior = behavior
+        for stream in (False, True):
+            try:
+                outputs.append(post(proxy, stream=stream, headers=client).text)
+            except httpx.HTTPError as e:
+                outputs.append(str(e))
+        outputs.append(proxy.get("/health")[1].decode())
+    backup.behavior = primary.behavior = Behavior(kind="status", status=503)
+    outputs.append(post(proxy, headers=client).text)
+    outputs.append(proxy.get("/health")[1].decode())
+    outputs.append(proxy.get("/metrics")[1].decode())
+    proxy.stop()
+    outputs.append(proxy.logs())
+    outputs.append(flows.read_bytes().decode("utf-8", "replace"))
+    everything = "\n".join(outputs)
+    assert "sk-ant-…0003" in everything  # the masked form is what appears
+    for key in (PRIMARY_KEY, BACKUP_KEY, CLIENT_KEY):
+        assert key not in everything
+        assert key[8:-4] not in everything
+
+
+def test_mitmweb_shows_endpoint_attempts_masked_keys_and_the_assembled_stream(tmp_path, primary, backup):
+    proxy = Proxy(tmp_path, endpoints_config(primary, backup))
+    web_port = free_port()
+    proxy.command = lambda *extra, _c=proxy.command: mitmweb_command(_c(*extra), web_port)  # type: ignore[method-assign]
+    primary.behavior = Behavior(kind="status", status=529)
+    backup.behavior = Behavior(kind="ok", text="Assembled reply here")
+    proxy.start()
+    try:
+        assert post(proxy, stream=True, headers={"x-api-key": CLIENT_KEY}).status_code == 200
+        web = f"http://127.0.0.1:{web_port}"
+
+        def finished_flow():
+            flows = httpx.get(web + "/flows", timeout=5).json()
+            return next(
+                (f for f in flows if f["request"]["path"] == "/v1/messages" and f.get("response")), None
+            )
+
+        flow = wait_until(finished_flow, 10, "the flow in mitmweb")
+        assert flow["request"]["host"] == "127.0.0.1" and flow["request"]["port"] == backup.port
+        assert "primary: sse_error" in flow["comment"] or "primary: status" in flow["comment"]
+        assert "backup: ok" in flow["comment"]
+        headers = dict(flow["request"]["headers"])
+        assert CLIENT_KEY not in json.dumps(flow) and headers["x-api-key"].startswith("sk-ant-")
+        body = httpx.get(f"{web}/flows/{flow['id']}/response/content.data", timeout=5).text
+        assert body.count("event: content_block_delta") == 3 and "message_stop" in body
+        view = httpx.get(
+            f"{web}/flows/{flow['id']}/response/content/anthropic-message.json", timeout=5
+        ).json()
+        rendered = "\n".join(text for line in view["lines"] for _, text in line)
+        assert "Assembled reply here" in rendered and "stop_reason=end_turn" in rendered
+    finally:
+        proxy.stop()
+
+
+def mitmweb_command(command: list[str], web_port: int) -> list[str]:
+    script = Path(command[0])
+    return [
+        str(script.with_name("mitmweb")),
+        *command[1:],
+        "--web-port",
+        str(web_port),
+        "--set",
+        "web_open_browser=false",
+    ]
+
+
+def test_bad_config_file_permissions_are_warned_about(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup))
+    proxy.config_path.chmod(0o644)
+    rewrite(proxy, endpoints_config(primary, backup))
+    wait_until(lambda: "readable by others" in proxy.logs(), 10, "a permissions warning")
