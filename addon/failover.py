@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -221,7 +222,10 @@ def final_failure(failures: list[AttemptFailed]) -> Failure:
         response = answered[-1].response
         assert isinstance(response, ErrorResponse)
         return Failure(response.status, response.headers, response.body, f"HTTP {response.status}")
-    tried = "; ".join(f"{f.endpoint}: {f.detail}" for f in failures) or "no endpoint is enabled"
+    counts = Counter((f.endpoint, f.detail) for f in failures)
+    tried = "; ".join(
+        f"{name}: {detail}" + (f" ({n} attempts)" if n > 1 else "") for (name, detail), n in counts.items()
+    )
     last = failures[-1] if failures else None
     if last is not None and last.kind == "sse_error":
         status, error_type = (last.status or 529), "overloaded_error"
@@ -231,7 +235,7 @@ def final_failure(failures: list[AttemptFailed]) -> Failure:
         status, error_type = 504, "timeout_error"
     else:
         status, error_type = 502, "api_error"
-    return error_failure(status, error_type, f"All endpoints failed: {tried}")
+    return error_failure(status, error_type, f"All endpoints failed: {tried or 'no endpoint is enabled'}")
 
 
 def error_failure(status: int, error_type: str, message: str) -> Failure:

@@ -100,6 +100,13 @@ class Metrics:
             namespace=NAMESPACE,
             registry=r,
         )
+        self.resumes = Counter(
+            "stream_resumes",
+            "Streams cut mid-answer and continued on another endpoint.",
+            ["from_endpoint", "to_endpoint"],
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.retries = Counter(
             "retries",
             "Attempts that went back to an endpoint that had already failed or was cooling.",

@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
@@ -28,8 +28,9 @@ from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
 from .policy import RetryBudget
+from .resume import ResumingResponse, can_resume
 from .sseview import AnthropicStreamView
-from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient
+from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
 ACCESS_HEADER = "x-ccf-access-key"
 AUTH_HEADERS = ("x-api-key", "authorization")
@@ -45,7 +46,7 @@ class InFlight:
     token: str = ""
     saved_request: tuple[Any, bytes | None] | None = None
     endpoint_url: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
+    relay: UpstreamResponse | ResumingResponse | None = None
 
 
 class Fallback:
@@ -192,7 +193,10 @@ class Fallback:
             return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()
-        state.token = self.bridge.park(outcome.response, lambda error: self.relayed(flow, state, error))
+        state.relay = outcome.response
+        if self.config.streaming.resume and can_resume(outcome.response, request):
+            state.relay = ResumingResponse(outcome.response, request, self.resume_stream, len(self.pool))
+        state.token = self.bridge.park(state.relay, lambda error: self.relayed(flow, state, error))
         state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
         self.point_at_bridge(flow, state)
 
@@ -205,11 +209,11 @@ class Fallback:
 
     def response(self, flow: http.HTTPFlow) -> None:
         state = self.inflight.pop(flow.id, None)
-        if state is None or flow.response is None or state.outcome.response is None:
+        if state is None or flow.response is None or state.relay is None:
             return
-        upstream = state.outcome.response
-        if upstream.copy and upstream.complete and len(upstream.copy) < upstream.copy_limit:
-            flow.response.raw_content = bytes(upstream.copy)
+        relay = state.relay
+        if relay.copy and relay.complete and len(relay.copy) < relay.copy_limit:
+            flow.response.raw_content = bytes(relay.copy)
 
     def error(self, flow: http.HTTPFlow) -> None:
         state = self.inflight.pop(flow.id, None)
@@ -217,9 +221,8 @@ class Fallback:
             return
         self.restore_request(flow, state)
         self.bridge.discard(state.token)
-        upstream = state.outcome.response
-        if flow.response is not None and upstream is not None and upstream.copy:
-            flow.response.raw_content = bytes(upstream.copy)  # what the client got before the cut
+        if flow.response is not None and state.relay is not None and state.relay.copy:
+            flow.response.raw_content = bytes(state.relay.copy)  # what the client got before the cut
 
     async def done(self) -> None:
         contentviews.remove(self.view)
@@ -464,7 +467,9 @@ class Fallback:
         if upstream is None:
             return
         name = upstream.endpoint.name
-        self.metrics.count_usage(name, upstream.usage)
+        parts = state.relay.parts if isinstance(state.relay, ResumingResponse) else [upstream]
+        for part in parts:
+            self.metrics.count_usage(part.endpoint.name, part.usage)
         if error is None:
             result = "success" if upstream.status < 400 else "client_error"
         else:
@@ -475,6 +480,30 @@ class Fallback:
                 "stream_aborted", logging.WARNING, endpoint=name, reason=reason, detail=str(error)
             )
         self.finish(flow, state, result, upstream.status, name)
+
+    async def resume_stream(
+        self, request: ClientRequest, broken: str, reason: str
+    ) -> UpstreamResponse | None:
+        """Continues a stream that broke mid-answer on the next endpoint that answers."""
+        assert self.config is not None and self.failover is not None
+        for state in self.pool:
+            if state.name == broken:
+                state.failed(reason, self.config.retry.cooldown_seconds)
+        outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+        response = outcome.response
+        if response is None or response.status != 200:
+            self.events.event("stream_resume_failed", logging.WARNING, from_endpoint=broken, reason=reason)
+            return response
+        self.metrics.resumes.labels(broken, response.endpoint.name).inc()
+        self.events.event(
+            "stream_resumed",
+            logging.WARNING,
+            from_endpoint=broken,
+            to_endpoint=response.endpoint.name,
+            reason=reason,
+            prefill_chars=len(request.payload["messages"][-1]["content"]) if request.payload else None,
+        )
+        return response
 
     def finish(
         self,

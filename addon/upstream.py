@@ -196,7 +196,7 @@ class StreamBroken(Exception):
 
 def classify_client_error(endpoint: str, error: BaseException) -> AttemptFailed:
     """Maps a connection-level exception from aiohttp to a failure kind."""
-    kind, detail = "reset", str(error) or type(error).__name__
+    kind = "reset"
     if isinstance(error, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError | ssl.SSLError):
         kind = "tls"
     elif isinstance(error, aiohttp.ConnectionTimeoutError):
@@ -213,7 +213,18 @@ def classify_client_error(endpoint: str, error: BaseException) -> AttemptFailed:
         kind = "closed"
     elif isinstance(error, aiohttp.ClientResponseError):
         kind = "malformed"
-    return AttemptFailed(endpoint, kind, detail)
+    return AttemptFailed(endpoint, kind, f"{FAILURE_TEXT[kind]} ({type(error).__name__})")
+
+
+FAILURE_TEXT = {
+    "reset": "connection reset before response headers",
+    "tls": "TLS handshake failed",
+    "connect_timeout": "connect timed out",
+    "dns": "host name does not resolve",
+    "refused": "connection refused",
+    "closed": "connection closed before response headers",
+    "malformed": "malformed response",
+}
 
 
 def _is_dns_error(error: aiohttp.ClientConnectorError) -> bool:
