@@ -73,7 +73,7 @@ class Failover:
         self.events = events
         self.budget = budget
 
-    async def run(self, request: ClientRequest, drop_headers: frozenset[str] = frozenset()) -> Outcome:
+    async def run(self, request: ClientRequest) -> Outcome:
         retry = self.config.retry
         started = time.monotonic()
         deadline = started + self.config.timeouts.total
@@ -90,6 +90,8 @@ class Failover:
             return backoff_delay(retry, backoffs[0], retry_after)
 
         def stop(state: RetryCallState) -> bool:
+            if time.monotonic() >= deadline:
+                return True
             if plan.has_fresh():
                 return False
             if plan.exhausted() or not retry.enabled:
@@ -131,9 +133,7 @@ class Failover:
                         )
                     previous = state
                     try:
-                        outcome.response = await self._attempt(
-                            state, request, plan, outcome, deadline, drop_headers
-                        )
+                        outcome.response = await self._attempt(state, request, plan, outcome, deadline)
                     except AttemptFailed as failure:
                         last_failure.append(failure)
                         raise
@@ -148,13 +148,12 @@ class Failover:
         plan: Plan,
         outcome: Outcome,
         deadline: float,
-        drop_headers: frozenset[str],
     ) -> UpstreamResponse:
         plan.record(state)
         name = state.name
         started = time.monotonic()
         try:
-            response = await self.client.send(state.endpoint, request, deadline, drop_headers)
+            response = await self.client.send(state.endpoint, request, deadline)
         except AttemptFailed as failure:
             duration = time.monotonic() - started
             plan.mark_failed(state)

@@ -148,6 +148,7 @@ class Fallback:
         limit = self.config.server.max_body_bytes
         if length.isdigit() and int(length) > limit:
             self.respond(flow, self.too_large(limit))
+            self.metrics.requests.labels("rejected").inc()
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
@@ -163,17 +164,14 @@ class Fallback:
             self.metrics.requests.labels("rejected").inc()
             return
         request = ClientRequest.parse(
-            flow.request.method,
-            flow.request.path,
-            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields],
-            body,
+            flow.request.method, flow.request.path, self.forwarded_headers(flow), body
         )
         self.mask_flow_keys(flow)
         assert self.failover is not None
         started = time.monotonic()
         self.choosing += 1
         try:
-            outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+            outcome = await self.failover.run(request)
         finally:
             self.choosing -= 1
         state = InFlight(outcome, started)
@@ -398,6 +396,20 @@ class Fallback:
             401, "authentication_error", "This proxy needs its access key (server.accessKey)."
         )
 
+    def forwarded_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
+        """The client's headers, less the proxy's access key wherever the client put it."""
+        assert self.config is not None
+        key = self.config.server.access_key
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
+        if not key:
+            return headers
+        return [
+            (name, value)
+            for name, value in headers
+            if name.lower() != ACCESS_HEADER
+            and not (name.lower() in AUTH_HEADERS and value.removeprefix("Bearer ").strip() == key)
+        ]
+
     def too_large(self, limit: int) -> Failure:
         return error_failure(
             413,
@@ -489,7 +501,7 @@ class Fallback:
         for state in self.pool:
             if state.name == broken:
                 state.failed(reason, self.config.retry.cooldown_seconds)
-        outcome = await self.failover.run(request, frozenset({ACCESS_HEADER, TOKEN_HEADER}))
+        outcome = await self.failover.run(request)
         response = outcome.response
         if response is None or response.status != 200:
             self.events.event("stream_resume_failed", logging.WARNING, from_endpoint=broken, reason=reason)

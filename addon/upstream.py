@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import time
+import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,9 +81,7 @@ def upstream_url(endpoint: Endpoint, path: str) -> URL:
     return URL(endpoint.base_url + path, encoded=True)
 
 
-def upstream_headers(
-    endpoint: Endpoint, request: ClientRequest, drop: frozenset[str]
-) -> list[tuple[str, str]]:
+def upstream_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[str, str]]:
     """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras."""
     connection_tokens = {
         token.strip().lower()
@@ -90,7 +89,7 @@ def upstream_headers(
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    skip = NOT_FORWARDED | connection_tokens | drop
+    skip = NOT_FORWARDED | connection_tokens
     if endpoint.api_key:
         skip = skip | {"x-api-key", "authorization"}
     extra = {name.lower() for name, _ in endpoint.headers}
@@ -119,6 +118,33 @@ def _response_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[bytes, bytes]
     return tuple((k, v) for k, v in resp.raw_headers if k.decode("latin-1").lower() not in HOP_BY_HOP)
 
 
+class BodyCheck:
+    """Inflates a gzip or deflate body on the side, to tell a truncated body from a whole one.
+
+    The framing of such a body can be valid while the compressed stream inside it is cut
+    short; passing it on with a clean end would hand the client a broken answer as whole.
+    """
+
+    def __init__(self, encoding: str) -> None:
+        self.inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+
+    @classmethod
+    def for_encoding(cls, content_encoding: str | None) -> BodyCheck | None:
+        encoding = (content_encoding or "").strip().lower()
+        return cls(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
+
+    def feed(self, chunk: bytes) -> None:
+        try:
+            self.inflater.decompress(chunk, 1 << 16)
+            while self.inflater.unconsumed_tail:
+                self.inflater.decompress(self.inflater.unconsumed_tail, 1 << 16)
+        except zlib.error as e:
+            raise StreamBroken("malformed", f"corrupt compressed body: {e}") from None
+
+    def whole(self) -> bool:
+        return self.inflater.eof
+
+
 @dataclass
 class UpstreamResponse:
     """A response chosen for the client: headers received, maybe a held preamble, the rest to come."""
@@ -136,6 +162,7 @@ class UpstreamResponse:
     copy: bytearray = field(default_factory=bytearray)
     copy_limit: int = 0
     complete: bool = False
+    body_check: BodyCheck | None = None
 
     @property
     def is_event_stream(self) -> bool:
@@ -145,6 +172,8 @@ class UpstreamResponse:
         """Keeps the bounded copy and reads the events in a chunk (usage, errors)."""
         if len(self.copy) < self.copy_limit:
             self.copy += chunk[: self.copy_limit - len(self.copy)]
+        if self.body_check is not None:
+            self.body_check.feed(chunk)
         if self.events is None or self.decoder is None:
             return []
         try:
@@ -176,6 +205,8 @@ class UpstreamResponse:
             self.observe(chunk)
             yield chunk
         # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
+        if self.body_check is not None and not self.body_check.whole():
+            raise StreamBroken("malformed", "compressed body ended before its end marker")
         self.complete = True
 
     def close(self) -> None:
@@ -259,7 +290,6 @@ class UpstreamClient:
         endpoint: Endpoint,
         request: ClientRequest,
         deadline: float,
-        drop_headers: frozenset[str] = frozenset(),
     ) -> UpstreamResponse:
         assert self.session is not None
         timeouts = self.config.timeouts
@@ -271,7 +301,7 @@ class UpstreamClient:
                 resp = await self.session.request(
                     request.method,
                     upstream_url(endpoint, request.path),
-                    headers=upstream_headers(endpoint, request, drop_headers),
+                    headers=upstream_headers(endpoint, request),
                     data=upstream_body(endpoint, request) or None,
                     allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
@@ -292,6 +322,7 @@ class UpstreamClient:
             time_to_headers=time.monotonic() - started,
             idle_timeout=timeouts.idle,
             copy_limit=self.copy_limit,
+            body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
         )
         if resp.status in self.config.retry.statuses:
             raise await self._error_response(answer, resp)
@@ -299,7 +330,7 @@ class UpstreamClient:
             answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
             if answer.decoder is not None:
                 answer.events = sse.EventReader()
-                await self._hold_preamble(answer)
+                await self._hold_preamble(answer, deadline)
         return answer
 
     async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
@@ -320,11 +351,12 @@ class UpstreamClient:
             response=ErrorResponse(resp.status, answer.headers, body),
         )
 
-    async def _hold_preamble(self, answer: UpstreamResponse) -> None:
+    async def _hold_preamble(self, answer: UpstreamResponse, deadline: float) -> None:
         """Holds the stream's opening events until content arrives; fails the attempt if it never does."""
         streaming = self.config.streaming
         name = answer.endpoint.name
-        hold_until = time.monotonic() + streaming.hold_max
+        # Past the request's deadline a live stream is better given to the client than held.
+        hold_until = min(time.monotonic() + streaming.hold_max, deadline)
         held_bytes = 0
         content = answer.response.content
         while held_bytes <= streaming.hold_max_bytes:
@@ -353,7 +385,12 @@ class UpstreamClient:
             answer.held.append(chunk)
             held_bytes += len(chunk)
             started = False
-            for event in answer.observe(chunk):
+            try:
+                events = answer.observe(chunk)
+            except StreamBroken as e:
+                answer.close()
+                raise AttemptFailed(name, "malformed", str(e)) from None
+            for event in events:
                 if event.name == "error" and not started:
                     answer.close()
                     status = sse.error_status(event)

@@ -18,7 +18,9 @@ REST = " and the rest from the backup."
 @pytest.fixture
 def resuming(proxy_factory, primary, backup):
     backup.behavior = Behavior(kind="ok", text=REST)
-    return proxy_factory(endpoints_config(primary, backup, streaming={"resume": True}, timeouts={"idle": 800}))
+    return proxy_factory(
+        endpoints_config(primary, backup, streaming={"resume": True}, timeouts={"idle": 800})
+    )
 
 
 @pytest.mark.parametrize("kind", ["cut", "stall", "sse_error_after"])
@@ -68,7 +70,9 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
     proxy = proxy_factory(endpoints_config(primary, streaming={"resume": True}, retry={"maxRetries": 1}))
     with pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError)):
         stream_text(proxy)
-    wait_until(lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1)
+    wait_until(
+        lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
+    )
 
 
 def test_resume_off_by_default(proxy, primary, backup):
