@@ -1,4 +1,4 @@
-"""Streams once they have begun: timing, cuts, stalls, cancels, rate limits read on the way (rows 12-14, 30)."""
+"""Streams once begun: timing, cuts, stalls, cancels, rate limits read on the way (rows 12-14, 30)."""
 
 from __future__ import annotations
 
