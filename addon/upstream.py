@@ -192,6 +192,10 @@ class UpstreamResponse:
             yield chunk
         self.held = []
         content = self.response.content
+        # With a content-length, the last chunk ends the client's response cleanly; a body
+        # that must pass its integrity check is therefore relayed one chunk behind.
+        lag = self.body_check is not None and self.response.content_length is not None
+        behind = b""
         while True:
             try:
                 async with asyncio.timeout(self.idle_timeout):
@@ -203,10 +207,16 @@ class UpstreamResponse:
             if not chunk:
                 break
             self.observe(chunk)
+            if lag:
+                chunk, behind = behind, chunk
+                if not chunk:
+                    continue
             yield chunk
         # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
         if self.body_check is not None and not self.body_check.whole():
             raise StreamBroken("malformed", "compressed body ended before its end marker")
+        if behind:
+            yield behind
         self.complete = True
 
     def close(self) -> None:
