@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
 from .bridge import TOKEN_HEADER, Bridge
@@ -35,6 +37,8 @@ from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, U
 ACCESS_HEADER = "x-ccf-access-key"
 AUTH_HEADERS = ("x-api-key", "authorization")
 META_KEY = "claude-code-fallback"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,6 +138,7 @@ class Fallback:
         self.start_metrics_server()
         self.watch()
         assert self.config is not None
+        self.warn_if_exposed()
         self.events.event(
             "started",
             version=__version__,
@@ -153,6 +158,18 @@ class Fallback:
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
+        try:
+            await self.serve(flow)
+        except Exception as e:
+            # One request's bug must not become everyone's outage: answer it and carry on.
+            log.exception("claude-code-fallback: internal error while serving a request")
+            self.events.event("internal_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
+            self.metrics.requests.labels("internal_error").inc()
+            if flow.response is None and flow.live:
+                self.respond(flow, error_failure(500, "api_error", "Internal error in claude-code-fallback."))
+
+    async def serve(self, flow: http.HTTPFlow) -> None:
+        assert self.config is not None
         if self.serve_local(flow):
             return
         body = flow.request.raw_content or b""
@@ -334,6 +351,21 @@ class Fallback:
             if mtime != self.config_mtime:
                 self.config_mtime = mtime
                 self.reload()
+
+    def warn_if_exposed(self) -> None:
+        """Anyone who can reach a non-loopback address could spend the configured keys."""
+        assert self.config is not None
+        if self.config.server.access_key:
+            return
+        for spec in ctx.options.mode:
+            host = ProxyMode.parse(spec).listen_host(ctx.options.listen_host)
+            if not _is_loopback(host):
+                self.events.event(
+                    "exposed",
+                    logging.WARNING,
+                    warning=f"listening on {host or 'all interfaces'} without server.accessKey: "
+                    "anyone who reaches this address can use the configured endpoints",
+                )
 
     def start_metrics_server(self) -> None:
         assert self.config is not None
@@ -550,6 +582,15 @@ def reverse_target(modes: Any) -> str:
                 target = target.rsplit("@", 1)[0]
             return target.rstrip("/")
     return "https://api.anthropic.com"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _readable_by_others(path: str) -> bool:

@@ -60,9 +60,11 @@ class Proxy:
         config: dict[str, Any] | str | None,
         env: dict[str, str] | None = None,
         target: str = "http://127.0.0.1:9",
+        listen_host: str = "127.0.0.1",
     ) -> None:
         self.workdir = workdir
         self.target = target
+        self.listen_host = listen_host
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config_path = workdir / "config.yaml"
@@ -85,7 +87,7 @@ class Proxy:
             "--mode",
             f"reverse:{self.target}@{self.port}",
             "--listen-host",
-            "127.0.0.1",
+            self.listen_host,
             "--set",
             "termlog_verbosity=info",
             "--set",
@@ -197,16 +199,21 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         env: dict[str, str] | None = None,
         *extra: str,
         target: str = "http://127.0.0.1:9",
+        listen_host: str = "127.0.0.1",
     ) -> Proxy:
         workdir = tmp_path / f"proxy{len(proxies)}"
         workdir.mkdir()
-        proxy = Proxy(workdir, config, env, target)
+        proxy = Proxy(workdir, config, env, target, listen_host)
         proxies.append(proxy)
         return proxy.start(*extra)
 
     yield make
     for proxy in proxies:
         proxy.stop()
+    # Row 24, for every test that ran a proxy: no configured key ever reaches its log.
+    for proxy in proxies:
+        for key in (PRIMARY_KEY, BACKUP_KEY):
+            assert key not in proxy.logs(), f"{key} leaked into {proxy.log_path}"
 
 
 @pytest.fixture

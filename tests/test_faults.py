@@ -605,3 +605,39 @@ def test_failed_probe_under_load_keeps_nobody_waiting(cooling_proxy, primary, ba
     state = cooling_proxy.endpoint("primary")
     assert state["status"] == "cooling" and state["consecutiveFailures"] >= 2
     assert cooling_proxy.metric("ccf_requests_total", outcome="success") == 60
+
+
+def test_an_exception_in_a_hook_answers_that_request_and_spares_the_process(proxy_factory, primary, backup):
+    crash = Path(__file__).with_name("crash_addon.py")
+    proxy = proxy_factory(endpoints_config(primary, backup), None, "-s", str(crash))
+    crashed = post(proxy, headers={"x-test-crash": "1"})
+    assert crashed.status_code == 500
+    assert crashed.json()["error"]["type"] == "api_error"
+    assert post(proxy).status_code == 200
+    assert proxy.process is not None and proxy.process.poll() is None
+    assert proxy.metric("ccf_requests_total", outcome="internal_error") == 1
+    assert "forced crash for a test" in proxy.logs()
+
+
+def test_listening_beyond_loopback_without_access_key_warns(proxy_factory, primary):
+    exposed = proxy_factory(endpoints_config(primary), listen_host="0.0.0.0")
+    assert "without server.accessKey" in exposed.logs()
+    guarded = proxy_factory(
+        endpoints_config(primary, server={"accessKey": "sk-proxy-access-0002"}),
+        None,
+        "--set",
+        "listen_host=0.0.0.0",
+    )
+    assert "without server.accessKey" not in guarded.logs()
+    local = proxy_factory(endpoints_config(primary))
+    assert "without server.accessKey" not in local.logs()
+
+
+def test_failover_statuses_are_configurable(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, retry={"statuses": [429]}))
+    primary.behavior = Behavior(kind="status", status=503)
+    assert post(proxy).status_code == 503
+    assert backup.requests == []
+    primary.behavior = Behavior(kind="status", status=429)
+    assert post(proxy).status_code == 200
+    assert len(backup.requests) == 1
