@@ -134,6 +134,7 @@ def proxy_command(
     verbosity = "debug" if config.logging.level in ("debug", "trace") else "info"
     command = [
         sys.executable,
+        "-P",  # no current directory on sys.path: a stray attr.py there must not shadow a module
         "-c",
         f"from mitmproxy.tools.main import {tool}; {tool}()",
         "-s",
