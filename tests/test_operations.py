@@ -146,6 +146,18 @@ def test_mitmweb_shows_endpoint_attempts_masked_keys_and_the_assembled_stream(tm
         ).json()
         rendered = "\n".join(text for line in view["lines"] for _, text in line)
         assert "Assembled reply here" in rendered and "stop_reason=end_turn" in rendered
+        with httpx.Client(base_url=web, timeout=5) as browser:
+            browser.get("/")  # sets the _xsrf cookie mitmweb wants back on POSTs
+            token = browser.cookies["_xsrf"]
+            ran = browser.post(
+                "/commands/fallback.reload", headers={"X-XSRFToken": token}, json={"arguments": []}
+            )
+            assert ran.status_code == 200, ran.text
+            status = browser.post(
+                "/commands/fallback.status", headers={"X-XSRFToken": token}, json={"arguments": []}
+            )
+            assert json.loads(status.json()["value"])["endpoints"][0]["name"] == "primary"
+        assert proxy.metric("ccf_config_reloads_total", result="success") == 1
     finally:
         proxy.stop()
 
