@@ -49,27 +49,13 @@ class _EndpointCollector(Collector):
 class Metrics:
     def __init__(self, pool: Callable[[], EndpointPool]) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "requests",
-            "Client requests by final outcome.",
-            ["outcome"],
-            namespace=NAMESPACE,
-            registry=r,
+        counter, r = self._counter, self.registry
+        self.requests = counter("requests", "Client requests by final outcome.", "outcome")
+        self.attempts = counter(
+            "upstream_attempts", "Upstream attempts by endpoint and outcome.", "endpoint", "outcome"
         )
-        self.attempts = Counter(
-            "upstream_attempts",
-            "Upstream attempts by endpoint and outcome.",
-            ["endpoint", "outcome"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.failovers = Counter(
-            "failovers",
-            "Requests that moved from one endpoint to the next.",
-            ["from_endpoint", "to_endpoint"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.failovers = counter(
+            "failovers", "Requests that moved from one endpoint to the next.", "from_endpoint", "to_endpoint"
         )
         self.time_to_headers = Histogram(
             "upstream_time_to_headers_seconds",
@@ -88,65 +74,35 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
         )
         self.active_streams = Gauge(
-            "active_streams",
-            "Responses being relayed to clients right now.",
-            namespace=NAMESPACE,
-            registry=r,
+            "active_streams", "Responses being relayed to clients right now.", namespace=NAMESPACE, registry=r
         )
-        self.stream_aborts = Counter(
-            "stream_aborts",
-            "Responses cut after they began, by endpoint and reason.",
-            ["endpoint", "reason"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.stream_aborts = counter(
+            "stream_aborts", "Responses cut after they began, by endpoint and reason.", "endpoint", "reason"
         )
-        self.resumes = Counter(
+        self.resumes = counter(
             "stream_resumes",
             "Streams cut mid-answer and continued on another endpoint.",
-            ["from_endpoint", "to_endpoint"],
-            namespace=NAMESPACE,
-            registry=r,
+            "from_endpoint",
+            "to_endpoint",
         )
-        self.retries = Counter(
-            "retries",
-            "Attempts that went back to an endpoint that had already failed or was cooling.",
-            namespace=NAMESPACE,
-            registry=r,
+        self.retries = counter(
+            "retries", "Attempts that went back to an endpoint that had already failed or was cooling."
         )
-        self.backoff = Counter(
-            "backoff_seconds",
-            "Time requests spent waiting between attempts.",
-            namespace=NAMESPACE,
-            registry=r,
+        self.backoff = counter("backoff_seconds", "Time requests spent waiting between attempts.")
+        self.budget_exhausted = counter(
+            "retry_budget_exhausted", "Retries refused because the retry budget was spent."
         )
-        self.budget_exhausted = Counter(
-            "retry_budget_exhausted",
-            "Retries refused because the retry budget was spent.",
-            namespace=NAMESPACE,
-            registry=r,
+        self.cooldowns = counter(
+            "endpoint_cooldowns", "Times an endpoint was put to cool, by reason.", "endpoint", "reason"
         )
-        self.cooldowns = Counter(
-            "endpoint_cooldowns",
-            "Times an endpoint was put to cool, by reason.",
-            ["endpoint", "reason"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.reloads = Counter(
-            "config_reloads",
-            "Config reloads by result.",
-            ["result"],
-            namespace=NAMESPACE,
-            registry=r,
-        )
-        self.tokens = Counter(
-            "tokens",
-            "Tokens reported by endpoints in streamed usage fields.",
-            ["endpoint", "kind"],
-            namespace=NAMESPACE,
-            registry=r,
+        self.reloads = counter("config_reloads", "Config reloads by result.", "result")
+        self.tokens = counter(
+            "tokens", "Tokens reported by endpoints in streamed usage fields.", "endpoint", "kind"
         )
         r.register(_EndpointCollector(pool))
+
+    def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
+        return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
 
     def count_usage(self, endpoint: str, usage: list[Usage]) -> None:
         if not usage:
