@@ -74,6 +74,7 @@ class _BridgeConnection(asyncio.Protocol):
         self.conn = h11.Connection(h11.SERVER)
         self.transport: asyncio.Transport | None = None
         self.relay: asyncio.Task[None] | None = None
+        self.busy = False  # a response is being relayed; the next request waits in h11's buffer
         self.parked: Parked | None = None
         self.writable = asyncio.Event()
         self.writable.set()
@@ -97,7 +98,7 @@ class _BridgeConnection(asyncio.Protocol):
         self.writable.set()
         if self.relay and not self.relay.done():
             self.relay.cancel()
-        elif self.parked:
+        elif self.parked and not self.busy:  # a relay that has yet to start finds out itself
             self._finish(ConnectionAbortedError("client went away"))
 
     def pause_writing(self) -> None:
@@ -107,7 +108,7 @@ class _BridgeConnection(asyncio.Protocol):
         self.writable.set()
 
     def _next_events(self) -> None:
-        while self.relay is None:
+        while not self.busy:
             event = self.conn.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
@@ -118,7 +119,10 @@ class _BridgeConnection(asyncio.Protocol):
                 if self.parked is None:
                     self._refuse()
                     return
-                self.relay = asyncio.ensure_future(self._relay(self.parked))
+                self.busy = True
+                # The task registers itself: under an eager task factory (mitmproxy 12) it may
+                # run to completion before ensure_future even returns.
+                asyncio.ensure_future(self._relay(self.parked))
             elif isinstance(event, h11.ConnectionClosed):
                 self._abort()
                 return
@@ -138,9 +142,12 @@ class _BridgeConnection(asyncio.Protocol):
             self.transport.write(data)
 
     async def _relay(self, parked: Parked) -> None:
+        self.relay = asyncio.current_task()
         response = parked.response
         error: BaseException | None = None
         try:
+            if self.transport is None or self.transport.is_closing():
+                raise ConnectionAbortedError("client went away")
             self._write(h11.Response(status_code=response.status, headers=list(response.headers)))
             async for chunk in response.chunks():
                 self._write(h11.Data(data=chunk))
@@ -160,6 +167,7 @@ class _BridgeConnection(asyncio.Protocol):
             self._abort()
             return
         self.relay = None
+        self.busy = False
         self.parked = None
         try:
             self.conn.start_next_cycle()

@@ -27,6 +27,28 @@ PRIMARY_KEY = "sk-ant-test-PRIMARYSECRETKEY0000000001"
 BACKUP_KEY = "sk-ant-test-BACKUPSECRETKEY00000000002"
 
 
+def _cut_stream_errors() -> tuple[type[BaseException], ...]:
+    import anthropic
+    import httpx
+
+    errors: list[type[BaseException]] = [
+        anthropic.APIConnectionError,
+        httpx.RemoteProtocolError,
+        httpx.ReadError,
+    ]
+    try:  # anthropic 2.x brings its own fork of httpx
+        import httpx2  # type: ignore[import-not-found]
+
+        errors += [httpx2.RemoteProtocolError, httpx2.ReadError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# What a client raises when the proxy aborts a stream instead of ending it cleanly.
+CUT_STREAM_ERRORS = _cut_stream_errors()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import anthropic
 import httpx
 import pytest
 
 from addon.fakeapi import Behavior
 
-from .conftest import endpoints_config, wait_until
+from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
 from .test_failover import MESSAGE, sdk, stream_text
 
 FIRST = "Hello there from the primary"  # deltas: "Hello", " there", " from", ...
@@ -57,7 +56,7 @@ def test_thinking_requests_are_not_resumed(resuming, primary, backup):
     primary.behavior = Behavior(kind="cut", text=FIRST, after_events=5)
     request = dict(MESSAGE, thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=2048)
     with (
-        pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError)),
+        pytest.raises(CUT_STREAM_ERRORS),
         sdk(resuming).messages.stream(**request) as stream,
     ):
         "".join(stream.text_stream)
@@ -68,7 +67,7 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
     primary.script = [Behavior(kind="cut", text=FIRST, after_events=5)]
     primary.behavior = Behavior(kind="status", status=503)
     proxy = proxy_factory(endpoints_config(primary, streaming={"resume": True}, retry={"maxRetries": 1}))
-    with pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError)):
+    with pytest.raises(CUT_STREAM_ERRORS):
         stream_text(proxy)
     wait_until(
         lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
@@ -77,6 +76,6 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
 
 def test_resume_off_by_default(proxy, primary, backup):
     primary.behavior = Behavior(kind="cut", text=FIRST, after_events=5)
-    with pytest.raises((anthropic.APIConnectionError, httpx.RemoteProtocolError)):
+    with pytest.raises(CUT_STREAM_ERRORS):
         stream_text(proxy)
     assert backup.requests == []
