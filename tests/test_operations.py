@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import yaml
+from mitmproxy.version import VERSION as mitmproxy_version
 
 from addon.fakeapi import Behavior
 
@@ -125,45 +126,49 @@ def test_mitmweb_shows_endpoint_attempts_masked_keys_and_the_assembled_stream(tm
     proxy.start()
     try:
         assert post(proxy, stream=True, headers={"x-api-key": CLIENT_KEY}).status_code == 200
-        web = f"http://127.0.0.1:{web_port}"
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=WEB_AUTH, timeout=5) as web:
 
-        def finished_flow():
-            flows = httpx.get(web + "/flows", timeout=5).json()
-            return next(
-                (f for f in flows if f["request"]["path"] == "/v1/messages" and f.get("response")), None
-            )
+            def finished_flow():
+                flows = web.get("/flows").json()
+                return next(
+                    (f for f in flows if f["request"]["path"] == "/v1/messages" and f.get("response")), None
+                )
 
-        flow = wait_until(finished_flow, 10, "the flow in mitmweb")
-        assert flow["request"]["host"] == "127.0.0.1" and flow["request"]["port"] == backup.port
-        assert "primary: sse_error" in flow["comment"] or "primary: status" in flow["comment"]
-        assert "backup: ok" in flow["comment"]
-        headers = dict(flow["request"]["headers"])
-        assert CLIENT_KEY not in json.dumps(flow) and headers["x-api-key"].startswith("sk-ant-")
-        body = httpx.get(f"{web}/flows/{flow['id']}/response/content.data", timeout=5).text
-        assert body.count("event: content_block_delta") == 3 and "message_stop" in body
-        view = httpx.get(
-            f"{web}/flows/{flow['id']}/response/content/anthropic-message.json", timeout=5
-        ).json()
-        rendered = "\n".join(text for line in view["lines"] for _, text in line)
-        assert "Assembled reply here" in rendered and "stop_reason=end_turn" in rendered
-        with httpx.Client(base_url=web, timeout=5) as browser:
-            browser.get("/")  # sets the _xsrf cookie mitmweb wants back on POSTs
-            token = browser.cookies["_xsrf"]
-            ran = browser.post(
-                "/commands/fallback.reload", headers={"X-XSRFToken": token}, json={"arguments": []}
-            )
+            flow = wait_until(finished_flow, 10, "the flow in mitmweb")
+            assert flow["request"]["host"] == "127.0.0.1" and flow["request"]["port"] == backup.port
+            assert "primary: sse_error" in flow["comment"] or "primary: status" in flow["comment"]
+            assert "backup: ok" in flow["comment"]
+            headers = dict(flow["request"]["headers"])
+            assert CLIENT_KEY not in json.dumps(flow) and headers["x-api-key"].startswith("sk-ant-")
+            body = web.get(f"/flows/{flow['id']}/response/content.data").text
+            assert body.count("event: content_block_delta") == 3 and "message_stop" in body
+            view = web.get(f"/flows/{flow['id']}/response/content/anthropic-message.json").json()
+            rendered = view.get("text")  # mitmweb 12 sends the text, 11 styled lines
+            if not isinstance(rendered, str):
+                rendered = "\n".join(text for line in view["lines"] for _, text in line)
+            assert "Assembled reply here" in rendered and "stop_reason=end_turn" in rendered
+            # mitmweb's POSTs want tornado's double-submit token: the same value as cookie and header
+            # (the cookie is `_xsrf` in mitmproxy 11, `_mitmproxy_xsrf` in 12).
+            token = "c0ffee" * 8
+            web.cookies.update({"_xsrf": token, "_mitmproxy_xsrf": token})
+            xsrf = {"X-XSRFToken": token}
+            ran = web.post("/commands/fallback.reload", headers=xsrf, json={"arguments": []})
             assert ran.status_code == 200, ran.text
-            status = browser.post(
-                "/commands/fallback.status", headers={"X-XSRFToken": token}, json={"arguments": []}
-            )
+            status = web.post("/commands/fallback.status", headers=xsrf, json={"arguments": []})
             assert json.loads(status.json()["value"])["endpoints"][0]["name"] == "primary"
         assert proxy.metric("ccf_config_reloads_total", result="success") == 1
     finally:
         proxy.stop()
 
 
+# mitmweb 12 wants a password (as a bearer token); 11 has no such option.
+WEB_PASSWORD = "ccf-test-web-password"
+WEB_AUTH = {"Authorization": f"Bearer {WEB_PASSWORD}"} if int(mitmproxy_version.split(".")[0]) >= 12 else {}
+
+
 def mitmweb_command(command: list[str], web_port: int) -> list[str]:
     script = Path(command[0])
+    password = ["--set", f"web_password={WEB_PASSWORD}"] if WEB_AUTH else []
     return [
         str(script.with_name("mitmweb")),
         *command[1:],
@@ -171,6 +176,7 @@ def mitmweb_command(command: list[str], web_port: int) -> list[str]:
         str(web_port),
         "--set",
         "web_open_browser=false",
+        *password,
     ]
 
 
