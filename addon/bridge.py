@@ -41,6 +41,7 @@ class Parked:
 class Bridge:
     def __init__(self) -> None:
         self.parked: dict[str, Parked] = {}
+        self.relays: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -122,7 +123,9 @@ class _BridgeConnection(asyncio.Protocol):
                 self.busy = True
                 # The task registers itself: under an eager task factory (mitmproxy 12) it may
                 # run to completion before ensure_future even returns.
-                asyncio.ensure_future(self._relay(self.parked))
+                task = asyncio.ensure_future(self._relay(self.parked))
+                self.bridge.relays.add(task)
+                task.add_done_callback(self.bridge.relays.discard)
             elif isinstance(event, h11.ConnectionClosed):
                 self._abort()
                 return

@@ -31,7 +31,7 @@ from .logs import EventLog
 from .metrics import Metrics
 from .policy import RetryBudget
 from .resume import ResumingResponse, can_resume
-from .sseview import AnthropicStreamView
+from .sseview import stream_view
 from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
 ACCESS_HEADER = "x-ccf-access-key"
@@ -71,7 +71,7 @@ class Fallback:
         self.config_mtime: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
-        self.view = AnthropicStreamView()
+        self.view = stream_view()
 
     # -- mitmproxy hooks ------------------------------------------------------------
 

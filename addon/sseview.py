@@ -79,7 +79,35 @@ def render(message: dict[str, Any]) -> Iterator[str]:
         yield "(stream incomplete: no message_stop)"
 
 
+def _priority(data: bytes, content_type: str | None) -> float:
+    if (content_type or "").startswith("text/event-stream") and b"message_start" in data[:4096]:
+        return 2
+    return 0
+
+
+class AnthropicStreamContentview:
+    """The view for mitmproxy 12 and later (`contentviews.Contentview`)."""
+
+    name = "Anthropic message"
+    syntax_highlight = "none"
+
+    def prettify(self, data: bytes, metadata: Any) -> str:
+        return "\n".join(render(assemble(data)))
+
+    def render_priority(self, data: bytes, metadata: Any) -> float:
+        return _priority(data, metadata.content_type)
+
+
+def stream_view() -> Any:
+    """The view in the form the running mitmproxy wants."""
+    if hasattr(contentviews, "Contentview"):
+        return AnthropicStreamContentview()
+    return AnthropicStreamView()
+
+
 class AnthropicStreamView(contentviews.View):
+    """The same view for mitmproxy 11."""
+
     name = "Anthropic message"
 
     def __call__(self, data: bytes, **metadata: Any) -> contentviews.TViewResult:
@@ -87,6 +115,4 @@ class AnthropicStreamView(contentviews.View):
         return "Anthropic stream, assembled", ([("text", line)] for line in lines)
 
     def render_priority(self, data: bytes, *, content_type: str | None = None, **metadata: Any) -> float:
-        if (content_type or "").startswith("text/event-stream") and b"message_start" in data[:4096]:
-            return 2
-        return 0
+        return _priority(data, content_type)
