@@ -98,7 +98,10 @@ def test_sdk_message_and_recorded_request(fake: FakeAnthropic) -> None:
     assert message.usage.output_tokens == 4
     (seen,) = fake.wait_for_requests(1)
     assert (seen.method, seen.path) == ("POST", "/v1/messages")
-    assert seen.header("X-API-Key") == "sk-fake-123"
+    assert "sk-fake-123" in (
+        seen.header("X-API-Key"),
+        (seen.header("Authorization") or "").removeprefix("Bearer "),
+    )
     assert seen.json()["messages"] == MESSAGE["messages"]
 
 

@@ -579,7 +579,7 @@ def cooling_proxy(proxy_factory, primary, backup):
 
 
 def test_recovery_under_load_sends_one_probe_and_loses_nothing(cooling_proxy, primary, backup):
-    recovered = Behavior(kind="ok", text=WORDS, delay=0.5)
+    recovered = Behavior(kind="ok", text=WORDS, delay=1.2)  # slow probe (below firstByte, 2 s)
     results, probed_at, primary_seen, backup_seen = recover_under_load(
         cooling_proxy, primary, backup, recovered
     )
@@ -593,7 +593,7 @@ def test_recovery_under_load_sends_one_probe_and_loses_nothing(cooling_proxy, pr
 
 
 def test_failed_probe_under_load_keeps_nobody_waiting(cooling_proxy, primary, backup):
-    failing = Behavior(kind="status", status=503, delay=1.0, headers=(("retry-after", "30"),))
+    failing = Behavior(kind="status", status=503, delay=1.5, headers=(("retry-after", "30"),))
     results, probed_at, primary_seen, backup_seen = recover_under_load(
         cooling_proxy, primary, backup, failing
     )
@@ -623,10 +623,7 @@ def test_listening_beyond_loopback_without_access_key_warns(proxy_factory, prima
     exposed = proxy_factory(endpoints_config(primary), listen_host="0.0.0.0")
     assert "without server.accessKey" in exposed.logs()
     guarded = proxy_factory(
-        endpoints_config(primary, server={"accessKey": "sk-proxy-access-0002"}),
-        None,
-        "--set",
-        "listen_host=0.0.0.0",
+        endpoints_config(primary, server={"accessKey": "sk-proxy-access-0002"}), listen_host="0.0.0.0"
     )
     assert "without server.accessKey" not in guarded.logs()
     local = proxy_factory(endpoints_config(primary))

@@ -1,0 +1,1148 @@
+"""Benchmark claude-code-fallback against mitmproxy's own floor, on loopback, in one run.
+
+Run from the repository root:
+
+    /work/venv/bin/python scripts/bench.py [--quick] [--duration S] [--json out.json]
+
+Every server is its own process, so the load generator, the proxies and the fake
+upstreams (`python -m addon.fakeapi`) never share a GIL. Four paths are compared:
+
+  (1) direct     the client talks to the fake upstream: the limit;
+  (2) floor      `mitmdump --mode reverse:...` with `scripts/bench_stream_addon.py`, an addon
+                 that only sets `flow.response.stream = True`: what mitmproxy itself costs;
+  (3) healthy    `mitmdump -s addon/fallback.py`, its only endpoint answering;
+  (4) failover   the same with a primary that answers every request with 429
+                 (`retry-after: 1`) and `cooldownSeconds: 3600`, so once the first request
+                 has failed over, the primary is skipped and the backup serves everything.
+
+All mitmdump processes run with `-q`, `connection_strategy=lazy`, `flow_detail=0` and
+`termlog_verbosity=warn`. What is measured, and how:
+
+* Throughput: small non-streaming POST /v1/messages at 16 connections, with wrk
+  (`wrk -t2 -c16 -d<S>s -s post.lua`) when it is installed, else an asyncio aiohttp client
+  with 16 keep-alive connections (then the client may be the limit for (1)); the tool used
+  is printed. After a warm-up, the variants take turns in rounds of about 5 s, so a change
+  in background load hits all of them alike.
+* Latency at 1 connection: sequential POSTs on one keep-alive aiohttp connection, the
+  variants interleaved in blocks; p50/p99 of the whole request. "Added" is variant minus
+  direct, so the client's own cost cancels out.
+* Streaming: the fake sends 20 words as SSE events 20 ms apart; one stream at a time,
+  variants in turn. Per stream: time to the first body byte (first SSE event), time to
+  the first `content_block_delta` (first content event), and the gaps between consecutive
+  events from that delta on (before it, the proxy holds the preamble by design, which
+  bunches those events). Jitter is the p99 over all those gaps of |gap - 20 ms|; "added
+  jitter" is a variant's p99 minus the direct p99, so the fake's and the client's own
+  timer noise cancel out.
+* Failover: the first request through a fresh (4) (the one that actually fails over,
+  cold connections included) is timed on its own. For a distribution, another instance
+  of (4) has a primary answering 429 without retry-after and `cooldownSeconds: 0`, so
+  every request tries the primary (as the half-open probe), gets the 429 and fails over;
+  the proxy's failover counter must agree. Its requests are interleaved with direct ones
+  to the primary and to the backup. Time from the primary's 429 to the backup's first
+  byte = the proxy's time to first byte minus the primary's own direct time to its 429;
+  the reference is the backup's own direct time to first byte.
+* Memory: 500 SSE streams opened at once through fresh instances of (2), (3) and (4); the
+  fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until the
+  client leaves. Once all 500 have delivered a first byte they are held a few seconds
+  more while the proxy's VmRSS is sampled from /proc; peak = max(samples, VmHWM). How
+  many streams were open at the same moment is printed, so a short count shows.
+* Noise: the CPU time that processes outside the benchmark used during each phase (from
+  /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
+
+Ratios are taken against (1) and (2) from the same run. Targets: throughput >= 0.90 x (2);
+p50 latency <= (2) + 1 ms; time to first content event <= (2) + 1 ms (the preamble hold
+adds nothing measurable); added jitter p99 <= 1 ms; 429 -> backup first byte <= the
+backup's own time to first byte + 5 ms; peak RSS <= 150 MB with 500 streams.
+`--quick` shortens everything (well under a minute) for smoke runs; `--json` writes every
+figure. The exit status is 0 when every figure was measured, 1 when a measurement broke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+MITMDUMP = Path(sys.executable).parent / "mitmdump"
+FALLBACK_ADDON = REPO / "addon" / "fallback.py"
+STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
+
+VARIANTS = ("direct", "floor", "healthy", "failover")
+PROXIES = ("healthy", "failover")
+COLUMNS = {
+    "direct": "(1) direct",
+    "floor": "(2) floor",
+    "healthy": "(3) proxy",
+    "failover": "(4) failover",
+}
+BODY = json.dumps(
+    {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+)
+STREAM_BODY = json.dumps(
+    {
+        "model": "claude-sonnet-4-5",
+        "max_tokens": 64,
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+)
+HEADERS = {
+    "content-type": "application/json",
+    "anthropic-version": "2023-06-01",
+    "x-api-key": "sk-ant-bench-000000000000",
+}
+STREAM_WORDS = 20
+STREAM_DELAY = 0.02
+RSS_STREAMS = 500
+RSS_DELAY = 0.25
+RSS_EVENTS = 40  # sent RSS_DELAY apart, then the stream stalls (stays open) until the client leaves
+EVENTS_PER_STREAM = STREAM_WORDS + 6  # message_start, block start, ping, deltas, stop, delta, stop
+FAIL_NAME, FAST_NAME, STREAM_NAME, SLOW_NAME = "failing", "fast", "stream", "slow"
+FAIL_NOW_NAME = "failing-now"
+
+
+class BenchError(RuntimeError):
+    """A measurement could not be taken (a process died, a response was wrong)."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int
+    warmup: int
+    latency_requests: int
+    latency_block: int
+    streams: int
+    failover_samples: int
+    rss_hold: float
+
+    @classmethod
+    def make(cls, quick: bool, duration: int | None) -> Settings:
+        quick_run = cls(2, 1, 300, 100, 4, 60, 1.0)
+        base = quick_run if quick else cls(10, 2, 2000, 200, 16, 400, 4.0)
+        return base if duration is None else cls(**{**asdict(base), "duration": duration})
+
+
+# -- statistics ---------------------------------------------------------------------------
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    rank = max(1, math.ceil(p / 100 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def ms(seconds: float) -> float:
+    return seconds * 1000.0
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_fd_limit(wanted: int = 16384) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def proxy_env(home: Path) -> dict[str, str]:
+    """The environment without variables that would override the proxy's config file."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
+    env["CLAUDE_FALLBACK_HOME"] = str(home)
+    return env
+
+
+def die_with_parent() -> None:
+    """In the child before exec: get SIGTERM if the bench dies without cleaning up (Linux)."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Service:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    url: str = ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+class Services:
+    """Owns every subprocess of the run; `stop()` ends them, whatever happened."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: list[Service] = []
+
+    def spawn(self, name: str, command: list[str], capture_stdout: bool = False) -> Service:
+        log = self.workdir / f"{name}.log"
+        with log.open("wb") as sink:
+            proc = subprocess.Popen(
+                command,
+                cwd=REPO,
+                env=proxy_env(self.workdir / "home"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if capture_stdout else sink,
+                stderr=sink,
+                start_new_session=True,  # Ctrl-C reaches the bench only; it stops the rest
+                preexec_fn=die_with_parent,
+            )
+        service = Service(name, proc, log)
+        self.running.append(service)
+        return service
+
+    def stop(self, services: list[Service] | None = None) -> None:
+        targets = list(self.running if services is None else services)
+        for service in targets:
+            if service.proc.poll() is None:
+                service.proc.terminate()
+        for service in targets:
+            try:
+                service.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                service.proc.kill()
+                service.proc.wait()
+            if service.proc.stdout:
+                service.proc.stdout.close()
+            if service in self.running:
+                self.running.remove(service)
+
+
+def wait_for_line(service: Service, prefix: bytes, timeout: float = 15.0) -> bytes:
+    """The first stdout line of `service` that starts with `prefix`."""
+    assert service.proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    fd = service.proc.stdout.fileno()
+    buffer = b""
+    while time.monotonic() < deadline:
+        if service.proc.poll() is not None:
+            break
+        ready, _, _ = select.select([fd], [], [], 0.05)
+        if ready:
+            data = os.read(fd, 4096)
+            if not data:
+                break
+            buffer += data
+            for line in buffer.splitlines():
+                if line.startswith(prefix):
+                    return line
+    raise BenchError(f"{service.name} did not start:\n{service.log_tail()}")
+
+
+def start_fakes(services: Services, specs: dict[str, list[str]]) -> dict[str, Service]:
+    """Starts one `addon.fakeapi` process per spec (in parallel) and waits until each listens."""
+    fakes = {}
+    for name, args in specs.items():
+        command = [sys.executable, "-m", "addon.fakeapi", "--port", "0", "--name", name, *args]
+        fakes[name] = services.spawn(f"fake-{name}", command, capture_stdout=True)
+    for fake in fakes.values():
+        line = wait_for_line(fake, b"listening on ")
+        fake.url = line.decode().removeprefix("listening on ").strip()
+    return fakes
+
+
+@dataclass(frozen=True)
+class ProxySpec:
+    """One mitmdump to start: the floor addon towards `target`, or the fallback addon."""
+
+    name: str
+    target: str
+    endpoints: tuple[tuple[str, str], ...] = ()  # (name, baseUrl); empty: the floor addon
+    cooldown: float = 3600.0
+
+    @property
+    def is_fallback(self) -> bool:
+        return bool(self.endpoints)
+
+
+def write_config(spec: ProxySpec, path: Path) -> None:
+    lines = ["endpoints:"]
+    for name, url in spec.endpoints:
+        lines.append(f'  - {{name: {name}, baseUrl: "{url}", apiKey: ""}}')
+    lines.append(f"retry: {{cooldownSeconds: {spec.cooldown:g}}}")
+    lines.append("logging: {level: warn}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def proxy_command(spec: ProxySpec, port: int, config: Path | None) -> list[str]:
+    command = [
+        str(MITMDUMP),
+        "-q",
+        "--mode",
+        f"reverse:{spec.target}@{port}",
+        "--set",
+        "listen_host=127.0.0.1",
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        "flow_detail=0",
+        "--set",
+        "termlog_verbosity=warn",
+    ]
+    if config is None:
+        return [*command, "-s", str(STREAM_ADDON)]
+    return [*command, "-s", str(FALLBACK_ADDON), "--set", f"fallback_config={config}"]
+
+
+def listening_ports(pid: int) -> set[int]:
+    """TCP ports process `pid` listens on, from /proc (no extra dependency)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                cols = row.split()
+                if len(cols) > 9 and cols[3] == "0A" and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def http_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            response.read()
+        return True
+    except urllib.error.HTTPError:
+        return True  # an HTTP answer of any status: the listener is serving
+    except OSError:
+        return False
+
+
+def proxy_ready(service: Service, port: int, fallback: bool) -> bool:
+    """Serving HTTP, and for the fallback addon, its `running` hook done (the bridge listens).
+
+    mitmproxy opens its listener before addons' `running` hooks run; the addon starts its
+    bridge and upstream client there, so a request in between would find no client.
+    /health is answered locally by the fallback addon (forwarded to the fake by the floor),
+    so polling it never touches the failing primary.
+    """
+    if not http_answers(f"{service.url}/health"):
+        return False
+    return not fallback or bool(listening_ports(service.pid) - {port})
+
+
+def start_proxies(services: Services, specs: list[ProxySpec], attempts: int = 3) -> dict[str, Service]:
+    """Starts the mitmdump processes in parallel, then polls each until it is ready."""
+    pending = {spec.name: spec for spec in specs}
+    started: dict[str, Service] = {}
+    for _ in range(attempts):
+        launched: dict[str, tuple[Service, int]] = {}
+        for spec in pending.values():
+            config = None
+            if spec.is_fallback:
+                config = services.workdir / f"{spec.name}.yaml"
+                write_config(spec, config)
+            port = free_port()
+            service = services.spawn(spec.name, proxy_command(spec, port, config))
+            service.url = f"http://127.0.0.1:{port}"
+            launched[spec.name] = (service, port)
+        for name, (service, port) in launched.items():
+            deadline = time.monotonic() + 30
+            while service.proc.poll() is None and time.monotonic() < deadline:
+                if proxy_ready(service, port, pending[name].is_fallback):
+                    started[name] = service
+                    break
+                time.sleep(0.02)
+            else:
+                if "address already in use" not in service.log_tail().lower():
+                    raise BenchError(f"{name} did not start:\n{service.log_tail()}")
+                services.stop([service])  # lost a race for the port: try another one
+        pending = {n: s for n, s in pending.items() if n not in started}
+        if not pending:
+            return started
+    raise BenchError(f"could not start {', '.join(pending)}")
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time all processes on the machine have used so far (from /proc/stat)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = values[3] + values[4]  # idle, iowait
+    return (sum(values) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds(services: Services) -> float:
+    """CPU time of the bench, its reaped children (wrk, stopped proxies) and live services."""
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    total = mine.ru_utime + mine.ru_stime + reaped.ru_utime + reaped.ru_stime
+    for service in services.running:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{service.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def memory_kb(pid: int, field_name: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# -- HTTP client helpers ------------------------------------------------------------------
+
+
+def session(connections: int = 1, total_timeout: float = 60.0) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=total_timeout),
+        auto_decompress=False,
+    )
+
+
+@dataclass
+class Reply:
+    ttfb: float  # request sent -> status line and headers parsed
+    total: float  # request sent -> body read
+    status: int
+    served_by: str
+
+
+async def post(client: aiohttp.ClientSession, url: str, body: str = BODY) -> Reply:
+    started = time.perf_counter()
+    async with client.post(f"{url}/v1/messages", data=body, headers=HEADERS) as response:
+        headers_at = time.perf_counter()
+        await response.read()
+        done = time.perf_counter()
+        served_by = response.headers.get("x-fake-name", "")
+        return Reply(headers_at - started, done - started, response.status, served_by)
+
+
+def check(reply: Reply, status: int, served_by: str, what: str) -> None:
+    if reply.status != status or reply.served_by != served_by:
+        raise BenchError(
+            f"{what}: expected {status} from {served_by!r}, got {reply.status} from {reply.served_by!r}"
+        )
+
+
+async def get_text(client: aiohttp.ClientSession, url: str) -> str:
+    async with client.get(url) as response:
+        return await response.text()
+
+
+# -- throughput ---------------------------------------------------------------------------
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%s]]
+wrk.headers["content-type"] = "application/json"
+wrk.headers["anthropic-version"] = "2023-06-01"
+wrk.headers["x-api-key"] = "sk-ant-bench-000000000000"
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH {"requests": %%d, "duration_us": %%d, "connect": %%d, "read": %%d, "write": %%d, ' ..
+    '"status": %%d, "timeout": %%d, "p50_us": %%d, "p99_us": %%d}\\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+@dataclass
+class Throughput:
+    rps: float
+    requests: int
+    errors: int
+    seconds: float
+
+
+def run_wrk(wrk: str, url: str, seconds: int, script: Path) -> Throughput:
+    command = [wrk, "-t2", "-c16", f"-d{seconds}s", "-s", str(script), f"{url}/v1/messages"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30)
+    line = next((x for x in result.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if result.returncode != 0 or line is None:
+        raise BenchError(f"wrk failed against {url}:\n{result.stdout}\n{result.stderr}")
+    summary = json.loads(line.removeprefix("BENCH "))
+    errors = sum(summary[k] for k in ("connect", "read", "write", "status", "timeout"))
+    seconds = summary["duration_us"] / 1e6
+    return Throughput(summary["requests"] / seconds, summary["requests"], errors, seconds)
+
+
+async def aiohttp_throughput(url: str, seconds: float, connections: int = 16) -> Throughput:
+    """The fallback load generator: `connections` workers, each a keep-alive loop."""
+    counts = [0, 0]
+    async with session(connections) as client:
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                try:
+                    reply = await post(client, url)
+                    counts[reply.status != 200] += 1
+                except (aiohttp.ClientError, TimeoutError):
+                    counts[1] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(connections)))
+        elapsed = time.perf_counter() - started
+    return Throughput(counts[0] / elapsed, counts[0] + counts[1], counts[1], elapsed)
+
+
+def measure_throughput(
+    urls: dict[str, str], settings: Settings, wrk: str | None, workdir: Path
+) -> dict[str, Throughput]:
+    """Each variant warmed up, then loaded in rounds of about 5 s, variants taking turns,
+    so that a change in background load during the run hits every variant alike."""
+    script = workdir / "post.lua"
+    script.write_text(WRK_SCRIPT % BODY)
+
+    def load(url: str, seconds: int) -> Throughput:
+        if wrk:
+            return run_wrk(wrk, url, seconds, script)
+        return asyncio.run(aiohttp_throughput(url, seconds))
+
+    for url in urls.values():
+        load(url, settings.warmup)
+    rounds = max(1, round(settings.duration / 5))
+    seconds = max(1, settings.duration // rounds)
+    parts: dict[str, list[Throughput]] = {v: [] for v in urls}
+    order = list(urls)
+    for i in range(rounds):
+        for variant in order[i % len(order) :] + order[: i % len(order)]:
+            parts[variant].append(load(urls[variant], seconds))
+    results = {}
+    for variant, runs in parts.items():
+        requests = sum(t.requests for t in runs)
+        errors = sum(t.errors for t in runs)
+        elapsed = sum(t.seconds for t in runs)
+        results[variant] = Throughput((requests - errors) / elapsed, requests, errors, elapsed)
+        t = results[variant]
+        print(f"  throughput {variant:9s} {t.rps:9.0f} req/s ({t.errors} errors)", flush=True)
+    return results
+
+
+# -- latency at one connection ------------------------------------------------------------
+
+
+async def measure_latency(
+    urls: dict[str, str], settings: Settings, served_by: dict[str, str]
+) -> dict[str, list[float]]:
+    """Sequential requests, one keep-alive connection per variant, variants interleaved."""
+    samples: dict[str, list[float]] = {v: [] for v in urls}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {v: await stack.enter_async_context(session()) for v in urls}
+        for variant, url in urls.items():
+            for _ in range(50):
+                check(await post(clients[variant], url), 200, served_by[variant], variant)
+        for _ in range(0, settings.latency_requests, settings.latency_block):
+            for variant, url in urls.items():
+                for _ in range(settings.latency_block):
+                    reply = await post(clients[variant], url)
+                    check(reply, 200, served_by[variant], variant)
+                    samples[variant].append(reply.total)
+    return samples
+
+
+# -- streaming ----------------------------------------------------------------------------
+
+
+@dataclass
+class StreamSample:
+    first_byte: float
+    first_content: float
+    gaps: list[float]
+
+
+async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str) -> StreamSample:
+    """One SSE request; event arrival times are those of the chunks that completed them."""
+    started = time.perf_counter()
+    names: list[str] = []
+    times: list[float] = []
+    first_byte = 0.0
+    buffer = b""
+    async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
+        if response.status != 200 or response.headers.get("x-fake-name") != served_by:
+            raise BenchError(f"stream via {url}: {response.status} from the wrong upstream")
+        async for chunk in response.content.iter_any():
+            now = time.perf_counter()
+            first_byte = first_byte or now
+            buffer += chunk
+            *blocks, buffer = buffer.split(b"\n\n")
+            for block in blocks:
+                name = next((x[6:].strip() for x in block.split(b"\n") if x.startswith(b"event:")), b"")
+                names.append(name.decode())
+                times.append(now)
+    if len(names) != EVENTS_PER_STREAM or names[-1] != "message_stop":
+        raise BenchError(f"stream via {url}: got events {names}")
+    first = names.index("content_block_delta")
+    gaps = [b - a for a, b in zip(times[first:], times[first + 1 :], strict=False)]
+    return StreamSample(first_byte - started, times[first] - started, gaps)
+
+
+async def measure_streams(
+    urls: dict[str, str], settings: Settings, served_by: dict[str, str]
+) -> dict[str, list[StreamSample]]:
+    samples: dict[str, list[StreamSample]] = {v: [] for v in urls}
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {v: await stack.enter_async_context(session()) for v in urls}
+        for variant, url in urls.items():
+            await one_stream(clients[variant], url, served_by[variant])  # warm-up
+        for _ in range(settings.streams):
+            for variant, url in urls.items():
+                samples[variant].append(await one_stream(clients[variant], url, served_by[variant]))
+    return samples
+
+
+def stream_figures(samples: list[StreamSample]) -> dict[str, float]:
+    gaps = [g for s in samples for g in s.gaps]
+    return {
+        "ttfe_ms": ms(percentile([s.first_byte for s in samples], 50)),
+        "ttfc_ms": ms(percentile([s.first_content for s in samples], 50)),
+        "jitter_p99_ms": ms(percentile([abs(g - STREAM_DELAY) for g in gaps], 99)),
+        "gap_p99_ms": ms(percentile(gaps, 99)),
+    }
+
+
+# -- failover -----------------------------------------------------------------------------
+
+
+async def first_failover(url: str) -> float:
+    """Time to first byte of the first request through a fresh (4): it really fails over."""
+    async with session() as client:
+        reply = await post(client, url)
+    check(reply, 200, FAST_NAME, "first failover")
+    return reply.ttfb
+
+
+@dataclass
+class FailoverSamples:
+    primary_429: list[float] = field(default_factory=list)  # direct to the failing primary
+    backup: list[float] = field(default_factory=list)  # direct to the backup
+    failover: list[float] = field(default_factory=list)  # via the proxy, 429 then the backup
+
+
+async def measure_failover(failing: str, backup: str, proxy: str, n: int) -> FailoverSamples:
+    """Times to first byte, the three kinds interleaved; every proxied request fails over.
+
+    The proxy's primary answers 429 without retry-after and `cooldownSeconds` is 0, so the
+    primary is usable again at once and each request tries it (as the half-open probe),
+    gets the 429 and fails over; the proxy's failover counter confirms it.
+    """
+    samples = FailoverSamples()
+    warmup = 10
+    async with session() as a, session() as b, session() as c:
+        for i in range(warmup + n):
+            r429 = await post(a, failing)
+            check(r429, 429, FAIL_NOW_NAME, "primary direct")
+            ok = await post(b, backup)
+            check(ok, 200, FAST_NAME, "backup direct")
+            moved = await post(c, proxy)
+            check(moved, 200, FAST_NAME, "failover via the proxy")
+            if i >= warmup:
+                samples.primary_429.append(r429.ttfb)
+                samples.backup.append(ok.ttfb)
+                samples.failover.append(moved.ttfb)
+        metrics = await get_text(c, f"{proxy}/metrics")
+    counted = sum(
+        float(m.group(1))
+        for m in re.finditer(r"^ccf_failovers_total\{[^}]*\}\s+(\S+)$", metrics, re.MULTILINE)
+    )
+    if counted != warmup + n:
+        raise BenchError(f"expected {warmup + n} failovers, the proxy counted {counted:g}")
+    return samples
+
+
+# -- memory with many open streams --------------------------------------------------------
+
+
+@dataclass
+class Memory:
+    idle_mb: float
+    peak_mb: float
+    peak_open: int
+    failed: int
+    ramp_s: float
+
+
+async def hold_streams(url: str, pid: int, n: int, served_by: str, hold: float) -> Memory:
+    """Opens `n` SSE streams at once, holds them `hold` s once all are open, samples RSS.
+
+    A stream counts as open from its first body byte (through the fallback addon, that is
+    after its first content event). The fake keeps sending events and then stalls, so the
+    streams stay open until this client closes them.
+    """
+    opened = asyncio.Event()
+    count = [0, 0, 0]  # open now, most open at once, failed
+    peak_kb = [memory_kb(pid, "VmRSS")]
+    idle_mb = peak_kb[0] / 1024
+
+    async def stream(client: aiohttp.ClientSession) -> None:
+        is_open = False
+        try:
+            async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
+                if response.status != 200 or response.headers.get("x-fake-name") != served_by:
+                    raise BenchError(f"stream via {url}: {response.status}")
+                async for _ in response.content.iter_any():
+                    if not is_open:
+                        is_open = True
+                        count[0] += 1
+                        count[1] = max(count[1], count[0])
+                        if count[0] == n:
+                            opened.set()
+            count[2] += 1  # ended on its own: it should have stalled
+        except (aiohttp.ClientError, TimeoutError, BenchError):
+            count[2] += 1
+        finally:
+            if is_open:
+                count[0] -= 1
+
+    async def sample() -> None:
+        while True:
+            peak_kb[0] = max(peak_kb[0], memory_kb(pid, "VmRSS"))
+            await asyncio.sleep(0.05)
+
+    async with session(connections=0, total_timeout=300) as client:
+        started = time.perf_counter()
+        tasks = [asyncio.ensure_future(stream(client)) for _ in range(n)]
+        sampler = asyncio.ensure_future(sample())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(opened.wait(), 60)
+        ramp = time.perf_counter() - started
+        await asyncio.sleep(hold)
+        for task in (*tasks, sampler):
+            task.cancel()
+        await asyncio.gather(*tasks, sampler, return_exceptions=True)
+    peak_kb[0] = max(peak_kb[0], memory_kb(pid, "VmHWM"))
+    return Memory(idle_mb, peak_kb[0] / 1024, count[1], count[2], ramp)
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    settings: Settings
+    tools: dict[str, str]
+    figures: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    targets: dict[str, dict[str, bool]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    other_cpu: dict[str, float] = field(default_factory=dict)  # CPU-s used by other processes
+    load_before: float = 0.0
+
+    def put(self, figure: str, variant: str, value: float | None) -> None:
+        self.figures.setdefault(figure, {v: None for v in VARIANTS})[variant] = value
+
+
+def fake_specs(settings: Settings) -> dict[str, list[str]]:
+    words = " ".join(f"word{i}" for i in range(STREAM_WORDS))
+    slow_words = " ".join(f"word{i}" for i in range(RSS_EVENTS))
+    return {
+        FAST_NAME: [],
+        FAIL_NAME: ["--kind", "status", "--status", "429", "--header", "retry-after: 1"],
+        FAIL_NOW_NAME: ["--kind", "status", "--status", "429"],
+        STREAM_NAME: ["--text", words, "--event-delay", str(STREAM_DELAY)],
+        SLOW_NAME: [
+            *("--kind", "stall", "--after-events", str(RSS_EVENTS), "--text", slow_words),
+            *("--event-delay", str(RSS_DELAY)),
+        ],
+    }
+
+
+def trio(prefix: str, upstream: Service, failing: Service) -> list[ProxySpec]:
+    """Variants (2), (3) and (4) in front of one upstream."""
+    return [
+        ProxySpec(f"floor-{prefix}", upstream.url),
+        ProxySpec(f"healthy-{prefix}", upstream.url, (("primary", upstream.url),)),
+        ProxySpec(
+            f"failover-{prefix}",
+            failing.url,
+            (("primary", failing.url), ("backup", upstream.url)),
+        ),
+    ]
+
+
+def variant_urls(direct: str, proxies: dict[str, Service], prefix: str) -> dict[str, str]:
+    urls = {"direct": direct}
+    urls.update({v: proxies[f"{v}-{prefix}"].url for v in VARIANTS[1:]})
+    return urls
+
+
+def phase_requests(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
+    specs = trio("fast", fakes[FAST_NAME], fakes[FAIL_NAME])
+    failing_now = fakes[FAIL_NOW_NAME].url
+    probe_spec = ProxySpec(
+        "failover-probe", failing_now, (("primary", failing_now), ("backup", fakes[FAST_NAME].url)), 0
+    )
+    proxies = start_proxies(services, [*specs, probe_spec])
+    try:
+        urls = variant_urls(fakes[FAST_NAME].url, proxies, "fast")
+        print("failover ...", flush=True)
+        # The first request through (4) must be the first one it ever forwards.
+        results.put("failover_first_ms", "failover", ms(asyncio.run(first_failover(urls["failover"]))))
+        probe = proxies["failover-probe"].url
+        failover_figures(results, failing_now, fakes[FAST_NAME].url, probe)
+        print("latency at 1 connection ...", flush=True)
+        latency_figures(results, urls)
+        print(f"throughput at 16 connections ({results.tools['throughput']}) ...", flush=True)
+        for variant, t in measure_throughput(urls, results.settings, wrk, services.workdir).items():
+            results.put("rps", variant, t.rps)
+            if t.errors:
+                results.notes.append(f"throughput {variant}: {t.errors} of {t.requests} failed")
+    finally:
+        services.stop(list(proxies.values()))
+
+
+def failover_figures(results: Results, failing: str, backup: str, proxy: str) -> None:
+    samples = asyncio.run(measure_failover(failing, backup, proxy, results.settings.failover_samples))
+    for p in (50, 99):
+        primary_429 = ms(percentile(samples.primary_429, p))
+        backup_ttfb = ms(percentile(samples.backup, p))
+        failover = ms(percentile(samples.failover, p))
+        results.put(f"primary_429_p{p}_ms", "direct", primary_429)
+        results.put(f"failover_ttfb_p{p}_ms", "direct", backup_ttfb)
+        results.put(f"failover_ttfb_p{p}_ms", "failover", failover)
+        results.put(f"failover_gap_p{p}_ms", "direct", backup_ttfb)
+        results.put(f"failover_gap_p{p}_ms", "failover", failover - primary_429)
+
+
+def latency_figures(results: Results, urls: dict[str, str]) -> None:
+    served = {v: FAST_NAME for v in VARIANTS}
+    latency = asyncio.run(measure_latency(urls, results.settings, served))
+    for variant, values in latency.items():
+        for p in (50, 99):
+            results.put(f"lat_p{p}_ms", variant, ms(percentile(values, p)))
+    for variant in VARIANTS:
+        for p in (50, 99):
+            row = results.figures[f"lat_p{p}_ms"]
+            results.put(f"added_p{p}_ms", variant, _sub(row[variant], row["direct"]))
+
+
+def phase_streams(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
+    proxies = start_proxies(services, trio("stream", fakes[STREAM_NAME], fakes[FAIL_NAME]))
+    try:
+        urls = variant_urls(fakes[STREAM_NAME].url, proxies, "stream")
+        print("streaming ...", flush=True)
+        asyncio.run(_trip_primary(urls["failover"], STREAM_NAME))
+        served = {v: STREAM_NAME for v in VARIANTS}
+        samples = asyncio.run(measure_streams(urls, results.settings, served))
+        for variant, values in samples.items():
+            for figure, value in stream_figures(values).items():
+                results.put(figure, variant, value)
+        for variant in VARIANTS:
+            for figure in ("ttfc", "jitter_p99"):
+                row = results.figures[f"{figure}_ms"]
+                results.put(f"{figure}_added_ms", variant, _sub(row[variant], row["direct"]))
+    finally:
+        services.stop(list(proxies.values()))
+
+
+def phase_memory(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
+    proxies = start_proxies(services, trio("slow", fakes[SLOW_NAME], fakes[FAIL_NAME]))
+    try:
+        for variant in VARIANTS[1:]:
+            proxy = proxies[f"{variant}-slow"]
+            print(f"{RSS_STREAMS} open streams via {variant} ...", flush=True)
+            asyncio.run(_trip_primary(proxy.url, SLOW_NAME))
+            memory = asyncio.run(
+                hold_streams(proxy.url, proxy.pid, RSS_STREAMS, SLOW_NAME, results.settings.rss_hold)
+            )
+            results.put("rss_idle_mb", variant, memory.idle_mb)
+            results.put("rss_peak_mb", variant, memory.peak_mb)
+            results.put("open_streams", variant, memory.peak_open)
+            results.put("open_ramp_s", variant, memory.ramp_s)
+            if memory.failed or memory.peak_open < RSS_STREAMS:
+                results.notes.append(
+                    f"memory {variant}: {memory.peak_open} streams open at once, "
+                    f"{memory.failed} failed (wanted {RSS_STREAMS})"
+                )
+    finally:
+        services.stop(list(proxies.values()))
+
+
+async def _trip_primary(url: str, served_by: str) -> None:
+    """GET /v1/models once: through (4) it fails over and puts the primary in cooldown.
+
+    (Not a POST /v1/messages: the stalling fake would answer that with an endless stream.)
+    """
+    async with session() as client, client.get(f"{url}/v1/models", headers=HEADERS) as response:
+        await response.read()
+        reply = Reply(0, 0, response.status, response.headers.get("x-fake-name", ""))
+    check(reply, 200, served_by, f"warm-up via {url}")
+
+
+def _sub(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# -- targets and the table ----------------------------------------------------------------
+
+
+def evaluate(results: Results) -> None:
+    """PASS/FAIL per target for (3) and (4); the limits come from (1) and (2) of the same run."""
+    f = results.figures
+
+    def base(figure: str, variant: str) -> float:
+        value = f.get(figure, {}).get(variant)
+        return math.nan if value is None else value
+
+    limits = {  # figure: (comparison, limit, columns judged)
+        "rps": (">=", 0.9 * base("rps", "floor"), PROXIES),
+        "lat_p50_ms": ("<=", base("lat_p50_ms", "floor") + 1, PROXIES),
+        "ttfc_ms": ("<=", base("ttfc_ms", "floor") + 1, PROXIES),
+        "jitter_p99_added_ms": ("<=", 1.0, PROXIES),
+        "failover_gap_p50_ms": ("<=", base("failover_gap_p50_ms", "direct") + 5, ("failover",)),
+        "rss_peak_mb": ("<=", 150.0, PROXIES),
+    }
+    for figure, (op, limit, columns) in limits.items():
+        verdicts = {v: _cmp(f.get(figure, {}).get(v), limit, op) for v in columns}
+        results.targets[figure] = {v: ok for v, ok in verdicts.items() if ok is not None}
+
+
+def _cmp(value: float | None, limit: float, op: str) -> bool | None:
+    if value is None or math.isnan(limit):
+        return None
+    return value >= limit if op == ">=" else value <= limit
+
+
+@dataclass(frozen=True)
+class Row:
+    figure: str
+    label: str
+    digits: int
+    ratios: bool
+    target: str = ""
+
+
+ROWS = (
+    Row("rps", "req/s, 16 conn, small JSON", 0, True, ">=0.90 x (2)"),
+    Row("lat_p50_ms", "latency p50 ms, 1 conn", 2, True, "<=(2)+1 ms"),
+    Row("lat_p99_ms", "latency p99 ms, 1 conn", 2, True),
+    Row("added_p50_ms", "  added p50 ms vs (1)", 2, False),
+    Row("added_p99_ms", "  added p99 ms vs (1)", 2, False),
+    Row("ttfe_ms", "SSE first event ms (p50)", 1, True, "(held by design)"),
+    Row("ttfc_ms", "SSE first content event ms", 2, True, "<=(2)+1 ms"),
+    Row("ttfc_added_ms", "  first content vs (1) ms", 2, False),
+    Row("jitter_p99_ms", "SSE jitter p99 |gap-20ms| ms", 2, False),
+    Row("jitter_p99_added_ms", "  added jitter p99 ms", 2, False, "<=1 ms"),
+    Row("primary_429_p50_ms", "primary's own 429 ms, p50", 2, False),
+    Row("failover_ttfb_p50_ms", "TTFB p50 ms: backup|failover", 2, False),
+    Row("failover_gap_p50_ms", "429->backup 1st byte ms p50", 2, False, "<=backup TTFB+5"),
+    Row("failover_gap_p99_ms", "429->backup 1st byte ms p99", 2, False),
+    Row("failover_first_ms", "first failover TTFB ms, cold", 2, False),
+    Row("rss_idle_mb", "RSS idle MB", 1, True),
+    Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True, "<=150 MB"),
+    Row("open_streams", "  streams open at once", 0, False),
+    Row("open_ramp_s", "  s until all were open", 1, False),
+)
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or base is None or not base or math.isnan(value) or math.isnan(base):
+        return "-"
+    return f"{value / base:.2f}"
+
+
+def _verdict(results: Results, figure: str) -> str:
+    verdicts = results.targets.get(figure)
+    if not verdicts:
+        return ""
+    return " ".join(f"{v[0]}:{'PASS' if ok else 'FAIL'}" for v, ok in verdicts.items())
+
+
+def table(results: Results) -> str:
+    head = (
+        f"{'figure':30s} {COLUMNS['direct']:>10s} {COLUMNS['floor']:>10s} {COLUMNS['healthy']:>10s} "
+        f"{COLUMNS['failover']:>12s} {'3/1':>6s} {'3/2':>5s} {'4/1':>6s} {'4/2':>5s}  "
+        f"{'target':16s} result"
+    )
+    lines = [head, "-" * len(head)]
+    for row in ROWS:
+        values = results.figures.get(row.figure)
+        if values is None:
+            continue
+        cells = [_fmt(values[v], row.digits) for v in VARIANTS]
+        ratios = ["-"] * 4
+        if row.ratios:
+            ratios = [
+                _ratio(values[proxy], values[base]) for proxy in PROXIES for base in ("direct", "floor")
+            ]
+        lines.append(
+            f"{row.label:30s} {cells[0]:>10s} {cells[1]:>10s} {cells[2]:>10s} {cells[3]:>12s} "
+            f"{ratios[0]:>6s} {ratios[1]:>5s} {ratios[2]:>6s} {ratios[3]:>5s}  "
+            f"{row.target:16s} {_verdict(results, row.figure)}"
+        )
+    return "\n".join(lines)
+
+
+def describe(results: Results) -> str:
+    s = results.settings
+    return (
+        f"machine: {results.tools['cpus']} cores, Python {results.tools['python']}, "
+        f"mitmproxy {results.tools['mitmproxy']}\n"
+        f"throughput: {results.tools['throughput']}, {s.duration} s per variant after "
+        f"{s.warmup} s warm-up; latency: aiohttp, {s.latency_requests} sequential requests "
+        f"per variant on one keep-alive connection\n"
+        f"streams: {s.streams} per variant, {STREAM_WORDS} words {ms(STREAM_DELAY):.0f} ms apart; "
+        f"failover: {s.failover_samples} samples; memory: {RSS_STREAMS} streams held "
+        f"{s.rss_hold:g} s once all are open, events {RSS_DELAY:g} s apart\n"
+        "(2) mitmdump + stream-only addon, (3) fallback addon healthy, (4) fallback addon with a "
+        "429 primary in cooldown; 3/2 = (3) / (2) etc.; result h: (3), f: (4)\n"
+        "failover rows: (1) is the backup's own time to first byte, (4) a proxy that tries its "
+        "429 primary on every request; 429->backup = (4) minus the primary's own 429 time\n"
+        f"load average before the run: {results.load_before:.2f}; phases (wall s / CPU-s used "
+        "by other processes): "
+        + ", ".join(f"{k} {v:.0f}/{results.other_cpu.get(k, 0):.1f}" for k, v in results.timings.items())
+    )
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="ccf-bench-") as tmp:
+        path = Path(tmp)
+        (path / "home").mkdir()
+        yield path
+
+
+def run(settings: Settings) -> Results:
+    from mitmproxy.version import VERSION
+
+    wrk = shutil.which("wrk")
+    tools = {
+        "throughput": "wrk -t2 -c16" if wrk else "asyncio+aiohttp client, 16 connections",
+        "latency": "aiohttp, sequential on one keep-alive connection",
+        "mitmproxy": VERSION,
+        "python": platform.python_version(),
+        "cpus": str(os.cpu_count()),
+    }
+    results = Results(settings, tools, load_before=os.getloadavg()[0])
+    with workspace() as workdir:
+        services = Services(workdir)
+        try:
+            fakes = start_fakes(services, fake_specs(settings))
+            for phase in (phase_requests, phase_streams, phase_memory):
+                name = phase.__name__.removeprefix("phase_")
+                started, busy, own = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds(services)
+                phase(results, services, fakes, wrk)
+                wall = time.monotonic() - started
+                other = busy_cpu_seconds() - busy - (own_cpu_seconds(services) - own)
+                results.timings[name] = wall
+                results.other_cpu[name] = max(0.0, other)
+                if other > 0.05 * wall:
+                    results.notes.append(
+                        f"other processes used {other:.1f} CPU-s during the {wall:.0f} s {name} "
+                        "phase: its figures are noisier than usual"
+                    )
+        finally:
+            services.stop()
+    evaluate(results)
+    return results
+
+
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short smoke run (< 1 minute)")
+    parser.add_argument(
+        "--duration", type=_positive, help="seconds of load per throughput variant (default 10, quick 2)"
+    )
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    return parser.parse_args(argv)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments(argv)
+    if not MITMDUMP.exists():
+        print(f"bench: {MITMDUMP} not found; run with the venv's python", file=sys.stderr)
+        return 1
+    raise_fd_limit()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally
+    settings = Settings.make(args.quick, args.duration)
+    started = time.monotonic()
+    try:
+        results = run(settings)
+    except BenchError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(describe(results))
+    print()
+    print(table(results))
+    for note in results.notes:
+        print(f"note: {note}")
+    print(f"\n(run took {time.monotonic() - started:.0f} s)")
+    if args.json:
+        document = _no_nan(asdict(results))
+        args.json.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
+    return 0
+
+
+def _no_nan(value: Any) -> Any:
+    """JSON has no NaN: a figure that could not be computed becomes null."""
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_no_nan(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
