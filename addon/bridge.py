@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 class Relayable(Protocol):
     status: int
+    reason: str
     headers: tuple[tuple[bytes, bytes], ...]
 
     def chunks(self) -> AsyncIterator[bytes]: ...
@@ -151,7 +152,13 @@ class _BridgeConnection(asyncio.Protocol):
         try:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionAbortedError("client went away")
-            self._write(h11.Response(status_code=response.status, headers=list(response.headers)))
+            self._write(
+                h11.Response(
+                    status_code=response.status,
+                    reason=response.reason.encode("latin-1", "replace"),
+                    headers=list(response.headers),
+                )
+            )
             async for chunk in response.chunks():
                 self._write(h11.Data(data=chunk))
                 if not self.writable.is_set():

@@ -67,6 +67,7 @@ class Fallback:
         self.started_at = time.time()
         self.is_running = False
         self.draining = False
+        self.ready = asyncio.Event()
         self.choosing = 0  # requests still failing over, not yet in `inflight`
         self.config_mtime: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +140,7 @@ class Fallback:
         self.watch()
         assert self.config is not None
         self.warn_if_exposed()
+        self.ready.set()
         self.events.event(
             "started",
             version=__version__,
@@ -169,6 +171,8 @@ class Fallback:
                 self.respond(flow, error_failure(500, "api_error", "Internal error in claude-code-fallback."))
 
     async def serve(self, flow: http.HTTPFlow) -> None:
+        # mitmproxy listens before every addon's `running` hook has run
+        await self.ready.wait()
         assert self.config is not None
         if self.serve_local(flow):
             return

@@ -135,6 +135,7 @@ class ResumingResponse:
         self.resume = resume
         self.attempts_left = attempts
         self.status = first.status
+        self.reason = first.reason
         self.headers = first.headers
         self.message = _Message()
         self.parts = [first]

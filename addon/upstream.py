@@ -152,6 +152,7 @@ class UpstreamResponse:
     endpoint: Endpoint
     response: aiohttp.ClientResponse
     status: int
+    reason: str
     headers: tuple[tuple[bytes, bytes], ...]
     time_to_headers: float
     idle_timeout: float
@@ -328,6 +329,7 @@ class UpstreamClient:
             endpoint=endpoint,
             response=resp,
             status=resp.status,
+            reason=resp.reason or "",
             headers=_response_headers(resp),
             time_to_headers=time.monotonic() - started,
             idle_timeout=timeouts.idle,
