@@ -38,6 +38,7 @@ from .config import Config, ConfigError, Endpoint, default_config_path, load_con
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
+LEAN_SCRIPT = Path(__file__).parent / "lean.py"
 EXAMPLE_CONFIG = Path(__file__).parent / "config.example.yaml"
 REVERSE_TARGET = "https://api.anthropic.com"
 START_DEADLINE = 30.0
@@ -129,32 +130,41 @@ def proxy_command(
     log_level: str | None = None,
     web_port: int = 8081,
 ) -> list[str]:
-    """mitmdump (or mitmweb) running the addon as configured; `log_level` only if given."""
-    tool = "mitmweb" if web else "mitmdump"
+    """The proxy as configured: the lean master (lean.py), or mitmweb with the addon for `web`.
+
+    `log_level` is passed only if given on the command line.
+    """
     verbosity = "debug" if config.logging.level in ("debug", "trace") else "info"
-    command = [
-        sys.executable,
-        "-P",  # no current directory on sys.path: a stray attr.py there must not shadow a module
-        "-c",
-        f"from mitmproxy.tools.main import {tool}; {tool}()",
-        "-s",
-        str(ADDON_SCRIPT),
-        "--mode",
-        f"reverse:{REVERSE_TARGET}@{config.server.port}",
-        "--listen-host",
-        config.server.host,
-        "--set",
+    settings = [
+        f"mode=reverse:{REVERSE_TARGET}@{config.server.port}",
+        f"listen_host={config.server.host}",
         "connection_strategy=lazy",
+        f"termlog_verbosity={verbosity}",
     ]
     if config_path is not None:
-        command += ["--set", f"fallback_config={config_path}"]
+        settings.append(f"fallback_config={config_path}")
     if log_level is not None:
-        command += ["--set", f"fallback_log_level={log_level}"]
-    command += ["--set", f"termlog_verbosity={verbosity}", "--set", "flow_detail=0"]
-    if web:
-        command += ["--set", "web_open_browser=false"]
-        command += ["--web-port", str(web_port), "--web-host", "127.0.0.1"]
-    return command
+        settings.append(f"fallback_log_level={log_level}")
+    # -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module
+    if not web:
+        return [sys.executable, "-P", str(LEAN_SCRIPT), *_sets(settings)]
+    return [
+        sys.executable,
+        "-P",
+        "-c",
+        "from mitmproxy.tools.main import mitmweb; mitmweb()",
+        "-s",
+        str(ADDON_SCRIPT),
+        *_sets([*settings, "web_open_browser=false"]),
+        "--web-port",
+        str(web_port),
+        "--web-host",
+        "127.0.0.1",
+    ]
+
+
+def _sets(settings: list[str]) -> list[str]:
+    return [arg for setting in settings for arg in ("--set", setting)]
 
 
 def exec_proxy(settings: Settings, web: bool = False, web_port: int = 8081) -> int:
@@ -201,7 +211,7 @@ def is_running(pid: int) -> bool:
         command = (proc / "cmdline").read_bytes()
     except (OSError, IndexError):
         return True  # no /proc here: trust the signal check
-    return state != "Z" and b"mitmproxy" in command
+    return state != "Z" and (str(LEAN_SCRIPT).encode() in command or b"mitmproxy" in command)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

@@ -329,32 +329,26 @@ def test_demo_fails_over_to_the_backup(cli: Cli) -> None:
 def test_proxy_command_line(tmp_path: Path) -> None:
     config = load_config(None, {"CLAUDE_FALLBACK_HOME": str(tmp_path)}, {"server.port": "9000"})
     command = cli_module.proxy_command(config, tmp_path / "c.yaml", log_level="debug")
-    assert command[:4] == [
+    assert command == [
         sys.executable,
         "-P",
-        "-c",
-        "from mitmproxy.tools.main import mitmdump; mitmdump()",
-    ]
-    assert command[4:] == [
-        "-s",
-        str(ROOT / "addon" / "fallback.py"),
-        "--mode",
-        "reverse:https://api.anthropic.com@9000",
-        "--listen-host",
-        "127.0.0.1",
+        str(ROOT / "addon" / "lean.py"),
+        "--set",
+        "mode=reverse:https://api.anthropic.com@9000",
+        "--set",
+        "listen_host=127.0.0.1",
         "--set",
         "connection_strategy=lazy",
+        "--set",
+        "termlog_verbosity=info",
         "--set",
         f"fallback_config={tmp_path / 'c.yaml'}",
         "--set",
         "fallback_log_level=debug",
-        "--set",
-        "termlog_verbosity=info",
-        "--set",
-        "flow_detail=0",
     ]
     web = cli_module.proxy_command(config, None, web=True, web_port=9001)
     assert web[3] == "from mitmproxy.tools.main import mitmweb; mitmweb()"
+    assert web[4:6] == ["-s", str(ROOT / "addon" / "fallback.py")]
     assert not any(arg.startswith(("fallback_config", "fallback_log_level")) for arg in web)
     assert web[-5:] == ["web_open_browser=false", "--web-port", "9001", "--web-host", "127.0.0.1"]
 

@@ -1,0 +1,75 @@
+"""A lean mitmproxy for `ccf start` and `ccf dev`: the addons a reverse proxy needs, and ours.
+
+mitmdump runs every hook of every flow past some forty addons (dumper, save, intercept,
+playback, ...) that a fallback proxy never uses; measured, that halves throughput. This
+is still a real mitmproxy master with mitmproxy's options, logging and proxy core, so
+`--set option=value` works as it does for mitmdump. `ccf web` keeps the full mitmweb.
+
+Usage: python lean.py --set mode=reverse:https://api.anthropic.com@8765 --set fallback_config=PATH ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+if not __package__:
+    # Run as a script (`python -P lean.py`): import the package this file belongs to.
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))
+    __package__ = _here.name
+
+from mitmproxy import exceptions, master, options
+from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+
+from .proxy import Fallback
+
+
+def parse(argv: list[str]) -> list[str]:
+    """`--set a=b --set c=d` → ["a=b", "c=d"]; nothing else is accepted."""
+    specs = []
+    args = iter(argv)
+    for arg in args:
+        if arg != "--set":
+            raise SystemExit(f"lean.py: unexpected argument {arg!r} (only --set option=value)")
+        specs.append(next(args, ""))
+    return specs
+
+
+async def serve(specs: list[str]) -> None:
+    logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
+    for noisy in ("asyncio", "hpack", "quic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    opts = options.Options()
+    lean = master.Master(opts, with_termlog=True)
+    lean.addons.add(
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tlsconfig.TlsConfig(),
+        errorcheck.ErrorCheck(),
+        Fallback(),
+    )
+    try:
+        opts.set(*specs)
+    except exceptions.OptionsError as e:
+        print(f"claude-code-fallback: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
+        loop.add_signal_handler(signum, lean.shutdown)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    await lean.run()
+
+
+def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # the log file of `ccf start` should be current
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    asyncio.run(serve(parse(sys.argv[1:])))
+
+
+if __name__ == "__main__":
+    main()
