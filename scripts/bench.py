@@ -10,7 +10,9 @@ upstreams (`python -m addon.fakeapi`) never share a GIL. Four paths are compared
   (1) direct     the client talks to the fake upstream: the limit;
   (2) floor      `mitmdump --mode reverse:...` with `scripts/bench_stream_addon.py`, an addon
                  that only sets `flow.response.stream = True`: what mitmproxy itself costs;
-  (3) healthy    `mitmdump -s addon/fallback.py`, its only endpoint answering;
+  (3) healthy    the proxy as `ccf` runs it (the lean master, addon/lean.py; `--runner
+                 mitmdump` uses `mitmdump -s addon/fallback.py` instead), its only
+                 endpoint answering;
   (4) failover   the same with a primary that answers every request with 429
                  (`retry-after: 1`) and `cooldownSeconds: 3600`, so once the first request
                  has failed over, the primary is skipped and the backup serves everything.
@@ -89,6 +91,8 @@ import aiohttp
 REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 FALLBACK_ADDON = REPO / "addon" / "fallback.py"
+LEAN_RUNNER = REPO / "addon" / "lean.py"
+RUNNER = "lean"  # how (3) and (4) run: "lean" (ccf's master) or "mitmdump" (-s addon/fallback.py)
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
 
 VARIANTS = ("direct", "floor", "healthy", "failover")
@@ -324,6 +328,15 @@ def proxy_command(spec: ProxySpec, port: int, config: Path | None) -> list[str]:
     ]
     if config is None:
         return [*command, "-s", str(STREAM_ADDON)]
+    if RUNNER == "lean":  # as `ccf start` runs it
+        settings = [
+            f"mode=reverse:{spec.target}@{port}",
+            "listen_host=127.0.0.1",
+            "connection_strategy=lazy",
+            "termlog_verbosity=warn",
+            f"fallback_config={config}",
+        ]
+        return [sys.executable, "-P", str(LEAN_RUNNER), *[a for s in settings for a in ("--set", s)]]
     return [*command, "-s", str(FALLBACK_ADDON), "--set", f"fallback_config={config}"]
 
 
@@ -1096,6 +1109,13 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         "--duration", type=_positive, help="seconds of load per throughput variant (default 10, quick 2)"
     )
     parser.add_argument("--json", type=Path, help="write every figure to this file")
+    parser.add_argument(
+        "--runner",
+        choices=("lean", "mitmdump"),
+        default="lean",
+        help="run (3) and (4) as `ccf` does, on the lean master (default), "
+        "or as `mitmdump -s addon/fallback.py`",
+    )
     return parser.parse_args(argv)
 
 
@@ -1114,6 +1134,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally
     settings = Settings.make(args.quick, args.duration)
+    global RUNNER
+    RUNNER = args.runner
+    runner = "the lean master (addon/lean.py), as ccf runs them" if RUNNER == "lean" else "mitmdump -s"
+    print(f"(3) and (4) run on: {runner}")
     started = time.monotonic()
     try:
         results = run(settings)
