@@ -9,6 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -367,3 +368,28 @@ def test_start_reports_a_proxy_that_dies(
     assert "line 9\n" not in err and "line 10\n" in err and "line 29\n" in err
     assert "ccf: the proxy exited with status 3" in err
     assert not (tmp_path / "ccf.pid").exists()
+
+
+def test_stop_lets_a_stream_in_flight_finish(
+    cli: Cli, started: int, port: int, primary: FakeAnthropic
+) -> None:
+    words = " ".join(f"w{i}" for i in range(20))
+    primary.behavior = Behavior(kind="ok", text=words, event_delay=0.1)  # about 2.5 s
+    received: dict[str, str] = {}
+
+    def stream() -> None:
+        body = json.dumps({"model": "m", "max_tokens": 8, "stream": True, "messages": []}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/messages", body)
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(request, timeout=20) as response:
+            received["body"] = response.read().decode()
+
+    reader = threading.Thread(target=stream)
+    reader.start()
+    primary.wait_for_requests(1)
+    stop = cli("stop")
+    reader.join(20)
+    assert stop.returncode == 0, stop.stderr
+    assert received["body"].rstrip().endswith('data: {"type":"message_stop"}')
+    assert received["body"].count("content_block_delta") == 40  # 20 events: name and type
+    assert process_gone(started)

@@ -185,3 +185,16 @@ def test_bad_config_file_permissions_are_warned_about(proxy_factory, primary, ba
     proxy.config_path.chmod(0o644)
     rewrite(proxy, endpoints_config(primary, backup))
     wait_until(lambda: "readable by others" in proxy.logs(), 10, "a permissions warning")
+
+
+def test_pretty_logs_are_one_readable_line_per_outcome(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, logging={"format": "pretty"}))
+    primary.behavior = Behavior(kind="status", status=503)
+    post(proxy)
+    wait_until(lambda: "request method=POST" in proxy.logs(), 5, "the request line")
+    lines = proxy.logs().splitlines()
+    assert any("endpoint_cooling endpoint=primary reason=status status=503" in line for line in lines)
+    assert any("failover from_endpoint=primary to_endpoint=backup" in line for line in lines)
+    outcome = next(line for line in lines if "request method=POST" in line)
+    assert "endpoint=backup status=200 outcome=success attempts=2" in outcome
+    assert not any(line.lstrip("[0123456789:.] ").startswith("{") for line in lines)

@@ -174,5 +174,7 @@ def test_requests_keep_working_across_many_keep_alive_calls(proxy, primary):
             assert response.status_code == 200
     connections = {r.connection for r in primary.requests}
     assert len(primary.requests) == 30 and len(connections) <= 2  # pooled upstream connections
+    # mitmproxy kept one connection to the bridge for the client's keep-alive connection
+    assert proxy.logs().count("server connect 127.0.0.1:") == 1
     wait_until(lambda: proxy.metric("ccf_active_streams") == 0)
     assert time.monotonic()
