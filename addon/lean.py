@@ -58,6 +58,9 @@ async def serve(specs: list[str]) -> None:
     except exceptions.OptionsError as e:
         print(f"claude-code-fallback: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    # A service's log should not grow two lines for every health check or connection;
+    # `ccf web` or `mitmdump -s addon/fallback.py` show connection-level detail.
+    logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
         loop.add_signal_handler(signum, lean.shutdown)

@@ -147,6 +147,9 @@ def test_start_status_stop_round_trip(cli: Cli, port: int, primary: FakeAnthropi
     health = json.loads(cli("status", "--json").stdout)
     assert [e["name"] for e in health["endpoints"]] == ["primary", "backup"]
     assert cli("logs", "-n", "3").stdout.count("\n") == 3
+    log = (cli.home / "ccf.log").read_text()
+    assert '"event": "request"' in log
+    assert "client connect" not in log  # the health checks above leave no trace
 
     stop = cli("stop")
     assert stop.returncode == 0, stop.stderr
