@@ -110,7 +110,7 @@ class AnthropicStreamView(contentviews.View):
 
     name = "Anthropic message"
 
-    def __call__(self, data: bytes, **metadata: Any) -> contentviews.TViewResult:
+    def __call__(self, data: bytes, **metadata: Any) -> tuple[str, Iterator[list[tuple[str, str | bytes]]]]:
         lines = render(assemble(data))
         return "Anthropic stream, assembled", ([("text", line)] for line in lines)
 
