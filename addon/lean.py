@@ -45,14 +45,19 @@ async def serve(specs: list[str]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     opts = options.Options()
     lean = master.Master(opts, with_termlog=True)
+    tls = tlsconfig.TlsConfig()
     lean.addons.add(
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
-        tlsconfig.TlsConfig(),
+        tls,
         errorcheck.ErrorCheck(),
         Fallback(),
     )
+    # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
+    # proxy already listens; a request in between (`ccf start` polls /health at once)
+    # would find none. Make it now, as its own `running` would.
+    tls.configure({"confdir"})
     try:
         opts.set(*specs)
     except exceptions.OptionsError as e:
