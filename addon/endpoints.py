@@ -58,9 +58,6 @@ class EndpointState:
             self.probe_in_flight = True
         return True
 
-    def is_probe(self) -> bool:
-        return self.probe_in_flight
-
     def succeeded(self) -> None:
         self.cooling_until = 0.0
         self.cooling_reason = ""
@@ -129,9 +126,6 @@ class EndpointPool:
 
     def __len__(self) -> int:
         return len(self.states)
-
-    def any_usable(self) -> bool:
-        return any(s.status != COOLING for s in self.states)
 
 
 def _iso(ts: float | None) -> str | None:

@@ -16,20 +16,6 @@ from dataclasses import dataclass, field
 from .config import Retry
 from .endpoints import EndpointPool, EndpointState
 
-# Bounded label values for metrics and logs.
-FAILURE_KINDS = (
-    "status",
-    "refused",
-    "reset",
-    "dns",
-    "tls",
-    "connect_timeout",
-    "first_byte_timeout",
-    "closed",
-    "malformed",
-    "sse_error",
-    "idle_timeout",
-)
 TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "idle_timeout"})
 
 
@@ -43,7 +29,11 @@ class ErrorResponse:
 
 
 class AttemptFailed(Exception):
-    """One attempt at one endpoint failed in a way another attempt may fix."""
+    """One attempt at one endpoint failed in a way another attempt may fix.
+
+    `kind` is one of: status, refused, reset, dns, tls, connect_timeout,
+    first_byte_timeout, closed, malformed, sse_error, idle_timeout (a metrics label).
+    """
 
     def __init__(
         self,
