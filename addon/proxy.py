@@ -65,9 +65,8 @@ class Fallback:
         self.budget = RetryBudget(0.2, 10)
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
-        self.is_running = False
         self.draining = False
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # set once `running` has started everything
         self.choosing = 0  # requests still failing over, not yet in `inflight`
         self.config_mtime: float | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
@@ -121,7 +120,7 @@ class Fallback:
             try:
                 self.apply(self.read_config())
             except ConfigError as e:
-                if not self.is_running:
+                if not self.ready.is_set():
                     # before listening: refuse to start, like any tool given a bad config
                     print(f"claude-code-fallback: invalid config\n{e}", file=sys.stderr)
                     raise SystemExit(2) from None
@@ -134,7 +133,6 @@ class Fallback:
         ctx.options.update(connection_strategy="lazy")
         await self.bridge.start()
         await self.start_client()
-        self.is_running = True
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
