@@ -44,6 +44,7 @@ KINDS = frozenset(
         "sse_error_after_preamble",
         "sse_error_after",
         "cut",
+        "close_mid_stream",
         "stall",
         "hang",
         "close",
@@ -153,8 +154,9 @@ class Behavior:
     `ok` answers like the API (SSE when the body asks for `"stream": true`); `status`
     sends `status` with the matching Anthropic error body; `large` is `ok` padded to
     `body_size` bytes (the JSON body, or the streamed text). The stream kinds
-    (`sse_error_first`, `sse_error_after_preamble`, `sse_error_after`, `cut`, `stall`)
-    always answer POST .../v1/messages with a 200 SSE stream and leave other routes alone.
+    (`sse_error_first`, `sse_error_after_preamble`, `sse_error_after`, `cut` (a TCP
+    reset), `close_mid_stream` (a FIN without the last chunk), `stall`) always answer
+    POST .../v1/messages with a 200 SSE stream and leave other routes alone.
     `hang`, `close`, `garbage`, `bad_chunked`, `truncated_gzip` (half a gzip body behind an
     honest content-length), `short_body` (half the body behind the full content-length,
     then close) and `huge_headers` (one 200 KB header line) break HTTP on any route.
@@ -639,6 +641,8 @@ class FakeAnthropic:
             return await self._send_sse(x, b, [*events[:after], _SSE_OVERLOADED], "end")
         if kind == "cut":
             return await self._send_sse(x, b, events[:after], "abort")
+        if kind == "close_mid_stream":
+            return await self._send_sse(x, b, events[:after], "close")
         if kind == "stall":
             return await self._send_sse(x, b, events[:after], "stall")
         return await self._send_sse(x, b, events, "end")
@@ -680,7 +684,12 @@ class FakeAnthropic:
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
         if then == "abort":
+            # A TCP reset: the receiver's kernel may drop what its reader has not read yet.
             writer.transport.abort()
+            return False
+        if then == "close":
+            # A FIN without the terminating chunk: every event sent arrives, then the cut.
+            writer.close()
             return False
         if then == "stall":
             await _forever()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import http.client
 import json
@@ -239,14 +240,25 @@ def test_sse_error_kinds_end_cleanly(fake: FakeAnthropic, behavior: Behavior, na
     assert events[-1][1]["error"]["type"] == "overloaded_error"
 
 
-def test_cut_aborts_without_last_chunk(fake: FakeAnthropic) -> None:
-    fake.behavior = Behavior("cut", after_events=4)
+def test_close_mid_stream_ends_without_last_chunk(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior("close_mid_stream", after_events=4)
     with raw_stream_request(fake) as sock:
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
     assert data.count(b"event: ") == 4
     assert b"event: content_block_delta" in data
+    assert not data.endswith(b"0\r\n\r\n")
+
+
+def test_cut_resets_the_connection_without_last_chunk(fake: FakeAnthropic) -> None:
+    # A reset may discard what this reader has not read yet: only "no clean end" is certain.
+    fake.behavior = Behavior("cut", after_events=4)
+    data = b""
+    with raw_stream_request(fake) as sock, contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data.count(b"event: ") <= 4
     assert not data.endswith(b"0\r\n\r\n")
 
 

@@ -22,7 +22,7 @@ def resuming(proxy_factory, primary, backup):
     )
 
 
-@pytest.mark.parametrize("kind", ["cut", "stall", "sse_error_after"])
+@pytest.mark.parametrize("kind", ["close_mid_stream", "stall", "sse_error_after"])
 def test_a_broken_text_stream_is_finished_by_the_backup(resuming, primary, backup, kind):
     primary.behavior = Behavior(kind=kind, text=FIRST, after_events=5)  # preamble, then "Hello", " there"
     with sdk(resuming).messages.stream(**MESSAGE) as stream:
@@ -40,8 +40,28 @@ def test_a_broken_text_stream_is_finished_by_the_backup(resuming, primary, backu
     assert "stream_resumed" in resuming.logs()
 
 
-def test_the_client_sees_one_message_start_and_one_message_stop(resuming, primary):
+def test_a_reset_stream_is_finished_from_exactly_what_the_client_got(resuming, primary, backup):
+    # A TCP reset lets the kernel drop bytes the proxy has not read yet, so how much of
+    # "Hello there" got through varies from run to run. What must hold either way: the
+    # backup is asked to continue from exactly the text the client has, and the client's
+    # text is that prefix and the continuation, nothing doubled, nothing lost.
     primary.behavior = Behavior(kind="cut", text=FIRST, after_events=5)
+    with sdk(resuming).messages.stream(**MESSAGE) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    continued = backup.wait_for_requests(1)[0].json()
+    last = continued["messages"][-1]
+    prefill = last["content"] if last["role"] == "assistant" else ""
+    assert prefill in ("", "Hello", "Hello there")  # whole deltas only
+    assert text == prefill + REST
+    assert final.content[0].text == text and len(final.content) == 1
+    assert final.usage.output_tokens == (1 if prefill else 0) + 7
+    assert continued["messages"][: len(MESSAGE["messages"])] == MESSAGE["messages"]
+    wait_until(lambda: resuming.metric("ccf_requests_total", outcome="success") == 1)
+
+
+def test_the_client_sees_one_message_start_and_one_message_stop(resuming, primary):
+    primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
     with httpx.stream(
         "POST", resuming.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10
     ) as response:
@@ -53,7 +73,7 @@ def test_the_client_sees_one_message_start_and_one_message_stop(resuming, primar
 
 
 def test_thinking_requests_are_not_resumed(resuming, primary, backup):
-    primary.behavior = Behavior(kind="cut", text=FIRST, after_events=5)
+    primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
     request = dict(MESSAGE, thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=2048)
     with (
         pytest.raises(CUT_STREAM_ERRORS),
@@ -64,7 +84,7 @@ def test_thinking_requests_are_not_resumed(resuming, primary, backup):
 
 
 def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
-    primary.script = [Behavior(kind="cut", text=FIRST, after_events=5)]
+    primary.script = [Behavior(kind="close_mid_stream", text=FIRST, after_events=5)]
     primary.behavior = Behavior(kind="status", status=503)
     proxy = proxy_factory(endpoints_config(primary, streaming={"resume": True}, retry={"maxRetries": 1}))
     with pytest.raises(CUT_STREAM_ERRORS):
@@ -75,7 +95,7 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
 
 
 def test_resume_off_by_default(proxy, primary, backup):
-    primary.behavior = Behavior(kind="cut", text=FIRST, after_events=5)
+    primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
     with pytest.raises(CUT_STREAM_ERRORS):
         stream_text(proxy)
     assert backup.requests == []

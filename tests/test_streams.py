@@ -41,7 +41,7 @@ def test_first_content_is_not_delayed_by_the_preamble_hold(proxy, primary):
 
 
 def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
-    primary.behavior = Behavior(kind="cut", text=WORDS, after_events=5)
+    primary.behavior = Behavior(kind="close_mid_stream", text=WORDS, after_events=5)
     with pytest.raises(CUT_STREAM_ERRORS):
         stream_text(proxy)
     assert backup.requests == []  # bytes were sent: nothing to fail over to invisibly
@@ -52,7 +52,7 @@ def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
 
 
 def test_raw_client_sees_no_clean_end_after_a_cut(proxy, primary):
-    primary.behavior = Behavior(kind="cut", text=WORDS, after_events=5)
+    primary.behavior = Behavior(kind="close_mid_stream", text=WORDS, after_events=5)
     with (
         pytest.raises(CUT_STREAM_ERRORS),
         httpx.stream("POST", proxy.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10) as r,
