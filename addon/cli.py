@@ -28,13 +28,22 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
 from . import __version__
-from .config import Config, ConfigError, Endpoint, default_config_path, load_config, mask_secret
+from .config import (
+    OAUTH_BETA,
+    Config,
+    ConfigError,
+    Endpoint,
+    default_config_path,
+    load_config,
+    mask_secret,
+)
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
@@ -421,20 +430,58 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")
     print()
-    rows = [["ENDPOINT", "STATUS", "LAST ERROR"]]
+    rows = [["ENDPOINT", "STATUS", "5H", "7D", "RESETS IN", "LAST ERROR"]]
     rows += [endpoint_row(e) for e in health.get("endpoints", [])]
     print(format_table(rows))
     return OK
 
 
-def endpoint_row(endpoint: Mapping[str, Any]) -> list[str]:
+def endpoint_row(endpoint: Mapping[str, Any], now: float | None = None) -> list[str]:
     status = str(endpoint.get("status", "?"))
     if status == "cooling":
         status += f" ({float(endpoint.get('cooldownSecondsLeft') or 0):.0f}s left)"
+    for flag in ("saturated", "overage"):
+        if endpoint.get(flag):
+            status += f", {flag}"
     error = endpoint.get("lastError")
     if error and endpoint.get("lastErrorAt"):
         error = f"{error} at {endpoint['lastErrorAt']}"
-    return [str(endpoint.get("name", "?")), status, str(error or "-")]
+    windows = endpoint.get("limits") or {}
+    return [
+        str(endpoint.get("name", "?")),
+        status,
+        window_use(windows.get("5h")),
+        window_use(windows.get("7d")),
+        resets_in(windows, time.time() if now is None else now),
+        str(error or "-"),
+    ]
+
+
+def window_use(window: Mapping[str, Any] | None) -> str:
+    utilization = (window or {}).get("utilization")
+    return f"{utilization:.0%}" if isinstance(utilization, int | float) else "-"
+
+
+def resets_in(windows: Mapping[str, Mapping[str, Any]], now: float) -> str:
+    """Time until the binding window reopens: a refused one, else the fullest one."""
+    binding = sorted(
+        windows.values(),
+        key=lambda w: (w.get("status") == "rejected", w.get("utilization") or 0),
+        reverse=True,
+    )
+    for window in binding:
+        if when := _parse_iso(window.get("resetsAt")):
+            return format_duration(max(0.0, when - now))
+    return "-"
+
+
+def _parse_iso(text: object) -> float | None:
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:
@@ -533,8 +580,10 @@ def probe_endpoint(endpoint: Endpoint, timeout: float = 10.0) -> tuple[bool, str
         "anthropic-version": "2023-06-01",
         "user-agent": f"claude-code-fallback/{__version__} (ccf check)",
     }
-    if endpoint.api_key and endpoint.auth_header == "bearer":
+    if endpoint.api_key and endpoint.auth != "x-api-key":
         headers["authorization"] = f"Bearer {endpoint.api_key}"
+        if endpoint.auth == "oauth":
+            headers["anthropic-beta"] = OAUTH_BETA
     elif endpoint.api_key:
         headers["x-api-key"] = endpoint.api_key
     headers.update(endpoint.headers)

@@ -1,12 +1,13 @@
 """Load and validate the proxy's configuration.
 
 The file format is the one the original Node tool reads (camelCase keys under ``endpoints``,
-``server``, ``retry`` and ``logging``) plus our ``timeouts`` and ``streaming`` sections. Values
-are layered: built-in defaults, then the YAML file, then ``CLAUDE_FALLBACK_*`` environment
-variables, then command-line overrides. Each dataclass field names its file key and the check
-that converts it, so that table is the whole schema. Durations are milliseconds in the file
-and seconds in the dataclasses. Every problem found is reported at once in one
-:class:`ConfigError` that says where the bad value came from and what was expected.
+``server``, ``retry`` and ``logging``) plus our ``timeouts``, ``streaming`` and ``routing``
+sections. Values are layered: built-in defaults, then the YAML file, then
+``CLAUDE_FALLBACK_*`` environment variables, then command-line overrides. Each dataclass
+field names its file key and the check that converts it, so that table is the whole schema.
+Durations are milliseconds in the file and seconds in the dataclasses. Every problem found
+is reported at once in one :class:`ConfigError` that says where the bad value came from
+and what was expected.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from urllib.parse import urlsplit
 import yaml
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
+OAUTH_KEY_PREFIX = "sk-ant-oat"  # OAuth tokens of Claude subscriptions, e.g. from `claude setup-token`
+OAUTH_BETA = "oauth-2025-04-20"  # the API takes such a token only with this beta
 
 Check = Callable[[Any], Any]
 _T = TypeVar("_T", bound="DataclassInstance")
@@ -186,10 +189,17 @@ class Endpoint:
     name: str = _key("name", _string)
     base_url: str = _key("baseUrl", _url)
     api_key: str | None = _key("apiKey", _secret, default=None, secret=True)
-    auth_header: str = _key("authHeader", _choice("x-api-key", "bearer"), default="x-api-key")
+    auth_header: str | None = _key("authHeader", _choice("x-api-key", "bearer", "oauth"), default=None)
     headers: tuple[tuple[str, str], ...] = _key("headers", _pairs("header names"), (), secret=True)
     models: tuple[tuple[str, str], ...] = _key("models", _pairs("model names"), default=())
     enabled: bool = _key("enabled", _boolean, default=True)
+
+    @property
+    def auth(self) -> str:
+        """How the key is sent: `authHeader`, else `oauth` for a subscription token, else `x-api-key`."""
+        if self.auth_header:
+            return self.auth_header
+        return "oauth" if (self.api_key or "").startswith(OAUTH_KEY_PREFIX) else "x-api-key"
 
     def map_model(self, model: str) -> str:
         """The model name to send here: an exact entry, else the ``*`` entry, else unchanged."""
@@ -253,12 +263,22 @@ class Streaming:
     ratelimit_threshold: int = _key("ratelimitThreshold", _integer(0), default=0)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Which usable endpoint a request goes to first; see routing.py."""
+
+    strategy: str = _key("strategy", _choice("priority", "least-utilized"), default="priority")
+    session_affinity: bool = _key("sessionAffinity", _boolean, default=True)
+    step_aside_at: float | None = _key("stepAsideAt", _number(0, 1), default=None)
+
+
 _SECTIONS: dict[str, type] = {
     "server": Server,
     "retry": Retry,
     "logging": Logging,
     "timeouts": Timeouts,
     "streaming": Streaming,
+    "routing": Routing,
 }
 _ENV_OPTIONS = {
     "CLAUDE_FALLBACK_PORT": "server.port",
@@ -277,6 +297,7 @@ class Config:
     logging: Logging = field(default_factory=Logging)
     timeouts: Timeouts = field(default_factory=Timeouts)
     streaming: Streaming = field(default_factory=Streaming)
+    routing: Routing = field(default_factory=Routing)
     source: str | None = None
 
     @property

@@ -2,8 +2,10 @@
 
 A failed endpoint is skipped while it cools. When the cooldown ends, the first request
 that asks takes the single probe slot; every other request keeps skipping the endpoint
-until the probe reports back. All of this runs on one event loop, so plain attributes
-are enough: no request can interleave between a check and the update that follows it.
+until the probe reports back. Each state also keeps the endpoint's usage windows as its
+responses last reported them (limits.py), which routing reads. All of this runs on one
+event loop, so plain attributes are enough: no request can interleave between a check
+and the update that follows it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from . import limits
 from .config import Endpoint
 
 Clock = Callable[[], float]
@@ -19,6 +22,8 @@ Clock = Callable[[], float]
 HEALTHY = "healthy"
 COOLING = "cooling"
 PROBING = "probing"
+# How an endpoint's usage windows stand (`limit_state`); a change is worth a log line.
+LIMITS_OK, SATURATED, REJECTED, OVERAGE = "ok", "saturated", "rejected", "overage"
 
 
 @dataclass
@@ -32,6 +37,11 @@ class EndpointState:
     last_error: str = ""
     last_error_at: float | None = None
     last_success_at: float | None = None
+    windows: dict[str, limits.Window] = field(default_factory=dict)
+    limits_status: str | None = None
+    limits_reset: float | None = None
+    overage_in_use: bool = False
+    limits_logged: str = LIMITS_OK  # the limit state last logged
 
     @property
     def name(self) -> str:
@@ -59,8 +69,10 @@ class EndpointState:
         return True
 
     def succeeded(self) -> None:
-        self.cooling_until = 0.0
-        self.cooling_reason = ""
+        """An answer worth relaying: the cooldown ends, unless the endpoint's windows still refuse."""
+        if self.rejected_until() is None:
+            self.cooling_until = 0.0
+            self.cooling_reason = ""
         self.probe_in_flight = False
         self.consecutive_failures = 0
         self.last_success_at = self.clock()
@@ -82,20 +94,69 @@ class EndpointState:
         """The probe ended without a verdict (the client went away): let another request probe."""
         self.probe_in_flight = False
 
-    def snapshot(self) -> dict[str, object]:
+    def observe(self, reading: limits.Reading) -> None:
+        """Takes in what a response said about the limits; windows it did not mention stay."""
+        self.windows = {**self.current_windows(), **reading.windows}
+        if reading.status is not None:
+            self.limits_status, self.limits_reset = reading.status, reading.resets_at
+            self.overage_in_use = reading.overage_in_use
+
+    def current_windows(self) -> dict[str, limits.Window]:
+        now = self.clock()
+        return {name: window for name, window in self.windows.items() if window.current(now)}
+
+    def worst_utilization(self) -> float:
+        """The fullest window's utilization; 0 when nothing is known (an unused endpoint)."""
+        return max((w.utilization or 0.0 for w in self.current_windows().values()), default=0.0)
+
+    def rejected_until(self) -> float | None:
+        """When the last of the windows that refuse requests reopens; None when none refuses."""
+        now = self.clock()
+        resets = [
+            w.resets_at
+            for w in self.current_windows().values()
+            if w.status == limits.REJECTED and w.resets_at
+        ]
+        if not resets and self.limits_status == limits.REJECTED and (self.limits_reset or 0) > now:
+            resets = [self.limits_reset or 0.0]
+        return max(resets, default=None)
+
+    def limit_state(self, step_aside_at: float | None) -> str:
+        if self.rejected_until() is not None:
+            return OVERAGE if self.overage_in_use else REJECTED
+        if step_aside_at is not None and self.worst_utilization() >= step_aside_at:
+            return SATURATED
+        return LIMITS_OK
+
+    def usable_in_overage(self) -> bool:
+        """Refused by its windows but answering as paid extra usage: a last resort."""
+        return self.overage_in_use and not self.probe_in_flight and self.rejected_until() is not None
+
+    def snapshot(self, step_aside_at: float | None = None) -> dict[str, object]:
         status = self.status
+        limit_state = self.limit_state(step_aside_at)
         return {
             "name": self.name,
             "baseUrl": self.endpoint.base_url,
             "enabled": self.endpoint.enabled,
             "status": status,
-            "coolingUntil": _iso(self.cooling_until) if status != HEALTHY else None,
+            "coolingUntil": iso_time(self.cooling_until) if status != HEALTHY else None,
             "cooldownSecondsLeft": round(self.cooldown_left(), 3),
             "reason": self.cooling_reason or None,
             "consecutiveFailures": self.consecutive_failures,
             "lastError": self.last_error or None,
-            "lastErrorAt": _iso(self.last_error_at),
-            "lastSuccessAt": _iso(self.last_success_at),
+            "lastErrorAt": iso_time(self.last_error_at),
+            "lastSuccessAt": iso_time(self.last_success_at),
+            "limits": {
+                name: {
+                    "utilization": window.utilization,
+                    "status": window.status,
+                    "resetsAt": iso_time(window.resets_at),
+                }
+                for name, window in self.current_windows().items()
+            },
+            "saturated": limit_state == SATURATED,
+            "overage": limit_state == OVERAGE,
         }
 
 
@@ -128,7 +189,7 @@ class EndpointPool:
         return len(self.states)
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_time(ts: float | None) -> str | None:
     if not ts:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

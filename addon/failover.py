@@ -13,18 +13,19 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
+from . import limits
 from .config import Config
-from .endpoints import EndpointPool, EndpointState
+from .endpoints import LIMITS_OK, EndpointPool, EndpointState, iso_time
 from .logs import EventLog
 from .metrics import Metrics
 from .policy import TIMEOUT_KINDS, AttemptFailed, ErrorResponse, Plan, RetryBudget, backoff_delay
+from .routing import Router, session_of
 from .upstream import ClientRequest, UpstreamClient, UpstreamResponse
 
-RATELIMIT_KINDS = ("requests", "tokens", "input-tokens", "output-tokens")
+WINDOW_REJECTED = "window_rejected"
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Failover:
         metrics: Metrics,
         events: EventLog,
         budget: RetryBudget,
+        router: Router,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -72,13 +74,15 @@ class Failover:
         self.metrics = metrics
         self.events = events
         self.budget = budget
+        self.router = router
 
     async def run(self, request: ClientRequest) -> Outcome:
         retry = self.config.retry
         started = time.monotonic()
         deadline = started + self.config.timeouts.total
         self.budget.record_request(started)
-        plan = Plan(self.pool, retry.max_retries if retry.enabled else 1)
+        session = session_of(request)
+        plan = Plan(self.router.order(self.pool, session), retry.max_retries if retry.enabled else 1)
         outcome = Outcome()
         last_failure: list[AttemptFailed] = []
         backoffs = [0]
@@ -137,6 +141,7 @@ class Failover:
                     except AttemptFailed as failure:
                         last_failure.append(failure)
                         raise
+                    self.router.served(session, state)
         except (AttemptFailed, _NoEndpointLeft):
             outcome.failure = final_failure(last_failure)
         return outcome
@@ -152,27 +157,31 @@ class Failover:
         plan.record(state)
         name = state.name
         started = time.monotonic()
+
+        def judge(response: UpstreamResponse) -> None:
+            self._read_limits(state, response.headers)
+            # A streamed answer from a refused window is billed as extra usage and has not
+            # begun: another account with room should give it instead.
+            until = state.rejected_until()
+            if until and request.streaming and response.status == 200 and plan.has_alternative(state):
+                raise AttemptFailed(
+                    name,
+                    WINDOW_REJECTED,
+                    f"usage window rejected until {iso_time(until)}",
+                    retry_after=until - time.time(),
+                    cool_until=until,
+                )
+
         try:
-            response = await self.client.send(state.endpoint, request, deadline)
+            response = await self.client.send(state.endpoint, request, deadline, judge)
         except AttemptFailed as failure:
             duration = time.monotonic() - started
             plan.mark_failed(state)
             outcome.attempts.append(Attempt(name, failure.kind, duration, failure.detail))
             self.metrics.attempts.labels(name, failure.kind).inc()
-            cooldown = max(self.config.retry.cooldown_seconds, failure.retry_after or 0.0)
-            state.failed(failure.kind, cooldown)
-            self.metrics.cooldowns.labels(name, failure.kind).inc()
-            self.events.event(
-                "endpoint_cooling",
-                logging.WARNING,
-                endpoint=name,
-                reason=failure.kind,
-                status=failure.status,
-                detail=failure.detail,
-                attempt=len(outcome.attempts),
-                cooldown_seconds=round(cooldown, 3),
-                duration_ms=round(duration * 1000, 1),
-            )
+            if failure.response is not None:
+                self._read_limits(state, failure.response.headers)
+            self.endpoint_failed(state, failure, attempt=len(outcome.attempts), duration=duration)
             raise
         except BaseException:
             state.released()
@@ -183,35 +192,66 @@ class Failover:
         self.metrics.attempts.labels(name, kind).inc()
         outcome.attempts.append(Attempt(name, kind, duration, f"HTTP {response.status}"))
         state.succeeded()
-        self._watch_ratelimit(state, response)
+        if until := state.rejected_until():
+            self._cool_for_limits(state, until)
         return response
 
-    def _watch_ratelimit(self, state: EndpointState, response: UpstreamResponse) -> None:
-        """Cools an endpoint whose rate-limit headers say the next request would get a 429."""
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
-        threshold = self.config.streaming.ratelimit_threshold
-        for kind in RATELIMIT_KINDS:
-            remaining = headers.get(f"anthropic-ratelimit-{kind}-remaining")
-            reset = headers.get(f"anthropic-ratelimit-{kind}-reset")
-            if remaining is None or reset is None:
-                continue
-            try:
-                exhausted = int(remaining) <= threshold
-                until = datetime.fromisoformat(reset.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-            if exhausted and until > time.time():
-                reason = f"ratelimit_{kind.replace('-', '_')}_exhausted"
-                state.cool(until, reason)
-                self.metrics.cooldowns.labels(state.name, "ratelimit").inc()
-                self.events.event(
-                    "endpoint_cooling",
-                    logging.WARNING,
-                    endpoint=state.name,
-                    reason=reason,
-                    until=reset,
+    def endpoint_failed(self, state: EndpointState, failure: AttemptFailed, **details: object) -> None:
+        """Cools an endpoint that failed a request, and says so in the metrics and the log."""
+        cooldown = max(self.config.retry.cooldown_seconds, failure.retry_after or 0.0)
+        if failure.cool_until is not None:
+            cooldown = failure.cool_until - time.time()
+        state.failed(failure.kind, cooldown)
+        self.metrics.cooldowns.labels(state.name, failure.kind).inc()
+        self.events.event(
+            "endpoint_cooling",
+            logging.WARNING,
+            endpoint=state.name,
+            reason=failure.kind,
+            status=failure.status,
+            detail=failure.detail,
+            cooldown_seconds=round(cooldown, 3),
+            **{k: v for k, v in details.items() if v is not None},
+        )
+
+    def _read_limits(self, state: EndpointState, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        reading = limits.read(
+            ((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers),
+            self.config.streaming.ratelimit_threshold,
+        )
+        if not reading:
+            return
+        state.observe(reading)
+        limit_state = state.limit_state(self.config.routing.step_aside_at)
+        if limit_state != state.limits_logged:
+            windows = state.current_windows()
+            self.events.event(
+                "endpoint_limits",
+                logging.INFO if limit_state == LIMITS_OK else logging.WARNING,
+                endpoint=state.name,
+                state="reset" if limit_state == LIMITS_OK else limit_state,
+                previous=state.limits_logged,
+                windows=" ".join(
+                    f"{name}={w.utilization:.0%}" for name, w in windows.items() if w.utilization is not None
                 )
-                return
+                or None,
+                resets_at=iso_time(state.rejected_until()),
+            )
+            state.limits_logged = limit_state
+
+    def _cool_for_limits(self, state: EndpointState, until: float) -> None:
+        """Skips an endpoint whose answer came from a refused window, until the window reopens."""
+        if until <= state.cooling_until:
+            return
+        windows = state.current_windows()
+        refused = [n for n, w in windows.items() if w.status == limits.REJECTED and w.resets_at == until]
+        api_key = refused and refused[0] in limits.API_KEY_WINDOWS
+        reason = f"ratelimit_{refused[0].replace('-', '_')}_exhausted" if api_key else WINDOW_REJECTED
+        state.cool(until, reason)
+        self.metrics.cooldowns.labels(state.name, "ratelimit" if api_key else WINDOW_REJECTED).inc()
+        self.events.event(
+            "endpoint_cooling", logging.WARNING, endpoint=state.name, reason=reason, until=iso_time(until)
+        )
 
 
 def final_failure(failures: list[AttemptFailed]) -> Failure:

@@ -39,11 +39,27 @@ class _EndpointCollector(Collector):
             "Failures since the endpoint last answered well.",
             labels=["endpoint"],
         )
+        # `window` takes the names the endpoint sends (5h, 7d, requests, ...), a few at most
+        utilization = GaugeMetricFamily(
+            f"{NAMESPACE}_endpoint_ratelimit_utilization",
+            "How full each usage window of the endpoint is (0 to 1), as its last response said.",
+            labels=["endpoint", "window"],
+        )
+        resets = GaugeMetricFamily(
+            f"{NAMESPACE}_endpoint_ratelimit_reset_timestamp_seconds",
+            "When each usage window of the endpoint reopens (Unix time).",
+            labels=["endpoint", "window"],
+        )
         for state in self.pool():
             up.add_metric([state.name], 0 if state.status == COOLING else 1)
             left.add_metric([state.name], state.cooldown_left())
             failures.add_metric([state.name], state.consecutive_failures)
-        yield from (up, left, failures)
+            for window, reading in state.current_windows().items():
+                if reading.utilization is not None:
+                    utilization.add_metric([state.name, window], reading.utilization)
+                if reading.resets_at is not None:
+                    resets.add_metric([state.name, window], reading.resets_at)
+        yield from (up, left, failures, utilization, resets)
 
 
 class Metrics:

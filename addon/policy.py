@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .config import Retry
-from .endpoints import EndpointPool, EndpointState
+from .endpoints import HEALTHY, EndpointState
 
 TIMEOUT_KINDS = frozenset({"connect_timeout", "first_byte_timeout", "idle_timeout"})
 
@@ -32,7 +32,9 @@ class AttemptFailed(Exception):
     """One attempt at one endpoint failed in a way another attempt may fix.
 
     `kind` is one of: status, refused, reset, dns, tls, connect_timeout,
-    first_byte_timeout, closed, malformed, sse_error, idle_timeout (a metrics label).
+    first_byte_timeout, closed, malformed, sse_error, idle_timeout, window_rejected (a
+    metrics label). `cool_until`, when the endpoint said when it reopens, is how long it
+    cools, whatever `cooldownSeconds` says.
     """
 
     def __init__(
@@ -44,6 +46,7 @@ class AttemptFailed(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         response: ErrorResponse | None = None,
+        cool_until: float | None = None,
     ) -> None:
         super().__init__(f"{endpoint}: {detail}")
         self.endpoint = endpoint
@@ -52,6 +55,7 @@ class AttemptFailed(Exception):
         self.status = status
         self.retry_after = retry_after
         self.response = response
+        self.cool_until = cool_until
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -118,27 +122,38 @@ class RetryBudget:
 class Plan:
     """Which endpoint a request tries next.
 
-    An endpoint that is usable and has not failed this request comes first, in config
-    order, with no wait. Only when none is left does the request wait (backoff) and go
-    back to the endpoint whose cooldown ends first, up to `maxRetries` attempts each.
+    An endpoint that is usable and has not failed this request comes first, in the order
+    routing gave; then an account that answers only as paid extra usage (an answer beats
+    an error). Only when none is left does the request wait (backoff) and go back to the
+    endpoint whose cooldown ends first, up to `maxRetries` attempts each.
     """
 
-    pool: EndpointPool
+    order: list[EndpointState]
     max_attempts: int
     attempts: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
 
     def fresh(self) -> EndpointState | None:
-        for state in self.pool:
+        for state in self.order:
             if state.name not in self.failed and state.take():
+                return state
+        for state in self.order:
+            if state.name not in self.failed and state.usable_in_overage():
                 return state
         return None
 
     def has_fresh(self) -> bool:
-        return any(state.name not in self.failed and state.status == "healthy" for state in self.pool)
+        return any(self.is_fresh(state) for state in self.order)
+
+    def has_alternative(self, to: EndpointState) -> bool:
+        """Whether an endpoint other than `to` could still take this request without waiting."""
+        return any(state is not to and self.is_fresh(state) for state in self.order)
+
+    def is_fresh(self, state: EndpointState) -> bool:
+        return state.name not in self.failed and (state.status == HEALTHY or state.usable_in_overage())
 
     def fallback(self) -> EndpointState | None:
-        left = [s for s in self.pool if self.attempts.get(s.name, 0) < self.max_attempts]
+        left = [s for s in self.order if self.attempts.get(s.name, 0) < self.max_attempts]
         if not left:
             return None
         return min(left, key=lambda s: (s.name in self.failed, s.cooling_until))

@@ -29,8 +29,9 @@ from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
-from .policy import RetryBudget
+from .policy import AttemptFailed, RetryBudget
 from .resume import ResumingResponse, can_resume
+from .routing import Router
 from .sseview import stream_view
 from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
@@ -63,6 +64,7 @@ class Fallback:
         self.client: UpstreamClient | None = None
         self.failover: Failover | None = None
         self.budget = RetryBudget(0.2, 10)
+        self.router: Router | None = None
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
         self.draining = False
@@ -292,6 +294,8 @@ class Fallback:
         self.events.mask = config.logging.redact_keys
         self.budget.ratio = config.retry.budget_ratio
         self.budget.min_retries = config.retry.budget_min_retries
+        # sessions stay where they are across reloads
+        self.router = Router(config.routing, self.router.sessions if self.router else None)
         self.config_mtime = _mtime(config.source)
         if config.source and _readable_by_others(config.source):
             self.events.event(
@@ -311,8 +315,10 @@ class Fallback:
         self.build_failover()
 
     def build_failover(self) -> None:
-        assert self.config is not None and self.client is not None
-        self.failover = Failover(self.config, self.pool, self.client, self.metrics, self.events, self.budget)
+        assert self.config is not None and self.client is not None and self.router is not None
+        self.failover = Failover(
+            self.config, self.pool, self.client, self.metrics, self.events, self.budget, self.router
+        )
 
     def watch(self) -> None:
         loop = asyncio.get_running_loop()
@@ -401,7 +407,9 @@ class Fallback:
         return False
 
     def health(self) -> tuple[int, dict[str, Any]]:
-        endpoints = [state.snapshot() for state in self.pool]
+        assert self.config is not None and self.router is not None
+        routing = self.config.routing
+        endpoints = [state.snapshot(routing.step_aside_at) for state in self.pool]
         usable = sum(1 for e in endpoints if e["status"] != COOLING)
         status = "ok" if usable == len(endpoints) else "degraded" if usable else "unavailable"
         document = {
@@ -409,6 +417,12 @@ class Fallback:
             "version": __version__,
             "uptimeSeconds": round(time.time() - self.started_at, 3),
             "activeStreams": len(self.inflight),
+            "routing": {
+                "strategy": routing.strategy,
+                "sessionAffinity": self.router.affinity,
+                "stepAsideAt": routing.step_aside_at,
+                "sessions": len(self.router.sessions),
+            },
             "endpoints": endpoints,
         }
         return (200 if usable else 503), document
@@ -531,10 +545,10 @@ class Fallback:
         self, request: ClientRequest, broken: str, reason: str
     ) -> UpstreamResponse | None:
         """Continues a stream that broke mid-answer on the next endpoint that answers."""
-        assert self.config is not None and self.failover is not None
+        assert self.failover is not None
         for state in self.pool:
             if state.name == broken:
-                state.failed(reason, self.config.retry.cooldown_seconds)
+                self.failover.endpoint_failed(state, AttemptFailed(broken, reason, "stream broke mid-answer"))
         outcome = await self.failover.run(request)
         response = outcome.response
         if response is None or response.status != 200:

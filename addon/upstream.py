@@ -13,7 +13,7 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import sse
-from .config import Config, Endpoint
+from .config import OAUTH_BETA, Config, Endpoint
 from .policy import AttemptFailed, ErrorResponse, retry_after_seconds
 
 HOP_BY_HOP = frozenset(
@@ -82,7 +82,12 @@ def upstream_url(endpoint: Endpoint, path: str) -> URL:
 
 
 def upstream_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras."""
+    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras.
+
+    An endpoint with a key of its own gets the client's betas merged into one
+    `anthropic-beta` header, with the OAuth beta added for a subscription token and taken
+    out for an API key (a client logged in to a subscription sends it).
+    """
     connection_tokens = {
         token.strip().lower()
         for name, value in request.headers
@@ -91,16 +96,29 @@ def upstream_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[s
     }
     skip = NOT_FORWARDED | connection_tokens
     if endpoint.api_key:
-        skip = skip | {"x-api-key", "authorization"}
+        skip = skip | {"x-api-key", "authorization", "anthropic-beta"}
     extra = {name.lower() for name, _ in endpoint.headers}
     headers = [(n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra]
     if endpoint.api_key:
-        if endpoint.auth_header == "bearer":
-            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
-        else:
+        auth = endpoint.auth
+        if auth == "x-api-key":
             headers.append(("x-api-key", endpoint.api_key))
-    headers.extend(endpoint.headers)
+        else:
+            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
+        betas = _betas((*request.headers, *endpoint.headers))
+        betas = [b for b in betas if b != OAUTH_BETA] + ([OAUTH_BETA] if auth == "oauth" else [])
+        if betas:
+            headers.append(("anthropic-beta", ",".join(betas)))
+    headers.extend(
+        (n, v) for n, v in endpoint.headers if not (endpoint.api_key and n.lower() == "anthropic-beta")
+    )
     return headers
+
+
+def _betas(headers: tuple[tuple[str, str], ...]) -> list[str]:
+    """Every `anthropic-beta` value, in order, once each."""
+    values = (v for n, v in headers if n.lower() == "anthropic-beta")
+    return list(dict.fromkeys(b.strip() for value in values for b in value.split(",") if b.strip()))
 
 
 def upstream_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
@@ -301,7 +319,10 @@ class UpstreamClient:
         endpoint: Endpoint,
         request: ClientRequest,
         deadline: float,
+        judge: Callable[[UpstreamResponse], None] | None = None,
     ) -> UpstreamResponse:
+        """Sends one attempt. `judge` sees an acceptable answer's headers before a stream's
+        preamble is held, and may still refuse it by raising AttemptFailed."""
         assert self.session is not None
         timeouts = self.config.timeouts
         header_wait = timeouts.first_byte if request.streaming else timeouts.response
@@ -338,6 +359,12 @@ class UpstreamClient:
         )
         if resp.status in self.config.retry.statuses:
             raise await self._error_response(answer, resp)
+        if judge is not None:
+            try:
+                judge(answer)
+            except AttemptFailed:
+                resp.close()
+                raise
         if resp.status == 200 and resp.content_type == "text/event-stream":
             answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
             if answer.decoder is not None:

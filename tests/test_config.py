@@ -389,7 +389,7 @@ def test_header_values_must_be_strings(tmp_path: Path) -> None:
 
 def test_unknown_auth_header_is_an_error(tmp_path: Path) -> None:
     text = "endpoints:\n  - {baseUrl: 'https://a.example', authHeader: basic}\n"
-    with pytest.raises(ConfigError, match=r"authHeader: expected one of x-api-key, bearer"):
+    with pytest.raises(ConfigError, match=r"authHeader: expected one of x-api-key, bearer, oauth"):
         load(tmp_path, text)
 
 
@@ -523,3 +523,52 @@ def test_repr_hides_keys() -> None:
 )
 def test_mask_secret(value: str, masked: str) -> None:
     assert mask_secret(value) == masked
+
+
+# --- subscriptions and routing ----------------------------------------------------------
+
+OAUTH_TOKEN = "sk-ant-oat01-" + "t0k3n" * 12
+
+
+def test_an_oauth_token_is_sent_as_oauth_unless_auth_header_says_otherwise(tmp_path: Path) -> None:
+    text = (
+        "endpoints:\n"
+        f"  - {{name: sub, baseUrl: 'https://a.example', apiKey: {OAUTH_TOKEN}}}\n"
+        f"  - {{name: forced, baseUrl: 'https://a.example', apiKey: {OAUTH_TOKEN}, authHeader: bearer}}\n"
+        f"  - {{name: key, baseUrl: 'https://a.example', apiKey: {KEY}}}\n"
+        f"  - {{name: oauth, baseUrl: 'https://a.example', apiKey: {KEY}, authHeader: oauth}}\n"
+    )
+    config = load(tmp_path, text)
+    assert [e.auth for e in config.endpoints] == ["oauth", "bearer", "x-api-key", "oauth"]
+
+
+def test_routing_defaults_change_nothing(tmp_path: Path) -> None:
+    routing = load(tmp_path, "endpoints: ['https://a.example']\n").routing
+    assert (routing.strategy, routing.session_affinity, routing.step_aside_at) == ("priority", True, None)
+
+
+def test_routing_keys_are_read(tmp_path: Path) -> None:
+    text = "routing: {strategy: least-utilized, sessionAffinity: false, stepAsideAt: 0.95}\n"
+    routing = load(tmp_path, text).routing
+    assert (routing.strategy, routing.session_affinity, routing.step_aside_at) == (
+        "least-utilized",
+        False,
+        0.95,
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("routing: {strategy: round-robin}", r"routing\.strategy: expected one of priority, least-utilized"),
+        ("routing: {stickiness: true}", r"routing\.stickiness: unknown key; expected one of strategy, "),
+        (
+            "routing: {stepAsideAt: 1.5}",
+            r"routing\.stepAsideAt: expected a number from 0 to 1, got number 1.5",
+        ),
+    ],
+)
+def test_bad_routing_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as error:
+        load(tmp_path, text + "\n")
+    assert str(tmp_path / "config.yaml") in str(error.value)
