@@ -901,7 +901,24 @@ def _parse_header(spec: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
-def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior]:
+def _parse_window(spec: str) -> Window:
+    name, _, rest = spec.partition("=")
+    util, _, reset_in = rest.partition(":")
+    # A window named like "7d" or "5h" lasts that long; any other lasts the default 5 hours.
+    span = re.match(r"(\d+)([hd])", name)
+    length = int(span[1]) * (3600 if span[2] == "h" else 86400) if span else Window.length
+    try:
+        resets_in = float(reset_in) if reset_in else length
+        if not resets_in > 0:
+            raise ValueError("RESET_IN_SECONDS must be > 0")
+        return Window(name, float(util), length=length, resets_at=time.time() + resets_in)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=UTILIZATION[:RESET_IN_SECONDS] such as 5h=0.5:3600, got {spec!r} ({e})"
+        ) from e
+
+
+def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior, Account | None]:
     parser = argparse.ArgumentParser(
         prog="python -m claude_code_fallback.fakeapi",
         description="Run a fake Anthropic API on 127.0.0.1 in the foreground.",
@@ -923,9 +940,29 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
     parser.add_argument("--after-events", type=int, default=0, help="events before misbehaving")
     parser.add_argument("--body-size", type=int, default=0, help="minimum JSON body size")
     parser.add_argument("--gzip", action="store_true", help="gzip response bodies")
+    parser.add_argument(
+        "--window",
+        action="append",
+        type=_parse_window,
+        default=[],
+        metavar="NAME=UTIL[:RESET_IN_SECONDS]",
+        help="play a subscription account with this usage window (repeatable), e.g. 5h=0.5:3600;"
+        " a window named 5h or 7d... lasts 5 hours or 7 days, others 5 hours",
+    )
+    parser.add_argument("--per-request", type=float, help="utilization each request uses (0.01)")
+    parser.add_argument("--overage", action="store_true", help="serve past a spent window as overage")
     args = parser.parse_args(argv)
     if args.kind == "status" and args.status is None:
         parser.error("--kind status needs --status")
+    account = None
+    if args.window:
+        use = Window.per_request if args.per_request is None else args.per_request
+        try:
+            account = Account(*(replace(w, per_request=use) for w in args.window), overage=args.overage)
+        except ValueError as e:
+            parser.error(f"--window: {e}")
+    elif args.overage or args.per_request is not None:
+        parser.error("--overage and --per-request need at least one --window")
     behavior = Behavior(
         kind=args.kind,
         status=args.status or 200,
@@ -937,7 +974,7 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
         body_size=args.body_size,
         delay=args.delay,
     )
-    return args, behavior
+    return args, behavior, account
 
 
 async def _run(fake: FakeAnthropic) -> None:
@@ -952,9 +989,10 @@ async def _run(fake: FakeAnthropic) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, behavior = _arguments(argv)
+    args, behavior, account = _arguments(argv)
     fake = FakeAnthropic(args.name, args.port)
     fake.behavior = behavior
+    fake.account = account
     fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
     try:
         asyncio.run(_run(fake))

@@ -20,6 +20,7 @@ from typing import Any
 import anthropic
 import pytest
 
+from addon import fakeapi
 from addon.fakeapi import Account, Behavior, FakeAnthropic, Window, blackhole_listener
 
 from .conftest import wait_until
@@ -582,3 +583,38 @@ def test_account_rejects_bad_windows() -> None:
         Window("5h", length=0)
     with pytest.raises(KeyError, match="no window '7d'"):
         Account(Window("5h")).set("7d", 0.5)
+
+
+def test_cli_plays_an_account() -> None:
+    started = time.time()
+    with run_cli("--window", "5h=0.5:100", "--window", "7d=1", "--per-request", "0.1", "--overage") as fake:
+        first, _ = request(fake, MESSAGE)
+        second, _ = request(fake, {**MESSAGE, "stream": True})
+    assert (first.status, second.status) == (200, 200)
+    headers = unified(first)
+    assert (headers["status"], headers["representative-claim"]) == ("rejected", "seven_day")
+    assert (headers["overage-status"], headers["overage-in-use"]) == ("allowed", "true")
+    assert started + 100 <= int(headers["5h-reset"]) <= time.time() + 101
+    assert started + 604800 <= int(headers["7d-reset"]) <= time.time() + 604801
+    assert [unified(r)["5h-utilization"] for r in (first, second)] == ["0.5", "0.6"]
+    with run_cli("--window", "5h=1:100") as fake:
+        response, data = request(fake, MESSAGE)
+    assert (response.status, json.loads(data)["error"]["type"]) == (429, "rate_limit_error")
+    assert response.getheader("retry-after") in ("99", "100")
+    assert unified(response)["overage-status"] == "rejected"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--window", "5h"], "expected NAME=UTILIZATION[:RESET_IN_SECONDS]"),
+        (["--window", "5h=0.5:0"], "RESET_IN_SECONDS must be > 0"),
+        (["--window", "5h=-1"], "utilization and use >= 0"),
+        (["--window", "5h=0", "--window", "5h=1"], "duplicate window names"),
+        (["--overage"], "need at least one --window"),
+    ],
+)
+def test_cli_rejects_bad_windows(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        fakeapi.main(argv)
+    assert message in capsys.readouterr().err
