@@ -10,6 +10,9 @@ client went away mid-answer (`disconnects`). It runs in its own daemon thread
 (`start_in_thread`) for synchronous tests or inside a running loop (`start`), and
 `python -m claude_code_fallback.fakeapi` runs one in the foreground. Routes match on the
 path suffix, so a base URL with a provider prefix (`<url>/api/anthropic`) works too.
+With an `account` set it plays a Claude subscription: each Messages request uses up its
+usage windows, answers carry the `anthropic-ratelimit-unified-*` headers, and a spent
+window means a 429, or a 200 billed as overage when the account allows it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import contextlib
 import gzip
 import itertools
 import json
+import math
 import re
 import select
 import signal
@@ -29,7 +33,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
 from typing import Any
@@ -145,6 +149,15 @@ _SSE_PIECE = 16 * 1024  # longest text_delta when a padded ("large") text is str
 _READ_SIZE = 256 * 1024
 _MAX_HEAD = 64 * 1024
 _WORDS = re.compile(r"^\s+|\S+\s*")
+_WINDOW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_UNIFIED = "anthropic-ratelimit-unified-"
+_CLAIMS = {
+    "5h": "five_hour",
+    "7d": "seven_day",
+    "7d_oi": "seven_day_oi",
+    "7d-sonnet": "seven_day_sonnet",
+    "7d-opus": "seven_day_opus",
+}
 
 
 @dataclass(frozen=True)
@@ -204,6 +217,120 @@ class SeenRequest:
         return json.loads(self.body)
 
 
+@dataclass
+class Window:
+    """One usage window of a fake subscription account.
+
+    `name` appears in the header names (`5h`, `7d`, `7d-sonnet`, ...). Every Messages
+    request the account serves adds `per_request` to `utilization`; once `resets_at`
+    (epoch seconds, 0: `length` from construction) has passed, utilization is back to 0
+    and `resets_at` moves on by as many `length`s as it takes to be in the future.
+    """
+
+    name: str
+    utilization: float = 0.0
+    per_request: float = 0.01
+    length: float = 18000.0
+    resets_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not _WINDOW_NAME.fullmatch(self.name):
+            raise ValueError(f"window name {self.name!r} must be letters, digits, '_', '.' or '-'")
+        if not (self.length > 0 and self.utilization >= 0 and self.per_request >= 0):
+            raise ValueError(f"window {self.name!r}: length must be > 0, utilization and use >= 0")
+        if not self.resets_at:
+            self.resets_at = time.time() + self.length
+
+    def _roll(self, now: float) -> None:
+        if now >= self.resets_at:
+            self.utilization = 0.0
+            self.resets_at += self.length * (math.floor((now - self.resets_at) / self.length) + 1)
+
+    def _status(self, warning_at: float) -> str:
+        if self.utilization >= 1.0:
+            return "rejected"
+        return "allowed_warning" if self.utilization >= warning_at else "allowed"
+
+
+class Account:
+    """A fake subscription account: usage windows that every Messages request uses up.
+
+    A window at utilization 1.0 or more is rejected: the request gets a 429 with a
+    `retry-after` until the window reopens, or, with `overage`, a 200 that reports
+    `overage-in-use: true`. Headers describe the account as it was when it admitted the
+    request, before that request's use is added. Thread-safe: tests change it while the
+    server thread reads it.
+    """
+
+    def __init__(self, *windows: Window, overage: bool = False, warning_at: float = 0.8) -> None:
+        if not windows:
+            raise ValueError("an account needs at least one window")
+        self._windows = {w.name: replace(w) for w in windows}
+        if len(self._windows) != len(windows):
+            raise ValueError(f"duplicate window names in {[w.name for w in windows]}")
+        self.overage = overage
+        self.warning_at = warning_at
+        self._lock = threading.Lock()
+
+    def set(self, name: str, utilization: float | None = None, resets_at: float | None = None) -> None:
+        """Change window `name`'s utilization and/or reset time."""
+        with self._lock:
+            if name not in self._windows:
+                raise KeyError(f"no window {name!r}; the account has {list(self._windows)}")
+            window = self._windows[name]
+            if utilization is not None:
+                window.utilization = utilization
+            if resets_at is not None:
+                window.resets_at = resets_at
+
+    def snapshot(self) -> dict[str, Window]:
+        """Copies of the windows, after applying resets."""
+        with self._lock:
+            now = time.time()
+            for window in self._windows.values():
+                window._roll(now)
+            return {name: replace(w) for name, w in self._windows.items()}
+
+    def admit(self) -> tuple[list[tuple[str, str]], int | None]:
+        """Take one Messages request: the unified headers, and a retry-after if it is refused."""
+        with self._lock:
+            now = time.time()
+            windows = list(self._windows.values())
+            for window in windows:
+                window._roll(now)
+            statuses = [w._status(self.warning_at) for w in windows]
+            rejected = [w for w, status in zip(windows, statuses, strict=True) if status == "rejected"]
+            if rejected:
+                binding, status = max(rejected, key=lambda w: w.resets_at), "rejected"
+            else:
+                binding = max(windows, key=lambda w: w.utilization)
+                status = "allowed_warning" if "allowed_warning" in statuses else "allowed"
+            # Whole seconds rounded up: waiting until the reset shown finds the window open.
+            reset = str(math.ceil(binding.resets_at))
+            headers = [
+                (_UNIFIED + "status", status),
+                (_UNIFIED + "reset", reset),
+                (_UNIFIED + "representative-claim", _CLAIMS.get(binding.name, binding.name)),
+            ]
+            for w, window_status in zip(windows, statuses, strict=True):
+                headers += [
+                    (f"{_UNIFIED}{w.name}-utilization", str(round(min(w.utilization, 1.0), 4))),
+                    (f"{_UNIFIED}{w.name}-reset", str(math.ceil(w.resets_at))),
+                    (f"{_UNIFIED}{w.name}-status", window_status),
+                ]
+            headers += [
+                (_UNIFIED + "overage-status", "allowed" if self.overage else "rejected"),
+                (_UNIFIED + "overage-in-use", "true" if rejected and self.overage else "false"),
+                (_UNIFIED + "overage-reset", reset),
+            ]
+            if rejected and not self.overage:
+                return headers, math.ceil(binding.resets_at - now)
+            for window in windows:
+                # Rounded so that 100 uses of 0.01 make exactly 1.0, not 0.9999999999999999.
+                window.utilization = round(window.utilization + window.per_request, 9)
+            return headers, None
+
+
 @dataclass(slots=True)
 class _Exchange:
     """One request being answered on one connection."""
@@ -213,10 +340,15 @@ class _Exchange:
     seen: SeenRequest
     keep_alive: bool
     number: int
+    extra_headers: bytes = b""
 
     @property
     def head_only(self) -> bool:
         return self.seen.method == "HEAD"
+
+    @property
+    def is_messages(self) -> bool:
+        return self.seen.method == "POST" and self.seen.path.split("?", 1)[0].endswith("/v1/messages")
 
 
 def _reason(status: int) -> str:
@@ -231,9 +363,11 @@ def _status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {_reason(status)}\r\n".encode()
 
 
-@lru_cache(maxsize=256)
-def _header_lines(headers: tuple[tuple[str, str], ...]) -> bytes:
+def _lines(headers: Sequence[tuple[str, str]]) -> bytes:
     return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers)
+
+
+_header_lines = lru_cache(maxsize=256)(_lines)
 
 
 @lru_cache(maxsize=64)
@@ -311,7 +445,8 @@ class FakeAnthropic:
     `behavior` answers every request unless `script` holds behaviours, which are then used
     one per request, in order. Set either from any thread at any time. Every request is
     counted in `request_count` and recorded in `requests` once fully read and before it is
-    answered; set `keep` to remember only the latest few (long load runs).
+    answered; set `keep` to remember only the latest few (long load runs). With an
+    `account` (settable likewise), POST .../v1/messages goes through it before `behavior`.
     """
 
     def __init__(self, name: str = "fake", port: int = 0) -> None:
@@ -322,6 +457,7 @@ class FakeAnthropic:
         self.requests: list[SeenRequest] = []
         self.request_count = 0
         self.keep: int | None = None
+        self.account: Account | None = None
         self.disconnects: list[float] = []
         self.open_connections = 0
         self._cond = threading.Condition()
@@ -410,7 +546,7 @@ class FakeAnthropic:
     # -- what tests read ------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget requests, disconnects, script and `keep`; answer `ok` again."""
+        """Forget requests, disconnects, script, `keep` and `account`; answer `ok` again."""
         with self._cond:
             self.requests.clear()
             self.request_count = 0
@@ -418,6 +554,7 @@ class FakeAnthropic:
             self.script = []
             self.behavior = Behavior()
             self.keep = None
+            self.account = None
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
         """Block until `n` requests have been seen (from another thread than the server's)."""
@@ -467,6 +604,13 @@ class FakeAnthropic:
                         del self.requests[: len(self.requests) - self.keep]
                     behavior = self.script.pop(0) if self.script else self.behavior
                     self._cond.notify_all()
+                account = self.account
+                if account is not None and exchange.is_messages:
+                    headers, retry_after = account.admit()
+                    exchange.extra_headers = _lines(headers)
+                    if retry_after is not None:
+                        refusal = (*behavior.headers, ("retry-after", str(retry_after)))
+                        behavior = Behavior("status", 429, headers=refusal)
                 slow = behavior.delay or behavior.event_delay or behavior.kind in ("hang", "stall")
                 try:
                     if slow:
@@ -575,7 +719,7 @@ class FakeAnthropic:
             parts.append(b"content-length: %d\r\n" % length)
         if gzipped:
             parts.append(b"content-encoding: gzip\r\n")
-        parts += [b"request-id: req_fake_%d\r\n" % x.number, self._name_line]
+        parts += [b"request-id: req_fake_%d\r\n" % x.number, self._name_line, x.extra_headers]
         if b.headers:
             parts.append(_header_lines(b.headers))
         if b.kind == "huge_headers":
@@ -600,10 +744,10 @@ class FakeAnthropic:
             return False
         if kind == "status":
             return await self._send_json(x, b, b.status, error_body(b.status))
+        if x.is_messages:
+            return await self._messages(x, b)
         path = x.seen.path.split("?", 1)[0]
         method = x.seen.method
-        if method == "POST" and path.endswith("/v1/messages"):
-            return await self._messages(x, b)
         if method == "POST" and path.endswith("/v1/messages/count_tokens"):
             body = _COUNT_TOKENS
         elif method in ("GET", "HEAD") and path.endswith("/v1/models"):
@@ -757,7 +901,24 @@ def _parse_header(spec: str) -> tuple[str, str]:
     return name.strip().lower(), value.strip()
 
 
-def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior]:
+def _parse_window(spec: str) -> Window:
+    name, _, rest = spec.partition("=")
+    util, _, reset_in = rest.partition(":")
+    # A window named like "7d" or "5h" lasts that long; any other lasts the default 5 hours.
+    span = re.match(r"(\d+)([hd])", name)
+    length = int(span[1]) * (3600 if span[2] == "h" else 86400) if span else Window.length
+    try:
+        resets_in = float(reset_in) if reset_in else length
+        if not resets_in > 0:
+            raise ValueError("RESET_IN_SECONDS must be > 0")
+        return Window(name, float(util), length=length, resets_at=time.time() + resets_in)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"expected NAME=UTILIZATION[:RESET_IN_SECONDS] such as 5h=0.5:3600, got {spec!r} ({e})"
+        ) from e
+
+
+def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior, Account | None]:
     parser = argparse.ArgumentParser(
         prog="python -m claude_code_fallback.fakeapi",
         description="Run a fake Anthropic API on 127.0.0.1 in the foreground.",
@@ -779,9 +940,29 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
     parser.add_argument("--after-events", type=int, default=0, help="events before misbehaving")
     parser.add_argument("--body-size", type=int, default=0, help="minimum JSON body size")
     parser.add_argument("--gzip", action="store_true", help="gzip response bodies")
+    parser.add_argument(
+        "--window",
+        action="append",
+        type=_parse_window,
+        default=[],
+        metavar="NAME=UTIL[:RESET_IN_SECONDS]",
+        help="play a subscription account with this usage window (repeatable), e.g. 5h=0.5:3600;"
+        " a window named 5h or 7d... lasts 5 hours or 7 days, others 5 hours",
+    )
+    parser.add_argument("--per-request", type=float, help="utilization each request uses (0.01)")
+    parser.add_argument("--overage", action="store_true", help="serve past a spent window as overage")
     args = parser.parse_args(argv)
     if args.kind == "status" and args.status is None:
         parser.error("--kind status needs --status")
+    account = None
+    if args.window:
+        use = Window.per_request if args.per_request is None else args.per_request
+        try:
+            account = Account(*(replace(w, per_request=use) for w in args.window), overage=args.overage)
+        except ValueError as e:
+            parser.error(f"--window: {e}")
+    elif args.overage or args.per_request is not None:
+        parser.error("--overage and --per-request need at least one --window")
     behavior = Behavior(
         kind=args.kind,
         status=args.status or 200,
@@ -793,7 +974,7 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
         body_size=args.body_size,
         delay=args.delay,
     )
-    return args, behavior
+    return args, behavior, account
 
 
 async def _run(fake: FakeAnthropic) -> None:
@@ -808,9 +989,10 @@ async def _run(fake: FakeAnthropic) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, behavior = _arguments(argv)
+    args, behavior, account = _arguments(argv)
     fake = FakeAnthropic(args.name, args.port)
     fake.behavior = behavior
+    fake.account = account
     fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
     try:
         asyncio.run(_run(fake))

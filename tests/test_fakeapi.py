@@ -7,19 +7,23 @@ import contextlib
 import gzip
 import http.client
 import json
+import math
 import socket
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import anthropic
 import pytest
 
-from addon.fakeapi import Behavior, FakeAnthropic, blackhole_listener
+from addon import fakeapi
+from addon.fakeapi import Account, Behavior, FakeAnthropic, Window, blackhole_listener
+
+from .conftest import wait_until
 
 MESSAGE = {
     "model": "claude-test-1",
@@ -380,8 +384,9 @@ def test_blackhole_listener_makes_connect_time_out() -> None:
         assert time.monotonic() - started >= 0.29
 
 
-def test_cli_runs_in_foreground() -> None:
-    args = ["--name", "cli", "--kind", "status", "--status", "429", "--header", "retry-after: 30"]
+@contextlib.contextmanager
+def run_cli(*args: str) -> Iterator[FakeAnthropic]:
+    """`python -m addon.fakeapi` in the foreground; the yielded fake only knows its port."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "addon.fakeapi", *args],
         cwd=Path(__file__).resolve().parents[1],
@@ -392,11 +397,224 @@ def test_cli_runs_in_foreground() -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line.startswith("listening on http://127.0.0.1:")
-        fake = FakeAnthropic(port=int(line.rsplit(":", 1)[1]))
+        yield FakeAnthropic(port=int(line.rsplit(":", 1)[1]))
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=5) == 0
+
+
+def test_cli_runs_in_foreground() -> None:
+    args = ["--name", "cli", "--kind", "status", "--status", "429", "--header", "retry-after: 30"]
+    with run_cli(*args) as fake:
         response, _ = request(fake, MESSAGE)
         assert response.status == 429
         assert response.getheader("retry-after") == "30"
         assert response.getheader("x-fake-name") == "cli"
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=5) == 0
+
+
+# -- subscription accounts ----------------------------------------------------------------
+
+
+def unified(headers: http.client.HTTPResponse | Mapping[str, str]) -> dict[str, str]:
+    """The anthropic-ratelimit-unified-* headers of a response, by the rest of their name."""
+    prefix = "anthropic-ratelimit-unified-"
+    items = headers.getheaders() if isinstance(headers, http.client.HTTPResponse) else headers.items()
+    return {n.lower().removeprefix(prefix): v for n, v in items if n.lower().startswith(prefix)}
+
+
+def test_account_use_grows_and_is_reported(fake: FakeAnthropic) -> None:
+    five, week = Window("5h", per_request=0.1), Window("7d", 0.5, length=604800)
+    fake.account = account = Account(five, week)
+    first, _ = request(fake, MESSAGE)
+    second, data = request(fake, MESSAGE)
+    assert (second.status, json.loads(data)["type"]) == (200, "message")
+    assert [unified(r)["5h-utilization"] for r in (first, second)] == ["0.0", "0.1"]
+    assert [unified(r)["7d-utilization"] for r in (first, second)] == ["0.5", "0.51"]
+    assert unified(second) == {
+        "status": "allowed",
+        "reset": str(math.ceil(week.resets_at)),
+        "representative-claim": "seven_day",
+        "5h-utilization": "0.1",
+        "5h-reset": str(math.ceil(five.resets_at)),
+        "5h-status": "allowed",
+        "7d-utilization": "0.51",
+        "7d-reset": str(math.ceil(week.resets_at)),
+        "7d-status": "allowed",
+        "overage-status": "rejected",
+        "overage-in-use": "false",
+        "overage-reset": str(math.ceil(week.resets_at)),
+    }
+    assert second.getheader("x-fake-name") == "primary"
+    windows = account.snapshot()
+    assert (windows["5h"].utilization, windows["7d"].utilization) == (0.2, 0.52)
+
+
+def test_account_window_resets_when_its_time_comes(fake: FakeAnthropic) -> None:
+    fake.account = account = Account(Window("5h", 0.9, length=100))
+    assert unified(request(fake, MESSAGE)[0])["5h-utilization"] == "0.9"
+    soon = time.time() + 1
+    account.set("5h", resets_at=soon)
+    wait_until(lambda: account.snapshot()["5h"].utilization == 0.0, what="the 5h window to reset")
+    headers = unified(request(fake, MESSAGE)[0])
+    assert (headers["5h-utilization"], headers["5h-reset"]) == ("0.0", str(math.ceil(soon + 100)))
+    assert account.snapshot()["5h"].utilization == 0.01
+
+
+def test_window_reset_skips_whole_lengths() -> None:
+    account = Account(Window("5h", 0.5, length=100))
+    past = time.time() - 250
+    account.set("5h", resets_at=past)
+    window = account.snapshot()["5h"]
+    assert (window.utilization, window.resets_at) == (0.0, past + 300)
+
+
+def test_account_statuses_and_binding_window(fake: FakeAnthropic) -> None:
+    hour = time.time() + 3600
+    names = ["5h", "7d", "7d-sonnet", "7d_cowork"]
+    fake.account = account = Account(
+        Window("5h", 0.85, resets_at=hour),
+        Window("7d", 0.5, resets_at=hour + 1),
+        Window("7d-sonnet", 0.85, resets_at=hour + 2),
+        Window("7d_cowork", 0.2, resets_at=hour + 3),
+        overage=True,
+    )
+    headers = unified(request(fake, MESSAGE)[0])
+    assert (headers["status"], headers["representative-claim"]) == ("allowed_warning", "five_hour")
+    assert headers["reset"] == headers["overage-reset"] == str(math.ceil(hour))
+    assert (headers["overage-status"], headers["overage-in-use"]) == ("allowed", "false")
+    statuses = ["allowed_warning", "allowed", "allowed_warning", "allowed"]
+    assert [headers[f"{name}-status"] for name in names] == statuses
+    account.set("7d", utilization=1.0)
+    account.set("7d-sonnet", utilization=1.2)
+    headers = unified(request(fake, MESSAGE)[0])
+    assert (headers["status"], headers["representative-claim"]) == ("rejected", "seven_day_sonnet")
+    assert headers["reset"] == headers["overage-reset"] == str(math.ceil(hour + 2))
+    statuses = ["allowed_warning", "rejected", "rejected", "allowed"]
+    assert [headers[f"{name}-status"] for name in names] == statuses
+    assert (headers["7d-sonnet-utilization"], headers["5h-utilization"]) == ("1.0", "0.86")
+    for name, utilization in zip(names, [0.5, 0.1, 0.3, 0.7], strict=True):
+        account.set(name, utilization=utilization)
+    headers = unified(request(fake, MESSAGE)[0])
+    assert (headers["status"], headers["representative-claim"]) == ("allowed", "7d_cowork")
+    assert headers["reset"] == str(math.ceil(hour + 3))
+
+
+@pytest.mark.parametrize(
+    ("name", "claim"),
+    [
+        ("5h", "five_hour"),
+        ("7d", "seven_day"),
+        ("7d_oi", "seven_day_oi"),
+        ("7d-sonnet", "seven_day_sonnet"),
+        ("7d-opus", "seven_day_opus"),
+        ("30d.new", "30d.new"),
+    ],
+)
+def test_representative_claim_names(name: str, claim: str) -> None:
+    headers, refused = Account(Window(name, 0.4213)).admit()
+    assert refused is None
+    assert dict(headers)["anthropic-ratelimit-unified-representative-claim"] == claim
+    assert dict(headers)[f"anthropic-ratelimit-unified-{name}-utilization"] == "0.4213"
+
+
+def test_spent_window_with_overage_is_served_as_overage(fake: FakeAnthropic) -> None:
+    fake.account = account = Account(Window("5h", 1.0), Window("7d", 0.3), overage=True)
+    response, data = request(fake, MESSAGE)
+    assert (response.status, json.loads(data)["content"][0]["text"]) == (200, "Hello from the fake.")
+    client = anthropic.Anthropic(base_url=fake.url, api_key="k", max_retries=0)
+    with client.messages.stream(**MESSAGE) as stream:  # type: ignore[arg-type]
+        assert "".join(stream.text_stream) == "Hello from the fake."
+        streamed = stream.response
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    for headers in (unified(response), unified(streamed.headers)):
+        assert (headers["status"], headers["representative-claim"]) == ("rejected", "five_hour")
+        assert (headers["overage-status"], headers["overage-in-use"]) == ("allowed", "true")
+        assert (headers["5h-status"], headers["7d-status"]) == ("rejected", "allowed")
+        assert headers["5h-utilization"] == "1.0"
+    assert unified(streamed.headers)["7d-utilization"] == "0.31"
+    assert account.snapshot()["5h"].utilization == 1.02
+
+
+def test_spent_window_without_overage_answers_429(fake: FakeAnthropic) -> None:
+    fake.behavior = Behavior(headers=(("x-extra", "kept"),))
+    resets = time.time() + 7999
+    fake.account = account = Account(Window("5h", 0.4), Window("7d", 1.0, resets_at=resets))
+    response, data = request(fake, MESSAGE)
+    assert response.status == 429
+    assert response.getheader("retry-after") in ("7998", "7999")
+    assert json.loads(data)["error"]["type"] == "rate_limit_error"
+    assert (response.getheader("x-extra"), response.getheader("x-fake-name")) == ("kept", "primary")
+    headers = unified(response)
+    assert (headers["status"], headers["representative-claim"]) == ("rejected", "seven_day")
+    assert (headers["overage-status"], headers["overage-in-use"]) == ("rejected", "false")
+    assert headers["reset"] == headers["7d-reset"] == str(math.ceil(resets))
+    client = anthropic.Anthropic(base_url=fake.url, api_key="k", max_retries=0)
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(**MESSAGE, stream=True)  # type: ignore[call-overload]
+    assert caught.value.response.headers["retry-after"] in ("7998", "7999")
+    assert len(fake.wait_for_requests(2)) == 2
+    windows = account.snapshot()
+    assert (windows["5h"].utilization, windows["7d"].utilization) == (0.4, 1.0)
+    account.overage = True
+    assert request(fake, MESSAGE)[0].status == 200
+    assert account.snapshot()["5h"].utilization == 0.41
+
+
+def test_account_leaves_other_routes_alone(fake: FakeAnthropic) -> None:
+    fake.account = account = Account(Window("5h", 1.0))
+    for method, path in [("POST", "/v1/messages/count_tokens"), ("GET", "/v1/models"), ("POST", "/v1/x")]:
+        response, _ = request(fake, MESSAGE if method == "POST" else None, method, path)
+        assert (response.status, unified(response)) == (200, {})
+    response, _ = request(fake, MESSAGE, path="/api/anthropic/v1/messages?beta=true")
+    assert (response.status, unified(response)["status"]) == (429, "rejected")
+    assert account.snapshot()["5h"].utilization == 1.0
+    fake.reset()
+    assert (fake.account, request(fake, MESSAGE)[0].status) == (None, 200)
+
+
+def test_account_rejects_bad_windows() -> None:
+    with pytest.raises(ValueError, match="at least one window"):
+        Account()
+    with pytest.raises(ValueError, match="duplicate window names"):
+        Account(Window("5h"), Window("5h"))
+    with pytest.raises(ValueError, match="window name 'a b'"):
+        Window("a b")
+    with pytest.raises(ValueError, match="length must be > 0"):
+        Window("5h", length=0)
+    with pytest.raises(KeyError, match="no window '7d'"):
+        Account(Window("5h")).set("7d", 0.5)
+
+
+def test_cli_plays_an_account() -> None:
+    started = time.time()
+    with run_cli("--window", "5h=0.5:100", "--window", "7d=1", "--per-request", "0.1", "--overage") as fake:
+        first, _ = request(fake, MESSAGE)
+        second, _ = request(fake, {**MESSAGE, "stream": True})
+    assert (first.status, second.status) == (200, 200)
+    headers = unified(first)
+    assert (headers["status"], headers["representative-claim"]) == ("rejected", "seven_day")
+    assert (headers["overage-status"], headers["overage-in-use"]) == ("allowed", "true")
+    assert started + 100 <= int(headers["5h-reset"]) <= time.time() + 101
+    assert started + 604800 <= int(headers["7d-reset"]) <= time.time() + 604801
+    assert [unified(r)["5h-utilization"] for r in (first, second)] == ["0.5", "0.6"]
+    with run_cli("--window", "5h=1:100") as fake:
+        response, data = request(fake, MESSAGE)
+    assert (response.status, json.loads(data)["error"]["type"]) == (429, "rate_limit_error")
+    assert response.getheader("retry-after") in ("99", "100")
+    assert unified(response)["overage-status"] == "rejected"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--window", "5h"], "expected NAME=UTILIZATION[:RESET_IN_SECONDS]"),
+        (["--window", "5h=0.5:0"], "RESET_IN_SECONDS must be > 0"),
+        (["--window", "5h=-1"], "utilization and use >= 0"),
+        (["--window", "5h=0", "--window", "5h=1"], "duplicate window names"),
+        (["--overage"], "need at least one --window"),
+    ],
+)
+def test_cli_rejects_bad_windows(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        fakeapi.main(argv)
+    assert message in capsys.readouterr().err
