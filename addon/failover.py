@@ -176,7 +176,8 @@ class Failover:
             response = await self.client.send(state.endpoint, request, deadline, judge)
         except AttemptFailed as failure:
             duration = time.monotonic() - started
-            plan.mark_failed(state)
+            if failure.kind != WINDOW_REJECTED:  # declined, not failed: still a last resort
+                plan.mark_failed(state)
             outcome.attempts.append(Attempt(name, failure.kind, duration, failure.detail))
             self.metrics.attempts.labels(name, failure.kind).inc()
             if failure.response is not None:
