@@ -645,6 +645,8 @@ DEMO_METRICS = (
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    if args.accounts:
+        return demo_accounts(args)
     from .fakeapi import Behavior, FakeAnthropic
 
     primary, backup = FakeAnthropic("primary"), FakeAnthropic("backup")
@@ -657,7 +659,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # Neither the user's keys nor their CLAUDE_FALLBACK_* settings reach the fakes.
         env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV)}
         env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
-        settings = demo_settings(args, workdir, env, primary.url, backup.url)
+        settings = demo_settings(args, workdir, env, {"primary": primary.url, "backup": backup.url})
         url = settings.url
         print("ccf demo: two fake Anthropic endpoints on this machine, no API key needed")
         print(f"  primary  {primary.url}  answers 429 Too Many Requests, retry-after: 30")
@@ -676,18 +678,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return OK if answered_by == "backup" and text else FAILURE
 
 
+# (what happens, the session, the account that should answer)
+DEMO_SESSIONS = [
+    ("session 1 starts", "1", "account-a"),
+    ("session 2 starts", "2", "account-b"),
+    ("session 3 starts", "3", "account-b"),
+    ("session 1 goes on", "1", "account-a"),
+    ("session 2 goes on", "2", "account-b"),
+    ("account-b's 5-hour window runs out; session 2 goes on", "2", "account-a"),
+    ("session 3 goes on", "3", "account-a"),
+]
+
+
+def demo_accounts(args: argparse.Namespace) -> int:
+    """Two fake subscription accounts sharing three Claude Code sessions (least-utilized)."""
+    from .fakeapi import Account, FakeAnthropic, Window
+
+    fakes = {"account-a": FakeAnthropic("account-a"), "account-b": FakeAnthropic("account-b")}
+    for fake, used in zip(fakes.values(), (0.62, 0.35), strict=True):
+        fake.account = Account(Window("5h", utilization=used, per_request=0.04), overage=True)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="ccf-demo-")))
+        for fake in fakes.values():
+            stack.enter_context(fake)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_ENV)}
+        env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
+        urls = {name: fake.url for name, fake in fakes.items()}
+        settings = demo_settings(args, workdir, env, urls, routing={"strategy": "least-utilized"})
+        print("ccf demo --accounts: two fake subscription accounts, routing.strategy: least-utilized")
+        print("  account-a  5-hour window 62 % used;  account-b  35 % used; +4 % a request\n")
+        stack.enter_context(demo_proxy(settings, workdir / "proxy.log", env))
+        answers = []
+        for step, session, _ in DEMO_SESSIONS:
+            if step.startswith("account-b's"):
+                fakes["account-b"].account.set("5h", utilization=1.0)  # type: ignore[union-attr]
+            headers = {"x-claude-code-session-id": f"demo-session-{session}"}
+            answered_by, _ = stream_message(settings.config, headers, echo=False)
+            answers.append(answered_by)
+            endpoints = (fetch_health(settings.url) or {}).get("endpoints", [])
+            use = "  ".join(f"{e['name']} {window_use((e.get('limits') or {}).get('5h'))}" for e in endpoints)
+            print(f"  {step:<56} -> {answered_by:<10} 5h: {use}")
+        print("\nNew sessions go to the emptier account; a running session stays where its prompt")
+        print("cache is; a session whose account runs out moves before a byte of its answer.")
+    return OK if answers == [expected for _, _, expected in DEMO_SESSIONS] else FAILURE
+
+
 _PRIVATE_ENV = ("CLAUDE_FALLBACK_", "ANTHROPIC_")
 
 
-def demo_settings(args: argparse.Namespace, workdir: Path, env: Mapping[str, str], *urls: str) -> Settings:
+def demo_settings(
+    args: argparse.Namespace,
+    workdir: Path,
+    env: Mapping[str, str],
+    endpoints: Mapping[str, str],
+    **sections: Any,
+) -> Settings:
     port = option(args, "port") or str(free_port())
     config = {
         "endpoints": [
             {"name": name, "baseUrl": url, "apiKey": f"demo-key-for-the-{name}-fake"}
-            for name, url in zip(("primary", "backup"), urls, strict=True)
+            for name, url in endpoints.items()
         ],
         "retry": {"initialDelay": 100, "maxDelay": 1000, "cooldownSeconds": 30},
         "logging": {"format": "pretty"},
+        **sections,
     }
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -717,7 +771,9 @@ def demo_proxy(
         terminate(process, 10)
 
 
-def stream_message(config: Config) -> tuple[str, str]:
+def stream_message(
+    config: Config, headers: Mapping[str, str] | None = None, echo: bool = True
+) -> tuple[str, str]:
     """Send the demo request, print each text delta as it arrives; (x-fake-name, text)."""
     host, port = client_host(config.server.host), config.server.port
     connection = http.client.HTTPConnection(host, port, timeout=30)
@@ -726,7 +782,7 @@ def stream_message(config: Config) -> tuple[str, str]:
             "POST",
             "/v1/messages",
             json.dumps(DEMO_REQUEST),
-            {"content-type": "application/json", "anthropic-version": "2023-06-01"},
+            {"content-type": "application/json", "anthropic-version": "2023-06-01", **(headers or {})},
         )
         response = connection.getresponse()
         if response.status != 200:
@@ -737,7 +793,8 @@ def stream_message(config: Config) -> tuple[str, str]:
             delta = event.get("delta") or {}
             if event.get("type") == "content_block_delta" and delta.get("type") == "text_delta":
                 text.append(delta["text"])
-                print(delta["text"], end="", flush=True)
+                if echo:
+                    print(delta["text"], end="", flush=True)
         return response.getheader("x-fake-name", "?"), "".join(text)
     finally:
         connection.close()
@@ -827,6 +884,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing")
     sub["web"].add_argument("--web-port", type=int, default=8081, metavar="N", help="mitmweb UI port (8081)")
     sub["init"].add_argument("--force", action="store_true", help="replace an existing file")
+    sub["demo"].add_argument(
+        "--accounts", action="store_true", help="two subscription accounts sharing sessions instead"
+    )
     return parser
 
 

@@ -396,3 +396,12 @@ def test_stop_lets_a_stream_in_flight_finish(
     assert received["body"].rstrip().endswith('data: {"type":"message_stop"}')
     assert received["body"].count("content_block_delta") == 40  # 20 events: name and type
     assert process_gone(started)
+
+
+def test_demo_accounts_spreads_sessions_over_two_subscriptions(cli: Cli) -> None:
+    result = cli("demo", "--accounts", timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    moved = next(line for line in lines if "runs out" in line)
+    assert "-> account-a" in moved and "account-b 100%" in moved
+    assert sum("session 1 goes on" in line and "-> account-a" in line for line in lines) == 1
