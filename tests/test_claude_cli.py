@@ -187,3 +187,42 @@ def test_claude_cli_prints_the_backups_answer_when_the_primary_errors_after_its_
     assert tried[0].time <= answered[0].time, context
     assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="sse_error") >= 1
     assert proxy.metric("ccf_failovers_total", from_endpoint="primary", to_endpoint="backup") >= 1
+
+
+def test_claude_cli_session_moves_off_an_account_whose_window_is_refused(
+    tmp_path, proxy_factory, primary, backup
+):
+    """Two subscription accounts under least-utilized: the CLI's session avoids the overage one."""
+    from addon.fakeapi import Account, Window
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = find_cli(home)
+    primary.account = Account(Window("5h", utilization=1.0, per_request=0.0), overage=True)
+    backup.account = Account(Window("5h", utilization=0.3, per_request=0.0), overage=True)
+    backup.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
+    proxy = proxy_factory(endpoints_config(primary, backup, routing={"strategy": "least-utilized"}))
+    work = tmp_path / "project"
+    work.mkdir()
+    run = subprocess.run(
+        [*cli, "-p", PROMPT],
+        env=cli_env(home, proxy.url),
+        cwd=work,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+    context = (
+        f"exit {run.returncode}\nstdout: {run.stdout!r}\nstderr: {run.stderr!r}\n"
+        f"{seen(primary)}\n{seen(backup)}\nproxy log:\n{proxy.logs()[-3000:]}"
+    )
+    assert run.returncode == 0, context
+    assert BACKUP_TEXT in run.stdout, context
+    answered = main_requests(backup)
+    assert answered, context
+    session = answered[-1].header("x-claude-code-session-id")
+    assert session, context  # Claude Code names its session; the proxy keyed affinity on it
+    assert proxy.health()["routing"]["sessions"] >= 1
+    state = proxy.endpoint("primary")
+    assert state["status"] == "cooling" and state["overage"] is True, context

@@ -59,7 +59,7 @@ def test_a_streamed_answer_from_a_rejected_window_fails_over_and_the_account_sta
     proxy = proxy_factory(endpoints_config(primary, backup))
     with sdk(proxy).messages.with_streaming_response.create(**MESSAGE, stream=True) as response:
         assert response.headers["x-fake-name"] == "backup"
-        assert response.read().decode().endswith("event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+        assert response.read().decode().endswith('event: message_stop\ndata: {"type":"message_stop"}\n\n')
     primary.wait_for_disconnects(1, timeout=1.0)  # the overage stream was closed at once
     state = proxy.endpoint("primary")
     assert state["status"] == "cooling" and state["reason"] == "window_rejected"
