@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -38,6 +40,13 @@ def test_a_broken_text_stream_is_finished_by_the_backup(resuming, primary, backu
     assert resuming.metric("ccf_stream_resumes_total", from_endpoint="primary", to_endpoint="backup") == 1
     wait_until(lambda: resuming.metric("ccf_requests_total", outcome="success") == 1)
     assert "stream_resumed" in resuming.logs()
+    # the broken endpoint is recorded as every failed endpoint is: cooled, counted, logged
+    reason = {"close_mid_stream": "upstream_cut", "stall": "idle_timeout", "sse_error_after": "sse_error"}[kind]
+    assert resuming.metric("ccf_endpoint_cooldowns_total", endpoint="primary", reason=reason) == 1
+    lines = resuming.logs().splitlines()
+    cooling = [json.loads(line[line.index("{") :]) for line in lines if '"endpoint_cooling"' in line]
+    assert [(c["endpoint"], c["reason"]) for c in cooling] == [("primary", reason)]
+    assert resuming.endpoint("primary")["status"] == "cooling"
 
 
 def test_a_reset_stream_is_finished_from_exactly_what_the_client_got(resuming, primary, backup):
