@@ -14,6 +14,7 @@ from .test_failover import MESSAGE, sdk, stream_text
 
 FIRST = "Hello there from the primary"  # deltas: "Hello", " there", " from", ...
 REST = " and the rest from the backup."
+BREAK_REASONS = {"close_mid_stream": "upstream_cut", "stall": "idle_timeout", "sse_error_after": "sse_error"}
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_a_broken_text_stream_is_finished_by_the_backup(resuming, primary, backu
     wait_until(lambda: resuming.metric("ccf_requests_total", outcome="success") == 1)
     assert "stream_resumed" in resuming.logs()
     # the broken endpoint is recorded as every failed endpoint is: cooled, counted, logged
-    reason = {"close_mid_stream": "upstream_cut", "stall": "idle_timeout", "sse_error_after": "sse_error"}[kind]
+    reason = BREAK_REASONS[kind]
     assert resuming.metric("ccf_endpoint_cooldowns_total", endpoint="primary", reason=reason) == 1
     lines = resuming.logs().splitlines()
     cooling = [json.loads(line[line.index("{") :]) for line in lines if '"endpoint_cooling"' in line]
