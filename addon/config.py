@@ -402,6 +402,17 @@ def _env_endpoints(text: str) -> object:
     return [url.strip() for url in text.split(",") if url.strip()]
 
 
+def is_anthropic_host(url: str) -> bool:
+    """Whether `url`'s host is anthropic.com or one of its subdomains."""
+    host = urlsplit(url).hostname or ""
+    return host == "anthropic.com" or host.endswith(".anthropic.com")
+
+
+def takes_env_key(endpoint: Endpoint) -> bool:
+    """``ANTHROPIC_API_KEY`` fills in the key of a keyless endpoint only on Anthropic's own hosts."""
+    return not endpoint.api_key and is_anthropic_host(endpoint.base_url)
+
+
 def default_config_path(env: Mapping[str, str]) -> Path:
     """``$CLAUDE_FALLBACK_HOME/config.yaml``, else ``~/.claude-code-fallback/config.yaml``."""
     if home := env.get("CLAUDE_FALLBACK_HOME"):
@@ -453,7 +464,7 @@ def load_config(
     if problems or not endpoints:
         raise ConfigError("\n".join(problems))
     if default_key := env.get("ANTHROPIC_API_KEY"):
-        endpoints = [e if e.api_key else replace(e, api_key=default_key) for e in endpoints]
+        endpoints = [replace(e, api_key=default_key) if takes_env_key(e) else e for e in endpoints]
     return Config(tuple(endpoints), source=str(file) if file else None, **sections)
 
 

@@ -27,6 +27,7 @@ from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["start", "stop", "status", "logs", "dev", "web", "init", "env", "check", "demo"]
 DEAD_KEY = "sk-ant-test-DEADPORTSECRETKEY000000003"
+ENV_KEY = "sk-ant-env-ENVIRONMENTSECRETKEY0000004"
 ENV_COMMAND = [sys.executable, "-m", "addon.cli", "-p", "9124", "env"]
 PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
@@ -314,6 +315,18 @@ def test_check_reports_each_endpoint(
     assert seen.header("x-api-key") == PRIMARY_KEY
     assert seen.header("anthropic-version") == "2023-06-01"
     assert rejecting.requests[0].header("authorization") == f"Bearer {BACKUP_KEY}"
+
+
+def test_check_sends_the_environment_key_only_to_anthropic(cli: Cli, primary: FakeAnthropic) -> None:
+    config = endpoints_config(primary)
+    del config["endpoints"][0]["apiKey"]
+    cli.write_config(config)
+    cli.env["ANTHROPIC_API_KEY"] = ENV_KEY
+    result = cli("check")
+    assert "client key passed through" in result.stdout.splitlines()[-1]
+    assert ENV_KEY not in result.stdout + result.stderr
+    (seen,) = primary.requests
+    assert seen.header("x-api-key") is None and seen.header("authorization") is None
 
 
 def test_check_passes_when_every_endpoint_answers(cli: Cli, primary: FakeAnthropic) -> None:
