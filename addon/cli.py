@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -40,7 +41,6 @@ OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
 LEAN_SCRIPT = Path(__file__).parent / "lean.py"
 EXAMPLE_CONFIG = Path(__file__).parent / "config.example.yaml"
-REVERSE_TARGET = "https://api.anthropic.com"
 START_DEADLINE = 30.0
 POLL_INTERVAL = 0.05
 FOLLOW_INTERVAL = 0.2
@@ -136,7 +136,7 @@ def proxy_command(
     """
     verbosity = "debug" if config.logging.level in ("debug", "trace") else "info"
     settings = [
-        f"mode=reverse:{REVERSE_TARGET}@{config.server.port}",
+        f"mode=reverse:{reverse_target(config)}@{config.server.port}",
         f"listen_host={config.server.host}",
         "connection_strategy=lazy",
         f"termlog_verbosity={verbosity}",
@@ -161,6 +161,18 @@ def proxy_command(
         "--web-host",
         "127.0.0.1",
     ]
+
+
+def reverse_target(config: Config) -> str:
+    """The first endpoint's origin, which mitmweb shows as the proxy's target.
+
+    mitmproxy's reverse mode takes no path. The addon uses the target only when the config
+    names no endpoint, and then the first endpoint is that default, api.anthropic.com.
+    """
+    parts = urlsplit(config.active_endpoints[0].base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 def _sets(settings: list[str]) -> list[str]:

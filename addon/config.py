@@ -329,14 +329,14 @@ class _Reader:
         value = _Text(value) if isinstance(value, str) else value
         sections[section] = self.apply(sections[section], {key: value}, section)
 
-    def endpoints(self, raw: object, path: str, base_url: str) -> list[Endpoint] | None:
+    def endpoints(self, raw: object, path: str) -> list[Endpoint] | None:
         if not isinstance(raw, list):
             self.fail(path, f"expected a list of endpoints, got {_kind(raw)}")
             return None
         if not raw:
             self.fail(path, "no endpoint configured; list at least one")
             return None
-        template, before = Endpoint(name="", base_url=base_url), len(self.problems)
+        template, before = Endpoint(name="", base_url=DEFAULT_BASE_URL), len(self.problems)
         parsed = [
             self.apply(template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]")
             for i, item in enumerate(raw)
@@ -444,7 +444,7 @@ def load_config(
     sections = {name: reader.apply(cls(), top.get(name), name) for name, cls in _SECTIONS.items()}
     endpoints: list[Endpoint] | None = [Endpoint(name="default", base_url=default_base_url)]
     if top.get("endpoints") is not None:
-        endpoints = reader.endpoints(top["endpoints"], "endpoints", default_base_url)
+        endpoints = reader.endpoints(top["endpoints"], "endpoints")
 
     if env_endpoints := env.get("CLAUDE_FALLBACK_ENDPOINTS", "").strip():
         reader = _Reader("environment", problems)
@@ -454,7 +454,7 @@ def load_config(
             where = f"line {e.lineno}, column {e.colno}"
             reader.fail("CLAUDE_FALLBACK_ENDPOINTS", f"invalid JSON at {where}: {e.msg}")
         else:
-            endpoints = reader.endpoints(raw, "CLAUDE_FALLBACK_ENDPOINTS", default_base_url)
+            endpoints = reader.endpoints(raw, "CLAUDE_FALLBACK_ENDPOINTS")
     for variable, option in _ENV_OPTIONS.items():
         if text := env.get(variable, "").strip():
             _Reader(f"environment variable {variable}", problems).set_option(sections, option, text)

@@ -505,8 +505,8 @@ class Fallback:
             return
         headers, body = state.saved_request
         state.saved_request = None
-        flow.request.url = state.endpoint_url
         flow.request.headers = headers
+        flow.request.url = state.endpoint_url  # after the headers: it sets Host to the endpoint's
         flow.request.raw_content = body
 
     def annotate(self, flow: http.HTTPFlow, outcome: Outcome) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -23,6 +26,7 @@ from addon.config import load_config
 from addon.fakeapi import Behavior, FakeAnthropic
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
+from .test_operations import WEB_AUTH
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["start", "stop", "status", "logs", "dev", "web", "init", "env", "check", "demo"]
@@ -102,6 +106,35 @@ def post_message(port: int) -> tuple[int, str | None]:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
         return response.status, response.headers.get("x-fake-name")
+
+
+@contextlib.contextmanager
+def foreground(cli: Cli, url: str, *args: str) -> Iterator[Path]:
+    """`ccf <args>` running in the foreground until /health answers on `url`; yields its log."""
+    log_path = cli.home / "foreground.log"
+    cli.home.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "addon.cli", *args],
+            cwd=ROOT,
+            env=cli.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is None and cli_module.fetch_health(url) is not None,
+            30,
+            f"`ccf {' '.join(args)}` on {url} (log: {log_path.read_text()[-2000:]})",
+        )
+        yield log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
@@ -368,6 +401,72 @@ def test_proxy_command_line(tmp_path: Path) -> None:
     assert web[4:6] == ["-s", str(ROOT / "addon" / "fallback.py")]
     assert not any(arg.startswith(("fallback_config", "fallback_log_level")) for arg in web)
     assert web[-5:] == ["web_open_browser=false", "--web-port", "9001", "--web-host", "127.0.0.1"]
+
+
+def test_web_shows_the_answering_endpoint_and_the_first_endpoint_as_target(
+    cli: Cli, primary: FakeAnthropic, backup: FakeAnthropic
+) -> None:
+    port, web_port = free_port(), free_port()
+    config = endpoints_config(primary, backup, server={"port": port})
+    # The first endpoint's host differs from the backup's, so a Host header left over from
+    # the first (mitmproxy's reverse target) would show in the URL.
+    config["endpoints"][0]["baseUrl"] = f"http://localhost:{primary.port}"
+    cli.write_config(config)
+    primary.behavior = Behavior(kind="status", status=529)
+    with foreground(cli, f"http://127.0.0.1:{port}", "web", "--web-port", str(web_port)) as log:
+        assert post_message(port) == (200, "backup")
+        auth = WEB_AUTH and {"Authorization": f"Bearer {web_token(log)}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=auth, timeout=5) as web:
+
+            def answered() -> dict[str, Any] | None:
+                flows = web.get("/flows").json()
+                return next((f for f in flows if f["request"]["path"] == "/v1/messages"), None)
+
+            request = wait_until(answered, 10, "the flow in mitmweb")["request"]
+            # what mitmweb's flow list shows: scheme://pretty_host[:port]path
+            shown = f"{request['scheme']}://{request['pretty_host']}:{request['port']}{request['path']}"
+            assert shown == f"{backup.url}/v1/messages"
+            assert dict(request["headers"])["Host"] == f"127.0.0.1:{backup.port}"
+            mode = web.get("/options").json()["mode"]["value"]
+            assert mode == [f"reverse:http://localhost:{primary.port}@{port}"]
+    assert len(primary.requests) == 1
+
+
+def web_token(log: Path) -> str:
+    """The token mitmweb 12 prints in its URL when it has no password."""
+    found = wait_until(lambda: re.search(r"[?&]token=(\w+)", log.read_text()), 10, "mitmweb's token")
+    return found[1]
+
+
+def test_dev_without_config_forwards_to_anthropic(cli: Cli) -> None:
+    port = free_port()
+    cli.env["ANTHROPIC_API_KEY"] = ENV_KEY
+    url = f"http://127.0.0.1:{port}"
+    with foreground(cli, url, "dev", "--port", str(port)) as log:
+        health = cli_module.fetch_health(url)
+        assert health is not None
+        (endpoint,) = health["endpoints"]
+        assert (endpoint["name"], endpoint["baseUrl"]) == ("default", "https://api.anthropic.com")
+        wait_until(lambda: '"event": "started"' in log.read_text(), 10, "the started event")
+    text = log.read_text()
+    assert f"reverse proxy to https://api.anthropic.com listening at 127.0.0.1:{port}" in text
+    assert "env_key_withheld" not in text and ENV_KEY not in text
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "target"),
+    [
+        (["https://user:secret@LLM.example:8443/api/anthropic/"], "https://llm.example:8443"),
+        ([{"baseUrl": "https://off.example", "enabled": False}, "http://[::1]:9000"], "http://[::1]:9000"),
+    ],
+)
+def test_reverse_target_is_the_first_enabled_endpoints_origin(
+    tmp_path: Path, endpoints: list[Any], target: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"endpoints": endpoints, "server": {"port": 9000}}))
+    command = cli_module.proxy_command(load_config(path, {}), path)
+    assert command[3:5] == ["--set", f"mode=reverse:{target}@9000"]
 
 
 def test_start_reports_a_proxy_that_dies(

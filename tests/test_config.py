@@ -65,6 +65,12 @@ def test_default_base_url_can_be_replaced(tmp_path: Path) -> None:
     assert config.endpoints[0].base_url == "http://127.0.0.1:9"
 
 
+def test_an_endpoint_without_base_url_is_anthropic_whatever_the_default(tmp_path: Path) -> None:
+    path = write(tmp_path, "endpoints:\n  - https://llm.example/api\n  - {name: own}\n")
+    config = load_config(path, {}, default_base_url="https://llm.example")
+    assert [e.base_url for e in config.endpoints] == ["https://llm.example/api", DEFAULT_BASE_URL]
+
+
 def test_default_path_uses_claude_fallback_home(tmp_path: Path) -> None:
     assert default_config_path({"CLAUDE_FALLBACK_HOME": str(tmp_path)}) == tmp_path / "config.yaml"
 
