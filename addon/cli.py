@@ -416,19 +416,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     found = read_pid(pid_file())
-    if found is None or not is_running(found[0]):
+    pid: int | None = None
+    if found is not None and is_running(found[0]):
+        pid, url = found[0], found[1] or resolve(args).url
+    else:  # no background proxy, but one may serve in the foreground (`ccf dev`, `ccf web`)
+        url = resolve(args).url
+    health = fetch_health(url)
+    if health is None and pid is None:
         print("not running")
         return NOT_RUNNING
-    pid, url = found
-    url = url or resolve(args).url
-    health = fetch_health(url)
     if health is None:
         raise CommandFailed(f"pid {pid} is running but {url}/health does not answer")
     if args.json:
         print(json.dumps(health, indent=2))
         return OK
     print(f"claude-code-fallback {health.get('version', '?')}: {health.get('status', '?')}")
-    print(f"  pid       {pid}")
+    print(f"  pid       {pid or '- (in the foreground, not started by `ccf start`)'}")
     print(f"  address   {url}")
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")

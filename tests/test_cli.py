@@ -195,6 +195,28 @@ def test_start_status_stop_round_trip(cli: Cli, port: int, primary: FakeAnthropi
     assert (after.returncode, after.stdout.strip()) == (3, "not running")
 
 
+def test_status_finds_a_proxy_in_the_foreground(cli: Cli, port: int, primary: FakeAnthropic) -> None:
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    url = f"http://127.0.0.1:{port}"
+    with foreground(cli, url, "dev"):
+        assert post_message(port) == (200, "backup")
+        status = cli("status")
+        assert status.returncode == 0, status.stderr
+        assert f"address   {url}" in status.stdout
+        assert "pid       - (in the foreground" in status.stdout
+        rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+        assert "cooling (" in rows["primary"] and "healthy" in rows["backup"]
+        as_json = cli("status", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        health = json.loads(as_json.stdout)
+        assert [e["name"] for e in health["endpoints"]] == ["primary", "backup"]
+        assert health["endpoints"][0]["status"] == "cooling"
+    assert not cli.pid_file.exists()
+    wait_until(lambda: port_free(port), 10, f"port {port} to be free")
+    after = cli("status")
+    assert (after.returncode, after.stdout.strip()) == (3, "not running")
+
+
 def test_second_start_is_refused(cli: Cli, started: int) -> None:
     result = cli("start")
     assert result.returncode == 1
