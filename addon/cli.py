@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -49,7 +50,6 @@ OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
 LEAN_SCRIPT = Path(__file__).parent / "lean.py"
 EXAMPLE_CONFIG = Path(__file__).parent / "config.example.yaml"
-REVERSE_TARGET = "https://api.anthropic.com"
 START_DEADLINE = 30.0
 POLL_INTERVAL = 0.05
 FOLLOW_INTERVAL = 0.2
@@ -145,7 +145,7 @@ def proxy_command(
     """
     verbosity = "debug" if config.logging.level in ("debug", "trace") else "info"
     settings = [
-        f"mode=reverse:{REVERSE_TARGET}@{config.server.port}",
+        f"mode=reverse:{reverse_target(config)}@{config.server.port}",
         f"listen_host={config.server.host}",
         "connection_strategy=lazy",
         f"termlog_verbosity={verbosity}",
@@ -170,6 +170,18 @@ def proxy_command(
         "--web-host",
         "127.0.0.1",
     ]
+
+
+def reverse_target(config: Config) -> str:
+    """The first endpoint's origin, which mitmweb shows as the proxy's target.
+
+    mitmproxy's reverse mode takes no path. The addon uses the target only when the config
+    names no endpoint, and then the first endpoint is that default, api.anthropic.com.
+    """
+    parts = urlsplit(config.active_endpoints[0].base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{parts.port}" if parts.port else "")
 
 
 def _sets(settings: list[str]) -> list[str]:
@@ -413,19 +425,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     found = read_pid(pid_file())
-    if found is None or not is_running(found[0]):
+    pid: int | None = None
+    if found is not None and is_running(found[0]):
+        pid, url = found[0], found[1] or resolve(args).url
+    else:  # no background proxy, but one may serve in the foreground (`ccf dev`, `ccf web`)
+        url = resolve(args).url
+    health = fetch_health(url)
+    if health is None and pid is None:
         print("not running")
         return NOT_RUNNING
-    pid, url = found
-    url = url or resolve(args).url
-    health = fetch_health(url)
     if health is None:
         raise CommandFailed(f"pid {pid} is running but {url}/health does not answer")
     if args.json:
         print(json.dumps(health, indent=2))
         return OK
     print(f"claude-code-fallback {health.get('version', '?')}: {health.get('status', '?')}")
-    print(f"  pid       {pid}")
+    print(f"  pid       {pid or '- (in the foreground, not started by `ccf start`)'}")
     print(f"  address   {url}")
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")

@@ -350,14 +350,14 @@ class _Reader:
         value = _Text(value) if isinstance(value, str) else value
         sections[section] = self.apply(sections[section], {key: value}, section)
 
-    def endpoints(self, raw: object, path: str, base_url: str) -> list[Endpoint] | None:
+    def endpoints(self, raw: object, path: str) -> list[Endpoint] | None:
         if not isinstance(raw, list):
             self.fail(path, f"expected a list of endpoints, got {_kind(raw)}")
             return None
         if not raw:
             self.fail(path, "no endpoint configured; list at least one")
             return None
-        template, before = Endpoint(name="", base_url=base_url), len(self.problems)
+        template, before = Endpoint(name="", base_url=DEFAULT_BASE_URL), len(self.problems)
         parsed = [
             self.apply(template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]")
             for i, item in enumerate(raw)
@@ -423,6 +423,17 @@ def _env_endpoints(text: str) -> object:
     return [url.strip() for url in text.split(",") if url.strip()]
 
 
+def is_anthropic_host(url: str) -> bool:
+    """Whether `url`'s host is anthropic.com or one of its subdomains."""
+    host = urlsplit(url).hostname or ""
+    return host == "anthropic.com" or host.endswith(".anthropic.com")
+
+
+def takes_env_key(endpoint: Endpoint) -> bool:
+    """``ANTHROPIC_API_KEY`` fills in the key of a keyless endpoint only on Anthropic's own hosts."""
+    return not endpoint.api_key and is_anthropic_host(endpoint.base_url)
+
+
 def default_config_path(env: Mapping[str, str]) -> Path:
     """``$CLAUDE_FALLBACK_HOME/config.yaml``, else ``~/.claude-code-fallback/config.yaml``."""
     if home := env.get("CLAUDE_FALLBACK_HOME"):
@@ -454,7 +465,7 @@ def load_config(
     sections = {name: reader.apply(cls(), top.get(name), name) for name, cls in _SECTIONS.items()}
     endpoints: list[Endpoint] | None = [Endpoint(name="default", base_url=default_base_url)]
     if top.get("endpoints") is not None:
-        endpoints = reader.endpoints(top["endpoints"], "endpoints", default_base_url)
+        endpoints = reader.endpoints(top["endpoints"], "endpoints")
 
     if env_endpoints := env.get("CLAUDE_FALLBACK_ENDPOINTS", "").strip():
         reader = _Reader("environment", problems)
@@ -464,7 +475,7 @@ def load_config(
             where = f"line {e.lineno}, column {e.colno}"
             reader.fail("CLAUDE_FALLBACK_ENDPOINTS", f"invalid JSON at {where}: {e.msg}")
         else:
-            endpoints = reader.endpoints(raw, "CLAUDE_FALLBACK_ENDPOINTS", default_base_url)
+            endpoints = reader.endpoints(raw, "CLAUDE_FALLBACK_ENDPOINTS")
     for variable, option in _ENV_OPTIONS.items():
         if text := env.get(variable, "").strip():
             _Reader(f"environment variable {variable}", problems).set_option(sections, option, text)
@@ -474,7 +485,7 @@ def load_config(
     if problems or not endpoints:
         raise ConfigError("\n".join(problems))
     if default_key := env.get("ANTHROPIC_API_KEY"):
-        endpoints = [e if e.api_key else replace(e, api_key=default_key) for e in endpoints]
+        endpoints = [replace(e, api_key=default_key) if takes_env_key(e) else e for e in endpoints]
     return Config(tuple(endpoints), source=str(file) if file else None, **sections)
 
 

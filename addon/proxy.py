@@ -18,13 +18,14 @@ import sys
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
 from .bridge import TOKEN_HEADER, Bridge
-from .config import Config, ConfigError, load_config, mask_secret
+from .config import Config, ConfigError, is_anthropic_host, load_config, mask_secret
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
@@ -140,6 +141,7 @@ class Fallback:
         self.watch()
         assert self.config is not None
         self.warn_if_exposed()
+        self.warn_env_key_withheld()
         self.ready.set()
         self.events.event(
             "started",
@@ -375,6 +377,22 @@ class Fallback:
                     "anyone who reaches this address can use the configured endpoints",
                 )
 
+    def warn_env_key_withheld(self) -> None:
+        """ANTHROPIC_API_KEY goes only to anthropic.com; say where the client's credentials go instead."""
+        assert self.config is not None
+        if not (key := os.environ.get("ANTHROPIC_API_KEY")):
+            return
+        for endpoint in self.config.active_endpoints:
+            if not endpoint.api_key and not is_anthropic_host(endpoint.base_url):
+                self.events.event(
+                    "env_key_withheld",
+                    logging.WARNING,
+                    endpoint=endpoint.name,
+                    warning=f"ANTHROPIC_API_KEY ({mask_secret(key)}) is not sent to "
+                    f"{urlsplit(endpoint.base_url).hostname}, which is not an anthropic.com host; "
+                    "the client's own credentials pass through",
+                )
+
     def start_metrics_server(self) -> None:
         assert self.config is not None
         port = self.config.server.metrics_port
@@ -501,8 +519,8 @@ class Fallback:
             return
         headers, body = state.saved_request
         state.saved_request = None
-        flow.request.url = state.endpoint_url
         flow.request.headers = headers
+        flow.request.url = state.endpoint_url  # after the headers: it sets Host to the endpoint's
         flow.request.raw_content = body
 
     def annotate(self, flow: http.HTTPFlow, outcome: Outcome) -> None:

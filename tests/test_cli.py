@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -15,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -23,10 +26,12 @@ from addon.config import load_config
 from addon.fakeapi import Behavior, FakeAnthropic
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
+from .test_operations import WEB_AUTH
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["start", "stop", "status", "logs", "dev", "web", "init", "env", "check", "demo"]
 DEAD_KEY = "sk-ant-test-DEADPORTSECRETKEY000000003"
+ENV_KEY = "sk-ant-env-ENVIRONMENTSECRETKEY0000004"
 ENV_COMMAND = [sys.executable, "-m", "addon.cli", "-p", "9124", "env"]
 PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
@@ -103,6 +108,35 @@ def post_message(port: int) -> tuple[int, str | None]:
         return response.status, response.headers.get("x-fake-name")
 
 
+@contextlib.contextmanager
+def foreground(cli: Cli, url: str, *args: str) -> Iterator[Path]:
+    """`ccf <args>` running in the foreground until /health answers on `url`; yields its log."""
+    log_path = cli.home / "foreground.log"
+    cli.home.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "addon.cli", *args],
+            cwd=ROOT,
+            env=cli.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(
+            lambda: process.poll() is None and cli_module.fetch_health(url) is not None,
+            30,
+            f"`ccf {' '.join(args)}` on {url} (log: {log_path.read_text()[-2000:]})",
+        )
+        yield log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @pytest.fixture
 def cli(tmp_path: Path) -> Iterator[Cli]:
     runner = Cli(tmp_path / "home")
@@ -157,6 +191,28 @@ def test_start_status_stop_round_trip(cli: Cli, port: int, primary: FakeAnthropi
     assert process_gone(pid)
     assert not cli.pid_file.exists()
     assert port_free(port)
+    after = cli("status")
+    assert (after.returncode, after.stdout.strip()) == (3, "not running")
+
+
+def test_status_finds_a_proxy_in_the_foreground(cli: Cli, port: int, primary: FakeAnthropic) -> None:
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    url = f"http://127.0.0.1:{port}"
+    with foreground(cli, url, "dev"):
+        assert post_message(port) == (200, "backup")
+        status = cli("status")
+        assert status.returncode == 0, status.stderr
+        assert f"address   {url}" in status.stdout
+        assert "pid       - (in the foreground" in status.stdout
+        rows = {line.split()[0]: line for line in status.stdout.splitlines() if line.strip()}
+        assert "cooling (" in rows["primary"] and "healthy" in rows["backup"]
+        as_json = cli("status", "--json")
+        assert as_json.returncode == 0, as_json.stderr
+        health = json.loads(as_json.stdout)
+        assert [e["name"] for e in health["endpoints"]] == ["primary", "backup"]
+        assert health["endpoints"][0]["status"] == "cooling"
+    assert not cli.pid_file.exists()
+    wait_until(lambda: port_free(port), 10, f"port {port} to be free")
     after = cli("status")
     assert (after.returncode, after.stdout.strip()) == (3, "not running")
 
@@ -316,6 +372,18 @@ def test_check_reports_each_endpoint(
     assert rejecting.requests[0].header("authorization") == f"Bearer {BACKUP_KEY}"
 
 
+def test_check_sends_the_environment_key_only_to_anthropic(cli: Cli, primary: FakeAnthropic) -> None:
+    config = endpoints_config(primary)
+    del config["endpoints"][0]["apiKey"]
+    cli.write_config(config)
+    cli.env["ANTHROPIC_API_KEY"] = ENV_KEY
+    result = cli("check")
+    assert "client key passed through" in result.stdout.splitlines()[-1]
+    assert ENV_KEY not in result.stdout + result.stderr
+    (seen,) = primary.requests
+    assert seen.header("x-api-key") is None and seen.header("authorization") is None
+
+
 def test_check_passes_when_every_endpoint_answers(cli: Cli, primary: FakeAnthropic) -> None:
     cli.write_config(endpoints_config(primary))
     result = cli("check")
@@ -355,6 +423,72 @@ def test_proxy_command_line(tmp_path: Path) -> None:
     assert web[4:6] == ["-s", str(ROOT / "addon" / "fallback.py")]
     assert not any(arg.startswith(("fallback_config", "fallback_log_level")) for arg in web)
     assert web[-5:] == ["web_open_browser=false", "--web-port", "9001", "--web-host", "127.0.0.1"]
+
+
+def test_web_shows_the_answering_endpoint_and_the_first_endpoint_as_target(
+    cli: Cli, primary: FakeAnthropic, backup: FakeAnthropic
+) -> None:
+    port, web_port = free_port(), free_port()
+    config = endpoints_config(primary, backup, server={"port": port})
+    # The first endpoint's host differs from the backup's, so a Host header left over from
+    # the first (mitmproxy's reverse target) would show in the URL.
+    config["endpoints"][0]["baseUrl"] = f"http://localhost:{primary.port}"
+    cli.write_config(config)
+    primary.behavior = Behavior(kind="status", status=529)
+    with foreground(cli, f"http://127.0.0.1:{port}", "web", "--web-port", str(web_port)) as log:
+        assert post_message(port) == (200, "backup")
+        auth = WEB_AUTH and {"Authorization": f"Bearer {web_token(log)}"}
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=auth, timeout=5) as web:
+
+            def answered() -> dict[str, Any] | None:
+                flows = web.get("/flows").json()
+                return next((f for f in flows if f["request"]["path"] == "/v1/messages"), None)
+
+            request = wait_until(answered, 10, "the flow in mitmweb")["request"]
+            # what mitmweb's flow list shows: scheme://pretty_host[:port]path
+            shown = f"{request['scheme']}://{request['pretty_host']}:{request['port']}{request['path']}"
+            assert shown == f"{backup.url}/v1/messages"
+            assert dict(request["headers"])["Host"] == f"127.0.0.1:{backup.port}"
+            mode = web.get("/options").json()["mode"]["value"]
+            assert mode == [f"reverse:http://localhost:{primary.port}@{port}"]
+    assert len(primary.requests) == 1
+
+
+def web_token(log: Path) -> str:
+    """The token mitmweb 12 prints in its URL when it has no password."""
+    found = wait_until(lambda: re.search(r"[?&]token=(\w+)", log.read_text()), 10, "mitmweb's token")
+    return found[1]
+
+
+def test_dev_without_config_forwards_to_anthropic(cli: Cli) -> None:
+    port = free_port()
+    cli.env["ANTHROPIC_API_KEY"] = ENV_KEY
+    url = f"http://127.0.0.1:{port}"
+    with foreground(cli, url, "dev", "--port", str(port)) as log:
+        health = cli_module.fetch_health(url)
+        assert health is not None
+        (endpoint,) = health["endpoints"]
+        assert (endpoint["name"], endpoint["baseUrl"]) == ("default", "https://api.anthropic.com")
+        wait_until(lambda: '"event": "started"' in log.read_text(), 10, "the started event")
+    text = log.read_text()
+    assert f"reverse proxy to https://api.anthropic.com listening at 127.0.0.1:{port}" in text
+    assert "env_key_withheld" not in text and ENV_KEY not in text
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "target"),
+    [
+        (["https://user:secret@LLM.example:8443/api/anthropic/"], "https://llm.example:8443"),
+        ([{"baseUrl": "https://off.example", "enabled": False}, "http://[::1]:9000"], "http://[::1]:9000"),
+    ],
+)
+def test_reverse_target_is_the_first_enabled_endpoints_origin(
+    tmp_path: Path, endpoints: list[Any], target: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"endpoints": endpoints, "server": {"port": 9000}}))
+    command = cli_module.proxy_command(load_config(path, {}), path)
+    assert command[3:5] == ["--set", f"mode=reverse:{target}@9000"]
 
 
 def test_start_reports_a_proxy_that_dies(

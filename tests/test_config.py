@@ -15,6 +15,7 @@ from addon.config import (
     Streaming,
     Timeouts,
     default_config_path,
+    is_anthropic_host,
     load_config,
     mask_secret,
 )
@@ -62,6 +63,12 @@ def test_no_file_gives_section_defaults(tmp_path: Path) -> None:
 def test_default_base_url_can_be_replaced(tmp_path: Path) -> None:
     config = load_config(None, {"CLAUDE_FALLBACK_HOME": str(tmp_path)}, default_base_url="http://127.0.0.1:9")
     assert config.endpoints[0].base_url == "http://127.0.0.1:9"
+
+
+def test_an_endpoint_without_base_url_is_anthropic_whatever_the_default(tmp_path: Path) -> None:
+    path = write(tmp_path, "endpoints:\n  - https://llm.example/api\n  - {name: own}\n")
+    config = load_config(path, {}, default_base_url="https://llm.example")
+    assert [e.base_url for e in config.endpoints] == ["https://llm.example/api", DEFAULT_BASE_URL]
 
 
 def test_default_path_uses_claude_fallback_home(tmp_path: Path) -> None:
@@ -451,9 +458,50 @@ def test_env_host_and_log_level_are_applied(tmp_path: Path) -> None:
 
 
 def test_anthropic_api_key_fills_only_keyless_endpoints(tmp_path: Path) -> None:
-    text = "endpoints:\n  - {baseUrl: 'https://a.example', apiKey: own}\n  - https://b.example\n"
+    text = "endpoints:\n  - {baseUrl: 'https://api.anthropic.com', apiKey: own}\n  - https://anthropic.com\n"
     config = load(tmp_path, text, {"ANTHROPIC_API_KEY": KEY})
     assert [e.api_key for e in config.endpoints] == ["own", KEY]
+
+
+@pytest.mark.parametrize(
+    ("url", "anthropic"),
+    [
+        ("https://api.anthropic.com", True),
+        ("https://anthropic.com/v1", True),
+        ("http://EU.API.Anthropic.com:8443/prefix", True),
+        ("https://evilanthropic.com", False),
+        ("https://anthropic.com.evil.example", False),
+        ("https://api.anthropic.co", False),
+        ("https://user:anthropic.com@llm.example", False),
+        ("http://127.0.0.1:9", False),
+    ],
+)
+def test_anthropic_hosts(url: str, anthropic: bool) -> None:
+    assert is_anthropic_host(url) is anthropic
+
+
+def test_anthropic_api_key_goes_only_to_anthropic_hosts(tmp_path: Path) -> None:
+    text = """
+endpoints:
+  - https://api.anthropic.com
+  - https://eu.api.anthropic.com/prefix
+  - https://evilanthropic.com
+  - http://127.0.0.1:9
+  - {name: explicit, baseUrl: 'https://llm.example', apiKey: '${ANTHROPIC_API_KEY}'}
+"""
+    config = load(tmp_path, text, {"ANTHROPIC_API_KEY": KEY})
+    assert [e.api_key for e in config.endpoints] == [KEY, KEY, None, None, KEY]
+
+
+def test_anthropic_api_key_goes_to_the_default_endpoint(tmp_path: Path) -> None:
+    config = load_config(None, {"CLAUDE_FALLBACK_HOME": str(tmp_path), "ANTHROPIC_API_KEY": KEY})
+    assert (config.endpoints[0].base_url, config.endpoints[0].api_key) == (DEFAULT_BASE_URL, KEY)
+
+
+def test_anthropic_api_key_does_not_follow_a_non_anthropic_reverse_target(tmp_path: Path) -> None:
+    env = {"CLAUDE_FALLBACK_HOME": str(tmp_path), "ANTHROPIC_API_KEY": KEY}
+    config = load_config(None, env, default_base_url="http://127.0.0.1:9")
+    assert config.endpoints[0].api_key is None
 
 
 def test_empty_anthropic_api_key_is_ignored(tmp_path: Path) -> None:

@@ -65,6 +65,29 @@ def test_endpoint_without_key_passes_the_clients_key(proxy_factory, primary):
     assert seen.header("authorization") == "Bearer client-oauth-token"
 
 
+ENV_KEY = "sk-ant-env-ENVIRONMENTSECRETKEY0000004"
+
+
+def test_environment_key_is_not_sent_beyond_anthropic(proxy_factory, primary, backup):
+    config = endpoints_config(primary, backup)
+    del config["endpoints"][0]["apiKey"]
+    proxy = proxy_factory(config, {"ANTHROPIC_API_KEY": ENV_KEY})
+    post(proxy)
+    seen = primary.wait_for_requests(1)[0]
+    assert seen.header("x-api-key") == "sk-ant-client-key-0000"
+    assert ENV_KEY not in str(seen.headers)
+    wait_until(lambda: '"event": "started"' in proxy.logs(), 10, "the started event")
+    warnings = [
+        json.loads(line[line.index("{") :])
+        for line in proxy.logs().splitlines()
+        if "env_key_withheld" in line
+    ]
+    assert [(w["level"], w["endpoint"]) for w in warnings] == [("warning", "primary")]  # backup has a key
+    assert "ANTHROPIC_API_KEY (sk-ant-…0004) is not sent to 127.0.0.1" in warnings[0]["warning"]
+    assert "the client's own credentials pass through" in warnings[0]["warning"]
+    assert ENV_KEY not in proxy.logs() and ENV_KEY[8:-4] not in proxy.logs()
+
+
 def test_endpoint_key_replaces_the_clients_credentials(proxy, primary):
     post(proxy, headers={"authorization": "Bearer client-oauth-token"})
     seen = primary.wait_for_requests(1)[0]
@@ -103,12 +126,15 @@ def test_no_config_uses_the_reverse_target_and_the_clients_key(proxy_factory, pr
     )
 
 
-def test_anthropic_api_key_is_the_default_key(proxy_factory, primary):
+def test_anthropic_api_key_named_in_the_config_goes_to_any_host(proxy_factory, primary):
     config = endpoints_config(primary)
-    del config["endpoints"][0]["apiKey"]
-    proxy = proxy_factory(config, {"ANTHROPIC_API_KEY": "sk-ant-from-environment-0001"})
+    config["endpoints"][0]["apiKey"] = "${ANTHROPIC_API_KEY}"
+    proxy = proxy_factory(config, {"ANTHROPIC_API_KEY": ENV_KEY})
     post(proxy)
-    assert primary.wait_for_requests(1)[0].header("x-api-key") == "sk-ant-from-environment-0001"
+    assert primary.wait_for_requests(1)[0].header("x-api-key") == ENV_KEY
+    wait_until(lambda: '"event": "started"' in proxy.logs(), 10, "the started event")
+    assert "env_key_withheld" not in proxy.logs()
+    assert ENV_KEY not in proxy.logs()
 
 
 def test_environment_endpoints_replace_the_files(proxy_factory, primary, backup):
