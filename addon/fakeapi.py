@@ -329,6 +329,7 @@ class FakeAnthropic:
         # request was on its way, so the client had already picked the connection.
         self.idle_close: float | None = None
         self.idle_closes = 0
+        self.events_sent = 0  # SSE events written, to tell when a stream is under way
         self._cond = threading.Condition()
         self._numbers = itertools.count(1)
         self._connections = itertools.count(1)
@@ -697,6 +698,7 @@ class FakeAnthropic:
                 event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
+            self.events_sent += 1
         if then == "abort":
             # A TCP reset: the receiver's kernel may drop what its reader has not read yet.
             writer.transport.abort()

@@ -19,12 +19,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
 from .bridge import TOKEN_HEADER, Bridge
 from .config import Config, ConfigError, load_config, mask_secret
+from .departures import ClientLeft, Departures
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
@@ -62,6 +63,7 @@ class Fallback:
         self.bridge = Bridge()
         self.client: UpstreamClient | None = None
         self.failover: Failover | None = None
+        self.departures = Departures()
         self.budget = RetryBudget(0.2, 10)
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
@@ -190,7 +192,10 @@ class Fallback:
         started = time.monotonic()
         self.choosing += 1
         try:
-            outcome = await self.failover.run(request)
+            outcome = await self.departures.run(flow.client_conn.id, self.failover.run(request))
+        except ClientLeft:
+            self.client_left(flow, started)
+            return
         finally:
             self.choosing -= 1
         state = InFlight(outcome, started)
@@ -207,6 +212,7 @@ class Fallback:
             return
         if not flow.live:  # the client left while we were failing over
             outcome.response.close()
+            self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()
@@ -240,6 +246,10 @@ class Fallback:
         self.bridge.discard(state.token)
         if flow.response is not None and state.relay is not None and state.relay.copy:
             flow.response.raw_content = bytes(state.relay.copy)  # what the client got before the cut
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        # stops the upstream attempt of a request still waiting for its answer to be chosen
+        self.departures.left(client.id)
 
     async def done(self) -> None:
         contentviews.remove(self.view)
@@ -550,6 +560,21 @@ class Fallback:
             prefill_chars=len(request.payload["messages"][-1]["content"]) if request.payload else None,
         )
         return response
+
+    def client_left(self, flow: http.HTTPFlow, started: float) -> None:
+        """The client went away before its answer was chosen, and its attempt was cancelled."""
+        duration = time.monotonic() - started
+        self.metrics.requests.labels("client_cancel").inc()
+        self.metrics.request_duration.labels("client_cancel").observe(duration)
+        self.events.event(
+            "request",
+            logging.WARNING,
+            method=flow.request.method,
+            path=flow.request.path.split("?", 1)[0],
+            status=499,  # nginx's "client closed request"
+            outcome="client_cancel",
+            duration_ms=round(duration * 1000, 1),
+        )
 
     def finish(
         self,

@@ -386,7 +386,11 @@ class UpstreamClient:
             answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
             if answer.decoder is not None:
                 answer.events = sse.EventReader()
-                await self._hold_preamble(answer, deadline)
+                try:
+                    await self._hold_preamble(answer, deadline)
+                except BaseException:
+                    answer.close()  # cancelled too (the client left): the endpoint must stop
+                    raise
         return answer
 
     async def _request(
