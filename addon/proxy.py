@@ -23,7 +23,7 @@ from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
-from .bridge import TOKEN_HEADER, Bridge
+from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
 from .config import Config, ConfigError, load_config, mask_secret
 from .departures import ClientLeft, Departures
 from .endpoints import COOLING, EndpointPool
@@ -38,6 +38,7 @@ from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, U
 ACCESS_HEADER = "x-ccf-access-key"
 AUTH_HEADERS = ("x-api-key", "authorization")
 META_KEY = "claude-code-fallback"
+GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Fallback:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
         self.view = stream_view()
+        self.refusal = self.bridge.stand(self.refuse_body)
 
     # -- mitmproxy hooks ------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Fallback:
         ctx.options.update(connection_strategy="lazy")
         await self.bridge.start()
         await self.start_client()
+        self.limit_request_bodies()
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
@@ -151,15 +154,21 @@ class Fallback:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
-        length = flow.request.headers.get("content-length", "")
+        length = flow.request.headers.get("content-length")
+        if length is None and flow.request.method in ("GET", "HEAD"):
+            return
+        await self.ready.wait()  # the bridge must be listening
         limit = self.config.server.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            self.respond(flow, self.too_large(limit))
-            self.metrics.requests.labels("rejected").inc()
+        too_large = length is not None and length.isdigit() and int(length) > limit
+        if too_large or length is None:
+            self.guard_body(flow, refuse=too_large)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
+        if flow.request.stream:
+            return  # a body past server.maxBodyBytes, on its way to the bridge's refusal
+        self.unguard_body(flow)
         try:
             await self.serve(flow)
         except Exception as e:
@@ -273,6 +282,7 @@ class Fallback:
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
             return
         self.apply(config)
+        self.limit_request_bodies()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
 
@@ -453,6 +463,41 @@ class Fallback:
             if name.lower() != ACCESS_HEADER
             and not (name.lower() in AUTH_HEADERS and value.removeprefix("Bearer ").strip() == key)
         ]
+
+    def limit_request_bodies(self) -> None:
+        """mitmproxy streams a request body past the limit instead of keeping it (see guard_body)."""
+        assert self.config is not None
+        ctx.options.update(stream_large_bodies=str(self.config.server.max_body_bytes))
+
+    def guard_body(self, flow: http.HTTPFlow, refuse: bool) -> None:
+        """Points a request whose body is, or may grow, too large at the bridge's 413.
+
+        mitmproxy reads the body before the `request` hook, and streams it to the flow's
+        server once it outgrows `stream_large_bodies`. Aimed at the bridge, such a body is
+        read and dropped and the client gets the 413 on a connection left intact. A body
+        whose size is not announced and stays within the limit is kept as usual, and
+        `unguard_body` puts its destination back.
+        """
+        request = flow.request
+        flow.metadata[GUARD_KEY] = (request.url, request.headers.copy())
+        request.scheme, request.host, request.port = "http", "127.0.0.1", self.bridge.port
+        request.headers[TOKEN_HEADER] = self.refusal
+        if refuse:
+            request.stream = True
+
+    def unguard_body(self, flow: http.HTTPFlow) -> None:
+        if guarded := flow.metadata.pop(GUARD_KEY, None):
+            flow.request.url, flow.request.headers = guarded
+
+    def refuse_body(self) -> Parked:
+        assert self.config is not None
+        failure = self.too_large(self.config.server.max_body_bytes)
+        headers = (*failure.headers, (b"content-length", str(len(failure.body)).encode()))
+        return Parked(Whole(failure.status, headers, failure.body), self.refused_body)
+
+    def refused_body(self, error: BaseException | None) -> None:
+        if error is None:
+            self.metrics.requests.labels("rejected").inc()
 
     def too_large(self, limit: int) -> Failure:
         return error_failure(
