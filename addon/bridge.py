@@ -39,9 +39,26 @@ class Parked:
     on_done: Callable[[BaseException | None], None]
 
 
+@dataclass
+class Whole:
+    """A response known whole in advance (a refusal), relayed like any other."""
+
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...]
+    body: bytes
+    reason: str = ""
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.body
+
+    def close(self) -> None:
+        pass
+
+
 class Bridge:
     def __init__(self) -> None:
         self.parked: dict[str, Parked] = {}
+        self.standing: dict[str, Callable[[], Parked]] = {}
         self.relays: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -61,6 +78,16 @@ class Bridge:
         """Parks a response; `on_done` gets None after a clean end, else what broke the relay."""
         token = secrets.token_urlsafe(18)
         self.parked[token] = Parked(response, on_done)
+        return token
+
+    def stand(self, answer: Callable[[], Parked]) -> str:
+        """A token answered every time it comes, with a fresh `answer()`.
+
+        For requests refused before their body is read: mitmproxy streams such a body
+        here rather than keep it, and the bridge reads it and drops it before answering.
+        """
+        token = secrets.token_urlsafe(18)
+        self.standing[token] = answer
         return token
 
     def discard(self, token: str) -> None:
@@ -117,6 +144,8 @@ class _BridgeConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 token = dict(event.headers).get(TOKEN_HEADER.encode(), b"").decode("latin-1")
                 self.parked = self.bridge.parked.pop(token, None)
+                if self.parked is None and (answer := self.bridge.standing.get(token)):
+                    self.parked = answer()
             elif isinstance(event, h11.EndOfMessage):
                 if self.parked is None:
                     self._refuse()

@@ -460,6 +460,12 @@ class FakeAnthropic:
         self.account: Account | None = None
         self.disconnects: list[float] = []
         self.open_connections = 0
+        # A keep-alive connection idle for longer than this is closed (with a reset) when
+        # the next request arrives on it: the server's idle timer fired while that
+        # request was on its way, so the client had already picked the connection.
+        self.idle_close: float | None = None
+        self.idle_closes = 0
+        self.events_sent = 0  # SSE events written, to tell when a stream is under way
         self._cond = threading.Condition()
         self._numbers = itertools.count(1)
         self._connections = itertools.count(1)
@@ -595,8 +601,9 @@ class FakeAnthropic:
         self.open_connections += 1
         connection = next(self._connections)
         pending = bytearray()
+        idle_since: float | None = None
         try:
-            while exchange := await self._read_request(reader, writer, pending, connection):
+            while exchange := await self._read_request(reader, writer, pending, connection, idle_since):
                 with self._cond:
                     self.request_count += 1
                     self.requests.append(exchange.seen)
@@ -622,6 +629,7 @@ class FakeAnthropic:
                     return
                 if not reuse:
                     return
+                idle_since = time.monotonic()
         except h11.RemoteProtocolError:
             if not transport.is_closing():
                 writer.write(_BAD_REQUEST)
@@ -642,7 +650,14 @@ class FakeAnthropic:
         writer: asyncio.StreamWriter,
         pending: bytearray,
         connection: int,
+        idle_since: float | None = None,
     ) -> _Exchange | None:
+        if idle_since is not None and self.idle_close is not None and not pending:
+            pending += await reader.read(_READ_SIZE)
+            if pending and time.monotonic() - idle_since > self.idle_close:
+                self.idle_closes += 1
+                writer.transport.abort()
+                return None
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         if pending:
             conn.receive_data(bytes(pending))
@@ -827,6 +842,7 @@ class FakeAnthropic:
                 event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
             writer.write(b"%x\r\n%s\r\n" % (len(event), event))
             await writer.drain()
+            self.events_sent += 1
         if then == "abort":
             # A TCP reset: the receiver's kernel may drop what its reader has not read yet.
             writer.transport.abort()

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
-from .bridge import TOKEN_HEADER, Bridge
+from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
 from .config import Config, ConfigError, is_anthropic_host, load_config, mask_secret
+from .departures import ClientLeft, Departures
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
@@ -39,6 +40,7 @@ from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, U
 ACCESS_HEADER = "x-ccf-access-key"
 AUTH_HEADERS = ("x-api-key", "authorization")
 META_KEY = "claude-code-fallback"
+GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,7 @@ class Fallback:
         self.bridge = Bridge()
         self.client: UpstreamClient | None = None
         self.failover: Failover | None = None
+        self.departures = Departures()
         self.budget = RetryBudget(0.2, 10)
         self.router: Router | None = None
         self.inflight: dict[str, InFlight] = {}
@@ -75,6 +78,7 @@ class Fallback:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
         self.view = stream_view()
+        self.refusal = self.bridge.stand(self.refuse_body)
 
     # -- mitmproxy hooks ------------------------------------------------------------
 
@@ -136,6 +140,7 @@ class Fallback:
         ctx.options.update(connection_strategy="lazy")
         await self.bridge.start()
         await self.start_client()
+        self.limit_request_bodies()
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
@@ -153,15 +158,21 @@ class Fallback:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
-        length = flow.request.headers.get("content-length", "")
+        length = flow.request.headers.get("content-length")
+        if length is None and flow.request.method in ("GET", "HEAD"):
+            return
+        await self.ready.wait()  # the bridge must be listening
         limit = self.config.server.max_body_bytes
-        if length.isdigit() and int(length) > limit:
-            self.respond(flow, self.too_large(limit))
-            self.metrics.requests.labels("rejected").inc()
+        too_large = length is not None and length.isdigit() and int(length) > limit
+        if too_large or length is None:
+            self.guard_body(flow, refuse=too_large)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
+        if flow.request.stream:
+            return  # a body past server.maxBodyBytes, on its way to the bridge's refusal
+        self.unguard_body(flow)
         try:
             await self.serve(flow)
         except Exception as e:
@@ -194,7 +205,10 @@ class Fallback:
         started = time.monotonic()
         self.choosing += 1
         try:
-            outcome = await self.failover.run(request)
+            outcome = await self.departures.run(flow.client_conn.id, self.failover.run(request))
+        except ClientLeft:
+            self.client_left(flow, started)
+            return
         finally:
             self.choosing -= 1
         state = InFlight(outcome, started)
@@ -211,6 +225,7 @@ class Fallback:
             return
         if not flow.live:  # the client left while we were failing over
             outcome.response.close()
+            self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()
@@ -245,6 +260,10 @@ class Fallback:
         if flow.response is not None and state.relay is not None and state.relay.copy:
             flow.response.raw_content = bytes(state.relay.copy)  # what the client got before the cut
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        # stops the upstream attempt of a request still waiting for its answer to be chosen
+        self.departures.left(client.id)
+
     async def done(self) -> None:
         contentviews.remove(self.view)
         for task in list(self.tasks):
@@ -267,6 +286,7 @@ class Fallback:
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
             return
         self.apply(config)
+        self.limit_request_bodies()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
 
@@ -476,6 +496,41 @@ class Fallback:
             and not (name.lower() in AUTH_HEADERS and value.removeprefix("Bearer ").strip() == key)
         ]
 
+    def limit_request_bodies(self) -> None:
+        """mitmproxy streams a request body past the limit instead of keeping it (see guard_body)."""
+        assert self.config is not None
+        ctx.options.update(stream_large_bodies=str(self.config.server.max_body_bytes))
+
+    def guard_body(self, flow: http.HTTPFlow, refuse: bool) -> None:
+        """Points a request whose body is, or may grow, too large at the bridge's 413.
+
+        mitmproxy reads the body before the `request` hook, and streams it to the flow's
+        server once it outgrows `stream_large_bodies`. Aimed at the bridge, such a body is
+        read and dropped and the client gets the 413 on a connection left intact. A body
+        whose size is not announced and stays within the limit is kept as usual, and
+        `unguard_body` puts its destination back.
+        """
+        request = flow.request
+        flow.metadata[GUARD_KEY] = (request.url, request.headers.copy())
+        request.scheme, request.host, request.port = "http", "127.0.0.1", self.bridge.port
+        request.headers[TOKEN_HEADER] = self.refusal
+        if refuse:
+            request.stream = True
+
+    def unguard_body(self, flow: http.HTTPFlow) -> None:
+        if guarded := flow.metadata.pop(GUARD_KEY, None):
+            flow.request.url, flow.request.headers = guarded
+
+    def refuse_body(self) -> Parked:
+        assert self.config is not None
+        failure = self.too_large(self.config.server.max_body_bytes)
+        headers = (*failure.headers, (b"content-length", str(len(failure.body)).encode()))
+        return Parked(Whole(failure.status, headers, failure.body), self.refused_body)
+
+    def refused_body(self, error: BaseException | None) -> None:
+        if error is None:
+            self.metrics.requests.labels("rejected").inc()
+
     def too_large(self, limit: int) -> Failure:
         return error_failure(
             413,
@@ -582,6 +637,21 @@ class Fallback:
             prefill_chars=len(request.payload["messages"][-1]["content"]) if request.payload else None,
         )
         return response
+
+    def client_left(self, flow: http.HTTPFlow, started: float) -> None:
+        """The client went away before its answer was chosen, and its attempt was cancelled."""
+        duration = time.monotonic() - started
+        self.metrics.requests.labels("client_cancel").inc()
+        self.metrics.request_duration.labels("client_cancel").observe(duration)
+        self.events.event(
+            "request",
+            logging.WARNING,
+            method=flow.request.method,
+            path=flow.request.path.split("?", 1)[0],
+            status=499,  # nginx's "client closed request"
+            outcome="client_cancel",
+            duration_ms=round(duration * 1000, 1),
+        )
 
     def finish(
         self,

@@ -292,6 +292,42 @@ def _is_dns_error(error: aiohttp.ClientConnectorError) -> bool:
     return dns_error is not None and isinstance(error, dns_error)
 
 
+class PooledConnection:
+    """Whether the connection a request went out on came from the pool (aiohttp's trace says)."""
+
+    __slots__ = ("reused",)
+
+    def __init__(self) -> None:
+        self.reused = False
+
+    @staticmethod
+    def trace() -> aiohttp.TraceConfig:
+        async def reused(session: Any, context: Any, params: Any) -> None:
+            if isinstance(context.trace_request_ctx, PooledConnection):
+                context.trace_request_ctx.reused = True
+
+        async def created(session: Any, context: Any, params: Any) -> None:
+            if isinstance(context.trace_request_ctx, PooledConnection):
+                context.trace_request_ctx.reused = False
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_reuseconn.append(reused)
+        trace.on_connection_create_end.append(created)
+        return trace
+
+    def went_stale(self, error: BaseException) -> bool:
+        """The endpoint closed this pooled connection while it sat idle; the request crossed the close.
+
+        Only a connection that failed before any byte of a response qualifies: aiohttp
+        raises these before it returns the response headers.
+        """
+        return (
+            self.reused
+            and isinstance(error, aiohttp.ServerDisconnectedError | OSError)
+            and not isinstance(error, TimeoutError)
+        )
+
+
 class UpstreamClient:
     """The pooled HTTP client that talks to every endpoint."""
 
@@ -299,20 +335,28 @@ class UpstreamClient:
         self.config = config
         self.copy_limit = copy_limit
         self.session: aiohttp.ClientSession | None = None
+        self.fresh: aiohttp.ClientSession | None = None  # never reuses a connection
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=15)
-        self.session = aiohttp.ClientSession(
+        self.session = self._session(connector, [PooledConnection.trace()])
+        self.fresh = self._session(aiohttp.TCPConnector(limit=0, force_close=True), [])
+
+    @staticmethod
+    def _session(connector: aiohttp.TCPConnector, traces: list[aiohttp.TraceConfig]) -> aiohttp.ClientSession:
+        return aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,  # bytes reach the client as the endpoint encoded them
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
             timeout=aiohttp.ClientTimeout(total=None),
             cookie_jar=aiohttp.DummyCookieJar(),
+            trace_configs=traces,
         )
 
     async def stop(self) -> None:
-        if self.session:
-            await self.session.close()
+        for session in (self.session, self.fresh):
+            if session:
+                await session.close()
 
     async def send(
         self,
@@ -328,16 +372,16 @@ class UpstreamClient:
         header_wait = timeouts.first_byte if request.streaming else timeouts.response
         header_wait = min(header_wait, max(0.0, deadline - time.monotonic()))
         started = time.monotonic()
+        pooled = PooledConnection()
         try:
             async with asyncio.timeout(header_wait):
-                resp = await self.session.request(
-                    request.method,
-                    upstream_url(endpoint, request.path),
-                    headers=upstream_headers(endpoint, request),
-                    data=upstream_body(endpoint, request) or None,
-                    allow_redirects=False,
-                    timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect),
-                )
+                try:
+                    resp = await self._request(self.session, endpoint, request, pooled)
+                except (aiohttp.ClientError, OSError) as e:
+                    if not pooled.went_stale(e):
+                        raise
+                    # Not the endpoint's fault: once more, on a new connection, at no cost.
+                    resp = await self._request(self.fresh, endpoint, request, None)
         except (aiohttp.ClientError, OSError) as e:
             if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
                 raise AttemptFailed(
@@ -369,8 +413,30 @@ class UpstreamClient:
             answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
             if answer.decoder is not None:
                 answer.events = sse.EventReader()
-                await self._hold_preamble(answer, deadline)
+                try:
+                    await self._hold_preamble(answer, deadline)
+                except BaseException:
+                    answer.close()  # cancelled too (the client left): the endpoint must stop
+                    raise
         return answer
+
+    async def _request(
+        self,
+        session: aiohttp.ClientSession | None,
+        endpoint: Endpoint,
+        request: ClientRequest,
+        pooled: PooledConnection | None,
+    ) -> aiohttp.ClientResponse:
+        assert session is not None
+        return await session.request(
+            request.method,
+            upstream_url(endpoint, request.path),
+            headers=upstream_headers(endpoint, request),
+            data=upstream_body(endpoint, request) or None,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.timeouts.connect),
+            trace_request_ctx=pooled,
+        )
 
     async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
         name = answer.endpoint.name
