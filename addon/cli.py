@@ -279,9 +279,9 @@ def fetch(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
         return None
 
 
-def fetch_health(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
+def fetch_health(url: str, timeout: float = 2.0, fleet: bool = False) -> dict[str, Any] | None:
     """The proxy's /health document (served with 200 or 503); None when it does not answer."""
-    answer = fetch(f"{url}/health", timeout)
+    answer = fetch(f"{url}/health" + ("?fleet=1" if fleet else ""), timeout)
     if answer is None or answer[0] not in (200, 503):
         return None
     try:
@@ -430,7 +430,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         pid, url = found[0], found[1] or resolve(args).url
     else:  # no background proxy, but one may serve in the foreground (`ccf dev`, `ccf web`)
         url = resolve(args).url
-    health = fetch_health(url)
+    health = fetch_health(url, fleet=args.fleet)
     if health is None and pid is None:
         print("not running")
         return NOT_RUNNING
@@ -444,11 +444,36 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  address   {url}")
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")
+    print(f"  state     {health.get('state', 'memory')}")
     print()
     rows = [["ENDPOINT", "STATUS", "5H", "7D", "RESETS IN", "LAST ERROR"]]
     rows += [endpoint_row(e) for e in health.get("endpoints", [])]
     print(format_table(rows))
+    if args.fleet:
+        print()
+        print(fleet_table(health.get("fleet")))
     return OK
+
+
+def fleet_table(fleet: object) -> str:
+    """The live instances of a fleet sharing state through Redis, one line each."""
+    if not isinstance(fleet, list):
+        return "fleet: none (state.backend is memory, or Redis does not answer)"
+    names = sorted({name for instance in fleet for name in instance.get("endpoints", {})})
+    rows = [["INSTANCE", "ADDRESS", "VERSION", "UPTIME", "STREAMS", *(n.upper() for n in names)]]
+    for instance in fleet:
+        endpoints = instance.get("endpoints", {})
+        rows.append(
+            [
+                str(instance.get("id", "?")),
+                str(instance.get("address", "?")),
+                str(instance.get("version", "?")),
+                format_duration(float(instance.get("uptimeSeconds") or 0)),
+                str(instance.get("activeStreams", 0)),
+                *(str((endpoints.get(n) or {}).get("status", "-")) for n in names),
+            ]
+        )
+    return format_table(rows)
 
 
 def endpoint_row(endpoint: Mapping[str, Any], now: float | None = None) -> list[str]:
@@ -895,6 +920,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=40.0, metavar="S", help="seconds before SIGKILL (40)"
     )
     sub["status"].add_argument("--json", action="store_true", help="print the /health JSON")
+    sub["status"].add_argument(
+        "--fleet", action="store_true", help="also list the instances sharing state through Redis"
+    )
     sub["logs"].add_argument("-n", "--lines", type=int, default=50, metavar="N", help="lines to show (50)")
     sub["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing")
     sub["web"].add_argument("--web-port", type=int, default=8081, metavar="N", help="mitmweb UI port (8081)")

@@ -168,6 +168,37 @@ def _statuses(value: Any) -> frozenset[int]:
     return frozenset(_STATUS(code) for code in value)
 
 
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
+
+
+def _named_keys(value: Any) -> tuple[tuple[str, str], ...]:
+    """`server.accessKeys`: a list of `{name, key}`, names unique and fit for a metric label."""
+    expected = "a list of {name, key} with unique names of letters, digits, '_', '.', '-' (up to 32)"
+    if not isinstance(value, list):
+        raise _Invalid(expected, _kind(value))
+    pairs: dict[str, str] = {}
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) != {"name", "key"}:
+            raise _Invalid(expected, f"{_kind(item)} at [{i}]")
+        name, key = item["name"], item["key"]
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name) or name in pairs:
+            raise _Invalid(expected, f"name {_describe(name)} at [{i}]")
+        if not isinstance(key, str) or not key:
+            raise _Invalid(expected, f"an empty or non-string key at [{i}]")  # never echo a key
+        pairs[name] = key
+    return tuple(pairs.items())
+
+
+def _redis_url(value: Any) -> str:
+    expected = "a redis://, rediss:// or unix:// URL"
+    if not isinstance(value, str):
+        raise _Invalid(expected, _kind(value))
+    scheme = urlsplit(value.strip()).scheme
+    if scheme not in ("redis", "rediss", "unix"):
+        raise _Invalid(expected, f"scheme {scheme!r}" if scheme else "no scheme")
+    return value.strip()
+
+
 _REQUIRED: Any = object()
 _DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
@@ -240,6 +271,7 @@ class Server:
     port: int = _key("port", _PORT, default=8765)
     host: str = _key("host", _string, default="127.0.0.1")
     access_key: str | None = _key("accessKey", _secret, default=None, secret=True)
+    access_keys: tuple[tuple[str, str], ...] = _key("accessKeys", _named_keys, default=(), secret=True)
     metrics_port: int | None = _key("metricsPort", _PORT, default=None)
     max_body_bytes: int = _key("maxBodyBytes", _integer(1), default=32 * 1024 * 1024)
 
@@ -264,6 +296,25 @@ class Streaming:
 
 
 @dataclass(frozen=True)
+class RedisSettings:
+    """Where the shared state lives and how long the proxy waits for it."""
+
+    url: str | None = _key("url", _redis_url, default=None, secret=True)
+    key_prefix: str = _key("keyPrefix", _string, default="ccf:")
+    timeout: float = _key("timeout", _ms(), default=0.05)
+
+
+@dataclass(frozen=True)
+class State:
+    """Where endpoint state lives: this process only, or shared by a fleet through Redis."""
+
+    backend: str = _key("backend", _choice("memory", "redis"), default="memory")
+    redis: RedisSettings = field(
+        default_factory=RedisSettings, metadata={"key": "redis", "section": True, "check": None}
+    )
+
+
+@dataclass(frozen=True)
 class Routing:
     """Which usable endpoint a request goes to first; see routing.py."""
 
@@ -279,6 +330,7 @@ _SECTIONS: dict[str, type] = {
     "timeouts": Timeouts,
     "streaming": Streaming,
     "routing": Routing,
+    "state": State,
 }
 _ENV_OPTIONS = {
     "CLAUDE_FALLBACK_PORT": "server.port",
@@ -298,6 +350,7 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     streaming: Streaming = field(default_factory=Streaming)
     routing: Routing = field(default_factory=Routing)
+    state: State = field(default_factory=State)
     source: str | None = None
 
     @property
@@ -334,6 +387,8 @@ class _Reader:
             spec, where = schema.get(key), f"{path}.{key}"
             if spec is None:
                 self.fail(where, f"unknown key; expected one of {', '.join(schema)}")
+            elif spec.metadata.get("section"):
+                changes[spec.name] = self.apply(getattr(base, spec.name), value, where)
             elif value is not None:
                 try:
                     changes[spec.name] = spec.metadata["check"](value)
@@ -482,6 +537,11 @@ def load_config(
     for option, value in (overrides or {}).items():
         _Reader("command line", problems).set_option(sections, option, value)
 
+    state = sections["state"]
+    if state.backend == "redis" and not state.redis.url:
+        _Reader(str(file) if file else "defaults", problems).fail(
+            "state.redis.url", "required when state.backend is redis, like redis://127.0.0.1:6379/0"
+        )
     if problems or not endpoints:
         raise ConfigError("\n".join(problems))
     if default_key := env.get("ANTHROPIC_API_KEY"):

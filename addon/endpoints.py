@@ -5,7 +5,9 @@ that asks takes the single probe slot; every other request keeps skipping the en
 until the probe reports back. Each state also keeps the endpoint's usage windows as its
 responses last reported them (limits.py), which routing reads. All of this runs on one
 event loop, so plain attributes are enough: no request can interleave between a check
-and the update that follows it.
+and the update that follows it. In a fleet (shared.py) this is each instance's own copy:
+the others' changes arrive as messages applied on the same loop, and the probe slot is
+also a lock in Redis, claimed right after `take` and before the attempt is sent.
 """
 
 from __future__ import annotations
@@ -89,6 +91,12 @@ class EndpointState:
         if until > self.cooling_until:
             self.cooling_until = until
             self.cooling_reason = reason
+
+    def probed_elsewhere(self, wait: float) -> None:
+        """Another instance holds the fleet's probe: ask again after `wait`, unless its verdict
+        comes first."""
+        self.probe_in_flight = False
+        self.cooling_until = self.clock() + wait
 
     def released(self) -> None:
         """The probe ended without a verdict (the client went away): let another request probe."""

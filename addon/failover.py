@@ -23,9 +23,12 @@ from .logs import EventLog
 from .metrics import Metrics
 from .policy import TIMEOUT_KINDS, AttemptFailed, ErrorResponse, Plan, RetryBudget, backoff_delay
 from .routing import Router, session_of
+from .shared import LocalState
 from .upstream import ClientRequest, UpstreamClient, UpstreamResponse
 
 WINDOW_REJECTED = "window_rejected"
+PROBE_ASK_AGAIN = 1.0  # while another instance probes, how often to ask for the probe again
+UTILIZATION_STEP = 0.01  # a window that moved less than this is not news for the fleet
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class Failover:
         events: EventLog,
         budget: RetryBudget,
         router: Router,
+        shared: LocalState,
     ) -> None:
         self.config = config
         self.pool = pool
@@ -75,6 +79,8 @@ class Failover:
         self.events = events
         self.budget = budget
         self.router = router
+        self.shared = shared
+        self.published: dict[str, float] = {}  # the worst utilization the fleet last heard of
 
     async def run(self, request: ClientRequest) -> Outcome:
         retry = self.config.retry
@@ -82,7 +88,10 @@ class Failover:
         deadline = started + self.config.timeouts.total
         self.budget.record_request(started)
         session = session_of(request)
-        plan = Plan(self.router.order(self.pool, session), retry.max_retries if retry.enabled else 1)
+        if session and self.router.affinity and self.router.sessions.get(session) is None:
+            await self._session_elsewhere(session)
+        order = self.router.order(self.pool, session)
+        plan = Plan(order, retry.max_retries if retry.enabled else 1, self._claim_probe)
         outcome = Outcome()
         last_failure: list[AttemptFailed] = []
         backoffs = [0]
@@ -124,7 +133,7 @@ class Failover:
         try:
             async for attempt in retrying:
                 with attempt:
-                    state = plan.fresh() or plan.fallback()
+                    state = await plan.fresh() or plan.fallback()
                     if state is None:
                         raise _NoEndpointLeft
                     if previous is not None and previous is not state:
@@ -141,7 +150,8 @@ class Failover:
                     except AttemptFailed as failure:
                         last_failure.append(failure)
                         raise
-                    self.router.served(session, state)
+                    if self.router.served(session, state):
+                        self.shared.session_moved(session or "", state.name)
         except (AttemptFailed, _NoEndpointLeft):
             outcome.failure = final_failure(last_failure)
         return outcome
@@ -157,6 +167,7 @@ class Failover:
         plan.record(state)
         name = state.name
         started = time.monotonic()
+        probing = state.probe_in_flight
 
         def judge(response: UpstreamResponse) -> None:
             self._read_limits(state, response.headers)
@@ -183,9 +194,13 @@ class Failover:
             if failure.response is not None:
                 self._read_limits(state, failure.response.headers)
             self.endpoint_failed(state, failure, attempt=len(outcome.attempts), duration=duration)
+            if probing:
+                self.shared.release_probe(name)
             raise
         except BaseException:
             state.released()
+            if probing:
+                self.shared.release_probe(name)
             raise
         duration = time.monotonic() - started
         self.metrics.time_to_headers.labels(name).observe(response.time_to_headers)
@@ -195,7 +210,22 @@ class Failover:
         state.succeeded()
         if until := state.rejected_until():
             self._cool_for_limits(state, until)
+        elif probing:
+            self.shared.recovered(state)
+        if probing:
+            self.shared.release_probe(name)
         return response
+
+    async def _session_elsewhere(self, session: str) -> None:
+        """A session new to this instance may have been served by another one of the fleet."""
+        if pinned := await self.shared.session(session):
+            self.router.sessions.put(session, pinned)
+
+    async def _claim_probe(self, state: EndpointState) -> bool:
+        if await self.shared.claim_probe(state.name):
+            return True
+        state.probed_elsewhere(PROBE_ASK_AGAIN)
+        return False
 
     def endpoint_failed(self, state: EndpointState, failure: AttemptFailed, **details: object) -> None:
         """Cools an endpoint that failed a request, and says so in the metrics and the log."""
@@ -203,6 +233,7 @@ class Failover:
         if failure.cool_until is not None:
             cooldown = failure.cool_until - time.time()
         state.failed(failure.kind, cooldown)
+        self.shared.cooled(state)
         self.metrics.cooldowns.labels(state.name, failure.kind).inc()
         self.events.event(
             "endpoint_cooling",
@@ -224,6 +255,13 @@ class Failover:
             return
         state.observe(reading)
         limit_state = state.limit_state(self.config.routing.step_aside_at)
+        worst = state.worst_utilization()
+        if (
+            limit_state != state.limits_logged
+            or abs(worst - self.published.get(state.name, -1)) >= UTILIZATION_STEP
+        ):
+            self.published[state.name] = worst
+            self.shared.read_limits(state)
         if limit_state != state.limits_logged:
             windows = state.current_windows()
             self.events.event(
@@ -249,6 +287,7 @@ class Failover:
         api_key = refused and refused[0] in limits.API_KEY_WINDOWS
         reason = f"ratelimit_{refused[0].replace('-', '_')}_exhausted" if api_key else WINDOW_REJECTED
         state.cool(until, reason)
+        self.shared.cooled(state)
         self.metrics.cooldowns.labels(state.name, "ratelimit" if api_key else WINDOW_REJECTED).inc()
         self.events.event(
             "endpoint_cooling", logging.WARNING, endpoint=state.name, reason=reason, until=iso_time(until)

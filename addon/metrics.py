@@ -66,7 +66,12 @@ class Metrics:
     def __init__(self, pool: Callable[[], EndpointPool]) -> None:
         self.registry = CollectorRegistry()
         counter, r = self._counter, self.registry
-        self.requests = counter("requests", "Client requests by final outcome.", "outcome")
+        self.requests = counter(
+            "requests",
+            "Client requests by final outcome and client (its access key's name).",
+            "outcome",
+            "client",
+        )
         self.attempts = counter(
             "upstream_attempts", "Upstream attempts by endpoint and outcome.", "endpoint", "outcome"
         )
@@ -84,10 +89,16 @@ class Metrics:
         self.request_duration = Histogram(
             "request_duration_seconds",
             "Whole client request duration, to the end of the response body.",
-            ["outcome"],
+            ["outcome", "client"],
             namespace=NAMESPACE,
             registry=r,
             buckets=LATENCY_BUCKETS,
+        )
+        self.state_up = Gauge(
+            "state_backend_up",
+            "1 while the state backend works (always for memory); 0 while Redis is away.",
+            namespace=NAMESPACE,
+            registry=r,
         )
         self.active_streams = Gauge(
             "active_streams", "Responses being relayed to clients right now.", namespace=NAMESPACE, registry=r

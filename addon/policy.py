@@ -10,7 +10,7 @@ import email.utils
 import random
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from .config import Retry
@@ -96,7 +96,8 @@ class RetryBudget:
 
     Failing over to an endpoint that has not failed yet is free; what the budget bounds
     is going back to endpoints that already failed, which is what multiplies traffic
-    in an outage.
+    in an outage. In a fleet, `elsewhere` adds the other instances' counts (requests,
+    retries), so the formula holds for the fleet's traffic.
     """
 
     ratio: float
@@ -104,15 +105,22 @@ class RetryBudget:
     window: float = 10.0
     requests: deque[float] = field(default_factory=deque)
     retries: deque[float] = field(default_factory=deque)
+    elsewhere: Callable[[], tuple[int, int]] = lambda: (0, 0)
 
     def record_request(self, now: float) -> None:
         self.requests.append(now)
 
-    def try_spend(self, now: float) -> bool:
+    def counts(self, now: float) -> tuple[int, int]:
+        """This instance's requests and retries within the window."""
         for q in (self.requests, self.retries):
             while q and q[0] < now - self.window:
                 q.popleft()
-        if len(self.retries) >= self.min_retries + self.ratio * len(self.requests):
+        return len(self.requests), len(self.retries)
+
+    def try_spend(self, now: float) -> bool:
+        requests, retries = self.counts(now)
+        other_requests, other_retries = self.elsewhere()
+        if retries + other_retries >= self.min_retries + self.ratio * (requests + other_requests):
             return False
         self.retries.append(now)
         return True
@@ -130,12 +138,15 @@ class Plan:
 
     order: list[EndpointState]
     max_attempts: int
+    claim: Callable[[EndpointState], Awaitable[bool]]
     attempts: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
 
-    def fresh(self) -> EndpointState | None:
+    async def fresh(self) -> EndpointState | None:
         for state in self.order:
             if state.name not in self.failed and state.take():
+                if state.probe_in_flight and not await self.claim(state):
+                    continue  # another instance of the fleet probes it
                 return state
         for state in self.order:
             if state.name not in self.failed and state.usable_in_overage():

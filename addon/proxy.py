@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,8 +25,9 @@ from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
+from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
-from .config import Config, ConfigError, is_anthropic_host, load_config, mask_secret
+from .config import Config, ConfigError, Server, is_anthropic_host, load_config, mask_secret
 from .departures import ClientLeft, Departures
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
@@ -34,12 +36,12 @@ from .metrics import Metrics
 from .policy import AttemptFailed, RetryBudget
 from .resume import ResumingResponse, can_resume
 from .routing import Router
+from .shared import LocalState, RedisState, shared_state
 from .sseview import stream_view
 from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
-ACCESS_HEADER = "x-ccf-access-key"
-AUTH_HEADERS = ("x-api-key", "authorization")
 META_KEY = "claude-code-fallback"
+CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow
 GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class Fallback:
         self.departures = Departures()
         self.budget = RetryBudget(0.2, 10)
         self.router: Router | None = None
+        self.shared: LocalState = LocalState()
+        self.access = Access(Server())
+        self.clients: Counter[str] = Counter()  # requests per client name, for /health
+        self.address = ""
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
         self.draining = False
@@ -139,6 +145,7 @@ class Fallback:
         # The addon opens upstream connections itself; mitmproxy must not open its own.
         ctx.options.update(connection_strategy="lazy")
         await self.bridge.start()
+        await self.start_shared()
         await self.start_client()
         self.limit_request_bodies()
         self.started_at = time.time()
@@ -179,7 +186,7 @@ class Fallback:
             # One request's bug must not become everyone's outage: answer it and carry on.
             log.exception("claude-code-fallback: internal error while serving a request")
             self.events.event("internal_error", logging.ERROR, error=f"{type(e).__name__}: {e}")
-            self.metrics.requests.labels("internal_error").inc()
+            self.count(flow, "internal_error")
             if flow.response is None and flow.live:
                 self.respond(flow, error_failure(500, "api_error", "Internal error in claude-code-fallback."))
 
@@ -187,18 +194,22 @@ class Fallback:
         # mitmproxy listens before every addon's `running` hook has run
         await self.ready.wait()
         assert self.config is not None
-        if self.serve_local(flow):
+        if await self.serve_local(flow):
             return
         body = flow.request.raw_content or b""
-        refusal = self.check_access(flow)
-        if refusal is None and len(body) > self.config.server.max_body_bytes:
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
+        client = flow.metadata[CLIENT_KEY] = self.access.client(headers) or UNAUTHENTICATED
+        refusal = None
+        if client == UNAUTHENTICATED:
+            refusal = error_failure(401, "authentication_error", "This proxy needs its access key.")
+        elif len(body) > self.config.server.max_body_bytes:
             refusal = self.too_large(self.config.server.max_body_bytes)
         if refusal is not None:
             self.respond(flow, refusal)
-            self.metrics.requests.labels("rejected").inc()
+            self.count(flow, "rejected")
             return
         request = ClientRequest.parse(
-            flow.request.method, flow.request.path, self.forwarded_headers(flow), body
+            flow.request.method, flow.request.path, self.access.strip(headers), body
         )
         self.mask_flow_keys(flow)
         assert self.failover is not None
@@ -269,6 +280,7 @@ class Fallback:
         for task in list(self.tasks):
             task.cancel()
         await self.bridge.stop()
+        await self.shared.stop()
         if self.client:
             await self.client.stop()
         if self.metrics_server is not None:
@@ -312,10 +324,12 @@ class Fallback:
         self.config = config
         self.pool = EndpointPool.build(config.endpoints, previous=self.pool)
         secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
+        secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
         self.events = EventLog(config.logging.level, config.logging.format, secrets)
         self.events.mask = config.logging.redact_keys
         self.budget.ratio = config.retry.budget_ratio
         self.budget.min_retries = config.retry.budget_min_retries
+        self.access = Access(config.server)
         # sessions stay where they are across reloads
         self.router = Router(config.routing, self.router.sessions if self.router else None)
         self.config_mtime = _mtime(config.source)
@@ -330,6 +344,38 @@ class Fallback:
             self.client.config = config
             self.build_failover()
 
+    async def start_shared(self) -> None:
+        """The fleet's shared state (Redis), or none; a Redis that is away is no reason to wait."""
+        assert self.config is not None
+        state, timeouts = self.config.state, self.config.timeouts
+        probe_ttl = timeouts.connect + timeouts.first_byte
+        self.shared = shared_state(state.backend, state.redis, lambda: self.events, probe_ttl)
+        self.budget.elsewhere = self.shared.budget_elsewhere
+        self.metrics.state_up.set_function(lambda: 1 if self.shared.up else 0)
+        self.address = listen_address(ctx.options)
+        await self.shared.start(lambda: self.pool, self.describe)
+        if isinstance(self.shared, RedisState):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.shared.connected.wait(), 1.0)
+
+    def describe(self) -> dict[str, Any]:
+        """This instance, as the fleet sees it in its heartbeat."""
+        return {
+            "address": self.address,
+            "version": __version__,
+            "uptimeSeconds": round(time.time() - self.started_at, 1),
+            "activeStreams": len(self.inflight),
+            "budget": list(self.budget.counts(time.monotonic())),
+            "endpoints": {
+                s.name: {
+                    "status": s.status,
+                    "cooldownSecondsLeft": round(s.cooldown_left(), 1),
+                    "reason": s.cooling_reason or None,
+                }
+                for s in self.pool
+            },
+        }
+
     async def start_client(self) -> None:
         assert self.config is not None
         self.client = UpstreamClient(self.config, ctx.options.fallback_flow_body_limit)
@@ -339,7 +385,14 @@ class Fallback:
     def build_failover(self) -> None:
         assert self.config is not None and self.client is not None and self.router is not None
         self.failover = Failover(
-            self.config, self.pool, self.client, self.metrics, self.events, self.budget, self.router
+            self.config,
+            self.pool,
+            self.client,
+            self.metrics,
+            self.events,
+            self.budget,
+            self.router,
+            self.shared,
         )
 
     def watch(self) -> None:
@@ -425,12 +478,14 @@ class Fallback:
 
     # -- the request's story, in small steps -----------------------------------------
 
-    def serve_local(self, flow: http.HTTPFlow) -> bool:
+    async def serve_local(self, flow: http.HTTPFlow) -> bool:
         if flow.request.method != "GET":
             return False
         path = flow.request.path.split("?", 1)[0]
         if path == "/health":
             status, document = self.health()
+            if flow.request.query.get("fleet") == "1":
+                document["fleet"] = await self.shared.fleet()
             flow.response = http.Response.make(
                 status, json.dumps(document, indent=2), {"content-type": "application/json"}
             )
@@ -455,6 +510,8 @@ class Fallback:
             "version": __version__,
             "uptimeSeconds": round(time.time() - self.started_at, 3),
             "activeStreams": len(self.inflight),
+            "state": self.shared.mode,
+            "clients": dict(self.clients),
             "routing": {
                 "strategy": routing.strategy,
                 "sessionAffinity": self.router.affinity,
@@ -464,37 +521,6 @@ class Fallback:
             "endpoints": endpoints,
         }
         return (200 if usable else 503), document
-
-    def check_access(self, flow: http.HTTPFlow) -> Failure | None:
-        assert self.config is not None
-        key = self.config.server.access_key
-        if not key:
-            return None
-        headers = flow.request.headers
-        offered = {
-            headers.get(ACCESS_HEADER, ""),
-            headers.get("x-api-key", ""),
-            headers.get("authorization", "").removeprefix("Bearer ").strip(),
-        }
-        if key in offered:
-            return None
-        return error_failure(
-            401, "authentication_error", "This proxy needs its access key (server.accessKey)."
-        )
-
-    def forwarded_headers(self, flow: http.HTTPFlow) -> list[tuple[str, str]]:
-        """The client's headers, less the proxy's access key wherever the client put it."""
-        assert self.config is not None
-        key = self.config.server.access_key
-        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
-        if not key:
-            return headers
-        return [
-            (name, value)
-            for name, value in headers
-            if name.lower() != ACCESS_HEADER
-            and not (name.lower() in AUTH_HEADERS and value.removeprefix("Bearer ").strip() == key)
-        ]
 
     def limit_request_bodies(self) -> None:
         """mitmproxy streams a request body past the limit instead of keeping it (see guard_body)."""
@@ -529,7 +555,7 @@ class Fallback:
 
     def refused_body(self, error: BaseException | None) -> None:
         if error is None:
-            self.metrics.requests.labels("rejected").inc()
+            self.metrics.requests.labels("rejected", UNAUTHENTICATED).inc()
 
     def too_large(self, limit: int) -> Failure:
         return error_failure(
@@ -640,18 +666,7 @@ class Fallback:
 
     def client_left(self, flow: http.HTTPFlow, started: float) -> None:
         """The client went away before its answer was chosen, and its attempt was cancelled."""
-        duration = time.monotonic() - started
-        self.metrics.requests.labels("client_cancel").inc()
-        self.metrics.request_duration.labels("client_cancel").observe(duration)
-        self.events.event(
-            "request",
-            logging.WARNING,
-            method=flow.request.method,
-            path=flow.request.path.split("?", 1)[0],
-            status=499,  # nginx's "client closed request"
-            outcome="client_cancel",
-            duration_ms=round(duration * 1000, 1),
-        )
+        self.count(flow, "client_cancel", started, status=499)  # nginx's "client closed request"
 
     def finish(
         self,
@@ -661,20 +676,45 @@ class Fallback:
         status: int,
         endpoint: str | None = None,
     ) -> None:
-        duration = time.monotonic() - state.started
-        self.metrics.requests.labels(result).inc()
-        self.metrics.request_duration.labels(result).observe(duration)
+        self.count(flow, result, state.started, status, endpoint, len(state.outcome.attempts))
+
+    def count(
+        self,
+        flow: http.HTTPFlow,
+        result: str,
+        started: float | None = None,
+        status: int | None = None,
+        endpoint: str | None = None,
+        attempts: int | None = None,
+    ) -> None:
+        """One request's outcome: in the metrics, the per-client counts and one log line."""
+        client = flow.metadata.get(CLIENT_KEY, UNAUTHENTICATED)
+        self.clients[client] += 1
+        self.metrics.requests.labels(result, client).inc()
+        if started is None:
+            return
+        duration = time.monotonic() - started
+        self.metrics.request_duration.labels(result, client).observe(duration)
         self.events.event(
             "request",
             logging.INFO if result in ("success", "client_error") else logging.WARNING,
             method=flow.request.method,
             path=flow.request.path.split("?", 1)[0],
+            client=client,
             endpoint=endpoint,
             status=status,
             outcome=result,
-            attempts=len(state.outcome.attempts),
+            attempts=attempts,
             duration_ms=round(duration * 1000, 1),
         )
+
+
+def listen_address(options: Any) -> str:
+    """host:port of mitmproxy's first listener, as the fleet view shows it."""
+    for spec in options.mode or ():
+        mode = ProxyMode.parse(spec)
+        return f"{mode.listen_host(options.listen_host) or '0.0.0.0'}:{mode.listen_port()}"
+    return ""
 
 
 def reverse_target(modes: Any) -> str:

@@ -107,6 +107,10 @@ class Router:
             states.sort(key=lambda s: s.worst_utilization() >= step_aside_at)
         return states
 
-    def served(self, session: str | None, state: EndpointState) -> None:
-        if session and self.affinity:
-            self.sessions.put(session, state.name)
+    def served(self, session: str | None, state: EndpointState) -> bool:
+        """Remembers who served the session; True when that is news (a new or moved session)."""
+        if not (session and self.affinity):
+            return False
+        news = self.sessions.get(session) != state.name
+        self.sessions.put(session, state.name)
+        return news

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,7 +75,7 @@ def mitmdump_command() -> list[str]:
 
 
 class Proxy:
-    """A real mitmdump running the addon against a config written for the test."""
+    """A real mitmdump running the addon against a config written for the test (or `ccf dev`)."""
 
     def __init__(
         self,
@@ -83,8 +84,10 @@ class Proxy:
         env: dict[str, str] | None = None,
         target: str = "http://127.0.0.1:9",
         listen_host: str = "127.0.0.1",
+        ccf: bool = False,
     ) -> None:
         self.workdir = workdir
+        self.ccf = ccf
         self.target = target
         self.listen_host = listen_host
         self.port = free_port()
@@ -98,10 +101,22 @@ class Proxy:
             k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))
         }
         self.env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
+        self.env["PYTHONPATH"] = str(ROOT)  # for `python -m addon.cli`
         self.env.update(env or {})
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self, *extra: str) -> list[str]:
+        if self.ccf:  # as a user runs it: `ccf dev`, the lean master
+            return [
+                sys.executable,
+                "-m",
+                "addon.cli",
+                "-c",
+                str(self.config_path),
+                "-p",
+                str(self.port),
+                "dev",
+            ]
         args = [
             *mitmdump_command(),
             "-s",
@@ -164,6 +179,10 @@ class Proxy:
     def health(self) -> dict[str, Any]:
         return json.loads(self.get("/health")[1])
 
+    def health_fleet(self) -> list[dict[str, Any]] | None:
+        fleet: list[dict[str, Any]] | None = json.loads(self.get("/health?fleet=1")[1])["fleet"]
+        return fleet
+
     def endpoint(self, name: str) -> dict[str, Any]:
         return next(e for e in self.health()["endpoints"] if e["name"] == name)
 
@@ -222,10 +241,11 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         *extra: str,
         target: str = "http://127.0.0.1:9",
         listen_host: str = "127.0.0.1",
+        ccf: bool = False,
     ) -> Proxy:
         workdir = tmp_path / f"proxy{len(proxies)}"
         workdir.mkdir()
-        proxy = Proxy(workdir, config, env, target, listen_host)
+        proxy = Proxy(workdir, config, env, target, listen_host, ccf)
         proxies.append(proxy)
         return proxy.start(*extra)
 
@@ -236,6 +256,56 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     for proxy in proxies:
         for key in (PRIMARY_KEY, BACKUP_KEY):
             assert key not in proxy.logs(), f"{key} leaked into {proxy.log_path}"
+
+
+class RedisServer:
+    """A real redis-server on a free loopback port, with nothing saved to disk."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
+        )
+        wait_until(self.answers, 10, f"redis-server on port {self.port}")
+        return self
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        """One command in the inline protocol; the raw reply."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            s.sendall(" ".join(args).encode() + b"\r\n")
+            return s.recv(65536)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does this)")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
