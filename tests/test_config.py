@@ -620,3 +620,69 @@ def test_bad_routing_names_the_key(tmp_path: Path, text: str, message: str) -> N
     with pytest.raises(ConfigError, match=message) as error:
         load(tmp_path, text + "\n")
     assert str(tmp_path / "config.yaml") in str(error.value)
+
+
+# --- fleet state and client keys ------------------------------------------------------------
+
+
+def test_state_defaults_to_memory(tmp_path: Path) -> None:
+    state = load(tmp_path, "endpoints: ['https://a.example']\n").state
+    assert (state.backend, state.redis.url, state.redis.key_prefix, state.redis.timeout) == (
+        "memory",
+        None,
+        "ccf:",
+        0.05,
+    )
+
+
+def test_redis_state_reads_its_url_from_the_environment(tmp_path: Path) -> None:
+    text = "state: {backend: redis, redis: {url: '${REDIS_URL}', keyPrefix: 'team-a:', timeout: 80}}\n"
+    state = load(tmp_path, text, env={"REDIS_URL": "rediss://:pw@redis.example:6380/1"}).state
+    assert (state.backend, state.redis.url, state.redis.key_prefix, state.redis.timeout) == (
+        "redis",
+        "rediss://:pw@redis.example:6380/1",
+        "team-a:",
+        0.08,
+    )
+    assert "pw" not in repr(state)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("state: {backend: redis}", r"state\.redis\.url: required when state\.backend is redis"),
+        ("state: {backend: etcd}", r"state\.backend: expected one of memory, redis"),
+        (
+            "state: {redis: {url: 'http://x:6379'}}",
+            r"state\.redis\.url: expected a redis://, rediss:// or unix://",
+        ),
+        (
+            "state: {redis: {port: 6379}}",
+            r"state\.redis\.port: unknown key; expected one of url, keyPrefix, timeout",
+        ),
+    ],
+)
+def test_bad_state_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(tmp_path, text + "\n")
+
+
+def test_named_access_keys(tmp_path: Path) -> None:
+    text = "server: {accessKeys: [{name: alice, key: '${A}'}, {name: bob, key: k-bob-123456789}]}\n"
+    server = load(tmp_path, text, env={"A": "k-alice-123456789"}).server
+    assert server.access_keys == (("alice", "k-alice-123456789"), ("bob", "k-bob-123456789"))
+    assert "k-alice" not in repr(server)
+
+
+@pytest.mark.parametrize(
+    ("keys", "found"),
+    [
+        ("[{name: alice, key: a1}, {name: alice, key: a2}]", r"name string 'alice' at \[1\]"),
+        ("[{name: 'has space', key: a1}]", r"name string 'has space' at \[0\]"),
+        ("[{name: alice}]", r"mapping at \[0\]"),
+        ("[{name: alice, key: ''}]", r"an empty or non-string key at \[0\]"),
+    ],
+)
+def test_bad_access_keys_name_the_entry_and_never_the_key(tmp_path: Path, keys: str, found: str) -> None:
+    with pytest.raises(ConfigError, match=r"server\.accessKeys: expected a list of \{name, key\}.*" + found):
+        load(tmp_path, f"server: {{accessKeys: {keys}}}\n")
