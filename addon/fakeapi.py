@@ -459,6 +459,7 @@ class FakeAnthropic:
         self.keep: int | None = None
         self.account: Account | None = None
         self.disconnects: list[float] = []
+        self.cut_gate: threading.Event | None = None  # `close_mid_stream` waits for it, if set
         self.open_connections = 0
         # A keep-alive connection idle for longer than this is closed (with a reset) when
         # the next request arrives on it: the server's idle timer fired while that
@@ -848,7 +849,11 @@ class FakeAnthropic:
             writer.transport.abort()
             return False
         if then == "close":
-            # A FIN without the terminating chunk: every event sent arrives, then the cut.
+            # A FIN without the terminating chunk. A client library may drop what it had not
+            # read yet when it sees the close, so a test can hold the close back (`cut_gate`)
+            # until it has seen the last event arrive: then the cut comes after it, for sure.
+            if self.cut_gate is not None:
+                await asyncio.to_thread(self.cut_gate.wait, 30)
             writer.close()
             return False
         if then == "stall":

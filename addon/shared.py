@@ -31,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .config import RedisSettings
-from .endpoints import EndpointPool, EndpointState
+from .endpoints import COOLING, EndpointPool, EndpointState
 from .limits import Reading, Window
 from .logs import EventLog
 
@@ -171,7 +171,7 @@ class RedisState(LocalState):
         self.connected.set()
         self.events().event("state_backend_up", backend="redis", instance=self.id)
         for state in self.pool():  # what we learnt alone while Redis was away
-            if state.status != "healthy":
+            if state.status == COOLING:
                 self.cooled(state)
 
     def _mark_down(self, error: BaseException) -> None:

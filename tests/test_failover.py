@@ -9,8 +9,11 @@ from __future__ import annotations
 import email.utils
 import gzip
 import json
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import AnyStr
 
 import anthropic
 import httpx
@@ -34,6 +37,27 @@ def sdk(proxy, **kwargs) -> anthropic.Anthropic:
 def stream_text(proxy) -> str:
     with sdk(proxy).messages.stream(**MESSAGE) as stream:
         return "".join(stream.text_stream)
+
+
+def open_when(gate: threading.Event, seen: str, pieces: Iterable[AnyStr]) -> Iterator[AnyStr]:
+    """Passes `pieces` on; once what came so far ends with `seen`, sets `gate`.
+
+    With `fake.cut_gate = gate`, a `close_mid_stream` fake closes only then: the cut comes
+    after that text reached the client, whatever the timing.
+    """
+    so_far = ""
+    for piece in pieces:
+        so_far += piece if isinstance(piece, str) else piece.decode(errors="replace")
+        if so_far.rstrip().endswith(seen):
+            gate.set()
+        yield piece
+
+
+def stream_text_cut(proxy, fake, seen: str) -> str:
+    """`stream_text` against a `close_mid_stream` fake that closes once `seen` reached the client."""
+    gate = fake.cut_gate = threading.Event()
+    with sdk(proxy).messages.stream(**MESSAGE) as stream:
+        return "".join(open_when(gate, seen, stream.text_stream))
 
 
 def post(proxy, body=None, stream=False, headers=None, path="/v1/messages") -> httpx.Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import httpx
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from addon.fakeapi import Behavior
 
 from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
-from .test_failover import MESSAGE, sdk, stream_text
+from .test_failover import MESSAGE, open_when, sdk, stream_text_cut
 
 FIRST = "Hello there from the primary"  # deltas: "Hello", " there", " from", ...
 REST = " and the rest from the backup."
@@ -28,8 +29,9 @@ def resuming(proxy_factory, primary, backup):
 @pytest.mark.parametrize("kind", ["close_mid_stream", "stall", "sse_error_after"])
 def test_a_broken_text_stream_is_finished_by_the_backup(resuming, primary, backup, kind):
     primary.behavior = Behavior(kind=kind, text=FIRST, after_events=5)  # preamble, then "Hello", " there"
+    gate = primary.cut_gate = threading.Event()
     with sdk(resuming).messages.stream(**MESSAGE) as stream:
-        text = "".join(stream.text_stream)
+        text = "".join(open_when(gate, "Hello there", stream.text_stream))
         final = stream.get_final_message()
     assert text == "Hello there" + REST
     assert final.content[0].text == text and len(final.content) == 1
@@ -72,10 +74,11 @@ def test_a_reset_stream_is_finished_from_exactly_what_the_client_got(resuming, p
 
 def test_the_client_sees_one_message_start_and_one_message_stop(resuming, primary):
     primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
+    gate = primary.cut_gate = threading.Event()
     with httpx.stream(
         "POST", resuming.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10
     ) as response:
-        body = response.read().decode()
+        body = "".join(open_when(gate, 'there"}}', response.iter_text()))
     assert body.count("event: message_start") == 1
     assert body.count("event: message_stop") == 1
     assert body.count("event: content_block_start") == 1
@@ -85,11 +88,12 @@ def test_the_client_sees_one_message_start_and_one_message_stop(resuming, primar
 def test_thinking_requests_are_not_resumed(resuming, primary, backup):
     primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
     request = dict(MESSAGE, thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=2048)
+    gate = primary.cut_gate = threading.Event()
     with (
         pytest.raises(CUT_STREAM_ERRORS),
         sdk(resuming).messages.stream(**request) as stream,
     ):
-        "".join(stream.text_stream)
+        "".join(open_when(gate, "Hello there", stream.text_stream))
     assert backup.requests == []
 
 
@@ -98,7 +102,7 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
     primary.behavior = Behavior(kind="status", status=503)
     proxy = proxy_factory(endpoints_config(primary, streaming={"resume": True}, retry={"maxRetries": 1}))
     with pytest.raises(CUT_STREAM_ERRORS):
-        stream_text(proxy)
+        stream_text_cut(proxy, primary, "Hello there")
     wait_until(
         lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
     )
@@ -107,5 +111,5 @@ def test_no_endpoint_left_aborts_the_client(proxy_factory, primary):
 def test_resume_off_by_default(proxy, primary, backup):
     primary.behavior = Behavior(kind="close_mid_stream", text=FIRST, after_events=5)
     with pytest.raises(CUT_STREAM_ERRORS):
-        stream_text(proxy)
+        stream_text_cut(proxy, primary, "Hello there")
     assert backup.requests == []

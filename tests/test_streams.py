@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import socket
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -14,7 +15,7 @@ import pytest
 from addon.fakeapi import Behavior
 
 from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
-from .test_failover import MESSAGE, post, sdk, stream_text
+from .test_failover import MESSAGE, open_when, post, sdk, stream_text, stream_text_cut
 
 WORDS = "one two three four five six seven eight"
 
@@ -25,25 +26,29 @@ def test_events_arrive_spaced_as_the_upstream_sent_them(proxy, primary):
     with sdk(proxy).messages.stream(**MESSAGE) as stream:
         for _ in stream.text_stream:
             arrivals.append(time.monotonic())
-    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    gaps = sorted(b - a for a, b in itertools.pairwise(arrivals))
     assert len(arrivals) == 8
-    assert all(0.12 < gap < 0.5 for gap in gaps), gaps  # not bunched, not held back
+    # Not bunched, not held back: the events keep the upstream's pace. A median, so that
+    # one event delayed by a busy machine (a long gap, then a short one) does not count.
+    assert 0.1 < gaps[len(gaps) // 2] < 0.4, gaps
+    assert arrivals[-1] - arrivals[0] > 7 * 0.2 * 0.5, gaps
 
 
 def test_first_content_is_not_delayed_by_the_preamble_hold(proxy, primary):
-    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.3)
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=1.0)
     started = time.monotonic()
     with sdk(proxy).messages.stream(**MESSAGE) as stream:
         next(iter(stream.text_stream))
         first = time.monotonic() - started
-    # message_start, content_block_start, ping, first delta: 3 gaps of 0.3 s upstream
-    assert first < 0.9 + 0.4
+    # message_start, content_block_start, ping, first delta: 3 gaps of 1 s upstream. Held
+    # any longer, the first delta would come with the second one, a second later.
+    assert 3.0 <= first < 3.8
 
 
 def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
     primary.behavior = Behavior(kind="close_mid_stream", text=WORDS, after_events=5)
     with pytest.raises(CUT_STREAM_ERRORS):
-        stream_text(proxy)
+        stream_text_cut(proxy, primary, "one two")
     assert backup.requests == []  # bytes were sent: nothing to fail over to invisibly
     wait_until(
         lambda: proxy.metric("ccf_stream_aborts_total", endpoint="primary", reason="upstream_cut") == 1
@@ -53,11 +58,12 @@ def test_upstream_cut_mid_stream_aborts_the_client(proxy, primary, backup):
 
 def test_raw_client_sees_no_clean_end_after_a_cut(proxy, primary):
     primary.behavior = Behavior(kind="close_mid_stream", text=WORDS, after_events=5)
+    gate = primary.cut_gate = threading.Event()
     with (
         pytest.raises(CUT_STREAM_ERRORS),
         httpx.stream("POST", proxy.url + "/v1/messages", json=dict(MESSAGE, stream=True), timeout=10) as r,
     ):
-        for _ in r.iter_raw():
+        for _ in open_when(gate, 'two "}}', r.iter_raw()):
             pass
 
 
