@@ -143,20 +143,12 @@ def seen(fake: FakeAnthropic) -> str:
     return f"{fake.name}:\n" + "\n".join(lines or ["  (nothing)"])
 
 
-def test_claude_cli_prints_the_backups_answer_when_the_primary_errors_after_its_preamble(
-    tmp_path, proxy_factory, primary, backup
-):
-    home = tmp_path / "home"
-    home.mkdir()
-    cli = find_cli(home)
-    # Every Messages call to the primary (streaming or not) gets a stream that errors after
-    # message_start, content_block_start and ping; other routes get 200 JSON.
-    primary.behavior = Behavior(kind="sse_error_after_preamble")
-    backup.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
-    proxy = proxy_factory(endpoints_config(primary, backup))
+def run_cli(
+    cli: list[str], tmp_path: Path, home: Path, proxy: Any, *fakes: FakeAnthropic
+) -> tuple[subprocess.CompletedProcess[str], str]:
+    """`claude -p PROMPT` through the proxy, in an empty project; (the run, what to print if it fails)."""
     work = tmp_path / "project"  # no CLAUDE.md, settings or git repo of ours in sight
     work.mkdir()
-
     started = time.monotonic()
     try:
         run = subprocess.run(
@@ -171,14 +163,30 @@ def test_claude_cli_prints_the_backups_answer_when_the_primary_errors_after_its_
     except subprocess.TimeoutExpired as e:
         pytest.fail(
             f"`claude -p` still running after {CLI_TIMEOUT} s\nstdout: {e.stdout!r}\nstderr: {e.stderr!r}\n"
-            f"{seen(primary)}\n{seen(backup)}\nproxy log:\n{proxy.logs()[-3000:]}"
+            + "\n".join(seen(fake) for fake in fakes)
+            + f"\nproxy log:\n{proxy.logs()[-3000:]}"
         )
     took = time.monotonic() - started
-
     context = (
         f"exit {run.returncode} after {took:.1f} s\nstdout: {run.stdout!r}\nstderr: {run.stderr!r}\n"
-        f"{seen(primary)}\n{seen(backup)}\nproxy log:\n{proxy.logs()[-3000:]}"
+        + "\n".join(seen(fake) for fake in fakes)
+        + f"\nproxy log:\n{proxy.logs()[-3000:]}"
     )
+    return run, context
+
+
+def test_claude_cli_prints_the_backups_answer_when_the_primary_errors_after_its_preamble(
+    tmp_path, proxy_factory, primary, backup
+):
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = find_cli(home)
+    # Every Messages call to the primary (streaming or not) gets a stream that errors after
+    # message_start, content_block_start and ping; other routes get 200 JSON.
+    primary.behavior = Behavior(kind="sse_error_after_preamble")
+    backup.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
+    proxy = proxy_factory(endpoints_config(primary, backup))
+    run, context = run_cli(cli, tmp_path, home, proxy, primary, backup)
     assert run.returncode == 0, context
     assert BACKUP_TEXT in run.stdout, context
     tried, answered = main_requests(primary), main_requests(backup)
@@ -202,21 +210,7 @@ def test_claude_cli_session_moves_off_an_account_whose_window_is_refused(
     backup.account = Account(Window("5h", utilization=0.3, per_request=0.0), overage=True)
     backup.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
     proxy = proxy_factory(endpoints_config(primary, backup, routing={"strategy": "least-utilized"}))
-    work = tmp_path / "project"
-    work.mkdir()
-    run = subprocess.run(
-        [*cli, "-p", PROMPT],
-        env=cli_env(home, proxy.url),
-        cwd=work,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
-    context = (
-        f"exit {run.returncode}\nstdout: {run.stdout!r}\nstderr: {run.stderr!r}\n"
-        f"{seen(primary)}\n{seen(backup)}\nproxy log:\n{proxy.logs()[-3000:]}"
-    )
+    run, context = run_cli(cli, tmp_path, home, proxy, primary, backup)
     assert run.returncode == 0, context
     assert BACKUP_TEXT in run.stdout, context
     answered = main_requests(backup)
