@@ -165,9 +165,11 @@ class Fallback:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
-        length = flow.request.headers.get("content-length")
-        if length is None and flow.request.method in ("GET", "HEAD"):
-            return
+        request = flow.request
+        length = request.headers.get("content-length")
+        http1 = not (request.is_http2 or request.is_http3)
+        if length is None and http1 and "transfer-encoding" not in request.headers:
+            return  # no body
         await self.ready.wait()  # the bridge must be listening
         limit = self.config.server.max_body_bytes
         too_large = length is not None and length.isdigit() and int(length) > limit
