@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from mitmproxy import io
 from mitmproxy.http import HTTPFlow
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -16,6 +17,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from addon.fakeapi import Account, Behavior, Window
 
 from .conftest import ACCESS_KEY, endpoints_config, wait_until
+from .test_cli import Cli
 from .test_failover import post
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -206,6 +208,31 @@ def test_a_proxy_without_access_key_serves_the_page_openly(proxy):
     assert "script-src 'sha256-" in page.headers["content-security-policy"]
     assert httpx.get(proxy.url + "/dashboard/summary").json()["serving"] == "primary"
     assert "set-cookie" not in httpx.get(proxy.url + "/?key=anything").headers
+
+
+def test_ccf_open_gives_the_browser_the_key_once_and_prints_it_nowhere(guarded, tmp_path):
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    cli = Cli(tmp_path / "home")
+    cli.env["BROWSER"] = str(browser)
+    result = cli("--config", str(guarded.config_path), "--port", str(guarded.port), "open")
+    assert result.returncode == 0, result.stderr
+    assert f"status page: {guarded.url}/" in result.stdout
+    assert ACCESS_KEY not in result.stdout + result.stderr
+    url = wait_until(lambda: opened.exists() and opened.read_text().strip(), 10, "the browser to start")
+    first = httpx.get(url)
+    assert first.status_code == 303 and first.headers["location"] == "/"
+    assert httpx.get(guarded.url + "/", cookies=first.cookies).status_code == 200
+
+
+def test_ccf_open_says_when_no_proxy_answers(tmp_path):
+    cli = Cli(tmp_path / "home")
+    cli.env["BROWSER"] = "false"
+    cli.write_config(yaml.safe_load("endpoints: [{name: a, baseUrl: 'http://127.0.0.1:9'}]"))
+    result = cli("--port", "9", "open")
+    assert result.returncode == 3 and "no proxy answers" in result.stderr
 
 
 def test_the_session_cookie_never_reaches_an_endpoint(guarded, primary):
