@@ -32,6 +32,7 @@ PAGE_FILE = Path(__file__).with_name("dashboard.html")
 PAGE_PATHS = ("/", "/dashboard")
 SUMMARY_PATH = "/dashboard/summary"
 RELOAD_PATH = "/dashboard/reload"
+ROUTES = frozenset({*(("GET", p) for p in PAGE_PATHS), ("GET", SUMMARY_PATH), ("POST", RELOAD_PATH)})
 COOKIE = "ccf_session"
 KEY_HEADERS = ("x-ccf-access-key", "x-api-key", "authorization")
 SERVING = "serving"
@@ -75,8 +76,7 @@ class Dashboard:
     def serve(self, flow: http.HTTPFlow) -> bool:
         request = flow.request
         path = request.path.split("?", 1)[0]
-        route = (request.method, path)
-        if route not in {*(("GET", p) for p in PAGE_PATHS), ("GET", SUMMARY_PATH), ("POST", RELOAD_PATH)}:
+        if (request.method, path) not in ROUTES:
             if "cookie" in request.headers and COOKIE in request.cookies:
                 del request.cookies[COOKIE]  # a browser's other requests: the session is not the endpoint's
             return False
@@ -122,11 +122,10 @@ class Dashboard:
         key = self.key()
         if not key:
             return True
-        offered = [request.cookies.get(COOKIE, "")]
-        if matches(offered[0], self.session(key)):
+        if matches(request.cookies.get(COOKIE, ""), self.session(key)):
             return True
-        offered = [request.headers.get(h, "").removeprefix("Bearer ").strip() for h in KEY_HEADERS]
-        return any(matches(value, key) for value in offered)
+        headers = request.headers
+        return any(matches(headers.get(h, "").removeprefix("Bearer ").strip(), key) for h in KEY_HEADERS)
 
     def exchange(self, offered: str, path: str) -> http.Response:
         """The key, once, from the address bar: a cookie instead, and the key out of the address."""
