@@ -2,11 +2,11 @@
 
 `dev` and `web` run mitmdump or mitmweb with the addon in the foreground; `start`, `stop`,
 `status` and `logs` manage one background proxy per home directory ($CLAUDE_FALLBACK_HOME,
-else ~/.claude-code-fallback), found through its pid file; `init`, `env`, `check` and `demo`
-help set it up. The options of the original Node tool (`--config/-c`, `--port/-p`,
-`--host/-h`, `--log-level`) are accepted before or after the subcommand, so `-h` means
-`--host` and only `--help` prints help. Exit codes: 0 ok, 1 failure, 2 usage or config
-error, 3 not running (`status`).
+else ~/.claude-code-fallback), found through its pid file, and `open` shows its status page;
+`init`, `env`, `check` and `demo` help set it up. The options of the original Node tool
+(`--config/-c`, `--port/-p`, `--host/-h`, `--log-level`) are accepted before or after the
+subcommand, so `-h` means `--host` and only `--help` prints help. Exit codes: 0 ok,
+1 failure, 2 usage or config error, 3 not running (`status`, `open`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import webbrowser
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import yaml
 
@@ -542,6 +543,20 @@ def format_duration(seconds: float) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
+def cmd_open(args: argparse.Namespace) -> int:
+    """Opens the status page; under server.accessKey the browser gets the key once, in the URL."""
+    settings = resolve(args)
+    found = read_pid(pid_file())
+    url = found[1] if found and found[1] and is_running(found[0]) else settings.url
+    if fetch_health(url) is None:
+        raise CommandFailed(f"no proxy answers at {url}; start it with `ccf start`", NOT_RUNNING)
+    key = settings.config.server.access_key
+    print(f"status page: {url}/" + (" (the browser gets server.accessKey once, for a cookie)" if key else ""))
+    if not webbrowser.open(f"{url}/?{urlencode({'key': key})}" if key else f"{url}/"):
+        raise CommandFailed("no browser found; open the address above" + (" with ?key=..." if key else ""))
+    return OK
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     path = log_file()
     if not path.is_file():
@@ -889,6 +904,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "stop": (cmd_stop, "stop the background proxy, letting in-flight requests finish"),
     "status": (cmd_status, "show whether it runs and the state of each endpoint"),
     "logs": (cmd_logs, "print the background proxy's log"),
+    "open": (cmd_open, "open the status page in a browser (the URL carries server.accessKey once)"),
     "dev": (cmd_dev, "run the proxy in the foreground"),
     "web": (cmd_web, "run the proxy in the foreground with mitmweb's UI"),
     "init": (cmd_init, "write the example config file"),

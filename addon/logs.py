@@ -2,6 +2,7 @@
 
 One line per request outcome and per failover or cooldown change, never per chunk. Every
 line passes through `redact`, which masks each configured key wherever it appears.
+Listeners (the status page's timeline) hear every event, whatever the log level.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from .config import mask_secret
 
@@ -27,6 +28,8 @@ LEVELS = {
 # Anything shaped like an Anthropic key is masked even if no config names it.
 KEY_PATTERN = re.compile(r"sk-[A-Za-z0-9]+-[A-Za-z0-9_\-]{8,}")
 
+Listener = Callable[[str, Mapping[str, object]], None]
+
 
 class EventLog:
     def __init__(self, level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
@@ -34,6 +37,7 @@ class EventLog:
         self.level = LEVELS.get(level, logging.INFO)
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.mask = True
+        self.listeners: list[Listener] = []
 
     def redact(self, text: str) -> str:
         if not self.mask:
@@ -44,6 +48,8 @@ class EventLog:
         return KEY_PATTERN.sub(lambda m: mask_secret(m.group(0)), text)
 
     def event(self, event: str, level: int = logging.INFO, **fields: object) -> None:
+        for listener in self.listeners:
+            listener(event, fields)
         if level < self.level or not log.isEnabledFor(level):
             return
         fields = {k: v for k, v in fields.items() if v is not None}

@@ -28,6 +28,7 @@ from . import __version__
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
 from .config import Config, ConfigError, Server, is_anthropic_host, load_config, mask_secret
+from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
@@ -38,6 +39,7 @@ from .resume import ResumingResponse, can_resume
 from .routing import Router
 from .shared import LocalState, RedisState, shared_state
 from .sseview import stream_view
+from .timeline import Timeline
 from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
 META_KEY = "claude-code-fallback"
@@ -85,6 +87,8 @@ class Fallback:
         self.metrics_server: Any = None
         self.view = stream_view()
         self.refusal = self.bridge.stand(self.refuse_body)
+        self.timeline = Timeline()
+        self.dashboard = Dashboard(self, self.timeline)
 
     # -- mitmproxy hooks ------------------------------------------------------------
 
@@ -151,6 +155,7 @@ class Fallback:
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
+        self.spawn(self.timeline.run(self.metrics))
         assert self.config is not None
         self.warn_if_exposed()
         self.warn_env_key_withheld()
@@ -197,6 +202,8 @@ class Fallback:
         await self.ready.wait()
         assert self.config is not None
         if await self.serve_local(flow):
+            return
+        if self.dashboard.serve(flow):
             return
         body = flow.request.raw_content or b""
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
@@ -291,18 +298,19 @@ class Fallback:
     # -- commands -------------------------------------------------------------------
 
     @command.command("fallback.reload")
-    def reload(self) -> None:
+    def reload(self) -> bool:
         """Reload the claude-code-fallback config file; a bad file keeps the running config."""
         try:
             config = self.read_config()
         except ConfigError as e:
             self.metrics.reloads.labels("error").inc()
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
-            return
+            return False
         self.apply(config)
         self.limit_request_bodies()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
+        return True
 
     @command.command("fallback.status")
     def status(self) -> str:
@@ -329,6 +337,7 @@ class Fallback:
         secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
         self.events = EventLog(config.logging.level, config.logging.format, secrets)
         self.events.mask = config.logging.redact_keys
+        self.events.listeners.append(self.timeline.record)
         self.budget.ratio = config.retry.budget_ratio
         self.budget.min_retries = config.retry.budget_min_retries
         self.access = Access(config.server)

@@ -26,6 +26,7 @@ ADDON = ROOT / "addon" / "fallback.py"
 # Test keys are distinctive so a leak is easy to grep for.
 PRIMARY_KEY = "sk-ant-test-PRIMARYSECRETKEY0000000001"
 BACKUP_KEY = "sk-ant-test-BACKUPSECRETKEY00000000002"
+ACCESS_KEY = "ccf-test-ACCESSSECRETKEY0000000000005"  # server.accessKey, for tests that set one
 
 
 def _cut_stream_errors() -> tuple[type[BaseException], ...]:
@@ -254,7 +255,7 @@ def proxy_factory(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
         proxy.stop()
     # Row 24, for every test that ran a proxy: no configured key ever reaches its log.
     for proxy in proxies:
-        for key in (PRIMARY_KEY, BACKUP_KEY):
+        for key in (PRIMARY_KEY, BACKUP_KEY, ACCESS_KEY):
             assert key not in proxy.logs(), f"{key} leaked into {proxy.log_path}"
 
 

@@ -29,7 +29,7 @@ from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait
 from .test_operations import WEB_AUTH
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["start", "stop", "status", "logs", "dev", "web", "init", "env", "check", "demo"]
+COMMANDS = ["start", "stop", "status", "logs", "open", "dev", "web", "init", "env", "check", "demo"]
 DEAD_KEY = "sk-ant-test-DEADPORTSECRETKEY000000003"
 ENV_KEY = "sk-ant-env-ENVIRONMENTSECRETKEY0000004"
 ENV_COMMAND = [sys.executable, "-m", "addon.cli", "-p", "9124", "env"]

@@ -10,7 +10,7 @@ import pytest
 
 from addon.fakeapi import Behavior
 
-from .conftest import endpoints_config, free_port, wait_until
+from .conftest import ROOT, endpoints_config, free_port, wait_until
 from .test_failover import post, stream_text
 
 needs = "install Debian's `prometheus` package (.ci/run does)"
@@ -78,3 +78,19 @@ def test_a_real_prometheus_scrapes_both_listeners(proxy_factory, primary, backup
     finally:
         server.terminate()
         server.wait(10)
+
+
+RULES = ROOT / "contrib" / "prometheus"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=f"promtool not found: {needs}")
+def test_promtool_accepts_the_alert_rules_and_their_tests_pass():
+    def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["promtool", *args], cwd=RULES, capture_output=True, text=True, timeout=60)
+
+    checked = promtool("check", "rules", "alerts.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "SUCCESS: 5 rules found" in checked.stdout
+    tested = promtool("test", "rules", "alerts_test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert "SUCCESS" in tested.stdout
