@@ -237,3 +237,33 @@ def test_named_client_keys_show_who_used_what(keyed, primary):
     assert ALICE_KEY not in logs and BOB_KEY not in logs
     for seen in primary.requests:  # the proxy's key is never forwarded
         assert ALICE_KEY not in json.dumps(seen.headers) and BOB_KEY not in json.dumps(seen.headers)
+
+
+def test_the_retry_budget_is_the_fleets(proxy_factory, redis_server, primary):
+    primary.behavior = Behavior(kind="status", status=503)
+    retry = {"maxRetries": 3, "budgetMinRetries": 2, "budgetRatio": 0, "initialDelay": 10, "maxDelay": 50}
+    a, b = start_fleet(proxy_factory, fleet_config(redis_server, primary, retry=retry), count=2)
+    assert ask(a).status_code == 503
+    assert primary.request_count == 3  # the first attempt and the fleet's 2 retries, all spent by A
+    # B hears of A's spending with A's next heartbeat (once a second)
+    wait_until(
+        lambda: any(
+            i["budget"][1] == 2 for i in b.health_fleet() or [] if i["address"].endswith(f":{a.port}")
+        ),
+        5,
+        "A's budget in B's view of the fleet",
+    )
+    assert ask(b).status_code == 503
+    assert primary.request_count == 4  # B tried once and did not retry: the budget was spent
+    assert b.metric("ccf_retry_budget_exhausted_total") == 1
+
+
+def test_a_flushed_redis_is_refilled_and_nothing_fails(proxy_factory, redis_server, primary, backup):
+    fleet = start_fleet(proxy_factory, fleet_config(redis_server, primary, backup), count=2)
+    wait_until(lambda: len(fleet[0].health_fleet() or []) == 2, 5, "two heartbeats")
+    assert redis_server.command("FLUSHALL").startswith(b"+OK")
+    assert all(ask(p).status_code == 200 for p in fleet)
+    wait_until(lambda: len(fleet[0].health_fleet() or []) == 2, 5, "the heartbeats to come back")
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
+    assert ask(fleet[0]).headers["x-fake-name"] == "backup"
+    wait_until(lambda: cooling(fleet[1]), 2, "the cooldown to be shared after the flush")

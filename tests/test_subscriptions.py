@@ -303,3 +303,20 @@ def test_bad_window_headers_are_ignored_and_never_cool(proxy_factory, primary, b
     assert state["status"] == "healthy" and backup.request_count == 0
     for window in state["limits"].values():  # what is left of a window holds only good values
         assert window["utilization"] is None and window["resetsAt"] is None
+
+
+def test_step_aside_applies_to_api_keys_from_their_remaining_and_limit(proxy_factory, primary, backup):
+    reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + HOURS))
+    primary.behavior = Behavior(
+        kind="ok",
+        headers=(
+            ("anthropic-ratelimit-tokens-limit", "100000"),
+            ("anthropic-ratelimit-tokens-remaining", "2000"),  # 98 % used
+            ("anthropic-ratelimit-tokens-reset", reset),
+        ),
+    )
+    proxy = proxy_factory(endpoints_config(primary, backup, routing={"stepAsideAt": 0.95}))
+    assert session_request(proxy, "s1")[0] == "primary"
+    assert proxy.endpoint("primary")["limits"]["tokens"]["utilization"] == pytest.approx(0.98)
+    assert proxy.endpoint("primary")["saturated"] is True
+    assert [session_request(proxy, "s1")[0] for _ in range(2)] == ["backup"] * 2
