@@ -193,7 +193,9 @@ class Failover:
             self.metrics.attempts.labels(name, failure.kind).inc()
             if failure.response is not None:
                 self._read_limits(state, failure.response.headers)
-            self.endpoint_failed(state, failure, attempt=len(outcome.attempts), duration=duration)
+            self.endpoint_failed(
+                state, failure, attempt=len(outcome.attempts), duration_ms=round(duration * 1000, 1)
+            )
             if probing:
                 self.shared.release_probe(name)
             raise
