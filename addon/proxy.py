@@ -335,6 +335,7 @@ class Fallback:
         self.pool = EndpointPool.build(config.endpoints, previous=self.pool)
         secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
         secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
+        secrets.append(urlsplit(config.state.redis.url or "").password or "")
         self.events = EventLog(config.logging.level, config.logging.format, secrets)
         self.events.mask = config.logging.redact_keys
         self.events.listeners.append(self.timeline.record)

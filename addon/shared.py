@@ -153,7 +153,7 @@ class RedisState(LocalState):
                     self._mark_up()
                     await self._load()
                     wait = 0.05
-                    while True:
+                    while self.up:  # a failed write elsewhere starts the whole connection over
                         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                         if message is not None:
                             self._apply(message.get("data"))

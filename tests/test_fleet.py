@@ -267,3 +267,18 @@ def test_a_flushed_redis_is_refilled_and_nothing_fails(proxy_factory, redis_serv
     primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
     assert ask(fleet[0]).headers["x-fake-name"] == "backup"
     wait_until(lambda: cooling(fleet[1]), 2, "the cooldown to be shared after the flush")
+
+
+def test_a_slow_redis_is_gone_around_and_sharing_comes_back(proxy_factory, redis_server, primary, backup):
+    fleet = start_fleet(proxy_factory, fleet_config(redis_server, primary, backup), count=2)
+    with ThreadPoolExecutor(1) as pool:
+        sleeping = pool.submit(redis_server.command, "DEBUG", "SLEEP", "3")  # Redis answers nothing for 3 s
+        wait_until(
+            lambda: all(p.health()["state"] == "local" for p in fleet), 5, "every instance to go local"
+        )
+        assert all(ask(p).status_code == 200 for p in fleet)  # served meanwhile, from local state
+        assert sleeping.result(timeout=10).startswith(b"+OK")
+    wait_until(lambda: all(p.health()["state"] == "redis" for p in fleet), 5, "Redis to be used again")
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
+    assert ask(fleet[0]).headers["x-fake-name"] == "backup"
+    wait_until(lambda: cooling(fleet[1]), 2, "the cooldown to be shared again")
