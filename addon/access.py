@@ -40,9 +40,8 @@ class Access:
             return ANONYMOUS
         found = None
         for value in _offered(headers):
-            for name, key in self.keys:
-                if hmac.compare_digest(value, key) and found is None:
-                    found = name
+            name = self._name_of(value)  # every value compared, whatever matched before
+            found = found or name
         return found
 
     def strip(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -53,14 +52,16 @@ class Access:
             (name, value)
             for name, value in headers
             if name.lower() != ACCESS_HEADER
-            and not (name.lower() in AUTH_HEADERS and self._is_key(_credential(value)))
+            and not (name.lower() in AUTH_HEADERS and self._name_of(_credential(value)))
         ]
 
-    def _is_key(self, value: bytes) -> bool:
-        matched = False
-        for _, key in self.keys:
-            matched |= hmac.compare_digest(value, key)
-        return matched
+    def _name_of(self, value: bytes) -> str | None:
+        """The name of the key `value` is, compared with every key whatever matches first."""
+        found = None
+        for name, key in self.keys:
+            if hmac.compare_digest(value, key) and found is None:
+                found = name
+        return found
 
 
 def _offered(headers: Iterable[tuple[str, str]]) -> list[bytes]:

@@ -29,7 +29,6 @@ import urllib.request
 import webbrowser
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlencode, urlsplit
@@ -46,6 +45,7 @@ from .config import (
     load_config,
     mask_secret,
 )
+from .limits import parse_time
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
@@ -511,18 +511,9 @@ def resets_in(windows: Mapping[str, Mapping[str, Any]], now: float) -> str:
         reverse=True,
     )
     for window in binding:
-        if when := _parse_iso(window.get("resetsAt")):
+        if when := parse_time(window.get("resetsAt")):
             return format_duration(max(0.0, when - now))
     return "-"
-
-
-def _parse_iso(text: object) -> float | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:

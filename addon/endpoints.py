@@ -193,6 +193,9 @@ class EndpointPool:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.states)
 
+    def get(self, name: object) -> EndpointState | None:
+        return next((state for state in self.states if state.name == name), None)
+
     def __len__(self) -> int:
         return len(self.states)
 

@@ -122,19 +122,28 @@ def _count(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
+def parse_time(text: object) -> float | None:
+    """An RFC 3339 time (`2026-11-25T08:00:30Z`) as Unix time; None when it is not one."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
 def _epoch(text: str | None, now: float) -> float | None:
     try:
         value = float(text) if text else math.nan
     except ValueError:
         return None
-    return value if now < value <= now + MAX_RESET_AHEAD else None
+    return _ahead(value, now)
 
 
 def _rfc3339(text: str | None, now: float) -> float | None:
-    if not text:
-        return None
-    try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
-    return value if now < value <= now + MAX_RESET_AHEAD else None
+    return _ahead(parse_time(text), now)
+
+
+def _ahead(value: float | None, now: float) -> float | None:
+    """A reset still to come, and not absurdly far: else nothing to go by."""
+    return value if value is not None and now < value <= now + MAX_RESET_AHEAD else None

@@ -657,9 +657,8 @@ class Fallback:
     ) -> UpstreamResponse | None:
         """Continues a stream that broke mid-answer on the next endpoint that answers."""
         assert self.failover is not None
-        for state in self.pool:
-            if state.name == broken:
-                self.failover.endpoint_failed(state, AttemptFailed(broken, reason, "stream broke mid-answer"))
+        if state := self.pool.get(broken):
+            self.failover.endpoint_failed(state, AttemptFailed(broken, reason, "stream broke mid-answer"))
         outcome = await self.failover.run(request)
         response = outcome.response
         if response is None or response.status != 200:

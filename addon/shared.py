@@ -265,7 +265,7 @@ class RedisState(LocalState):
             return
         if not isinstance(message, dict) or message.get("from") == self.id:
             return
-        state = next((s for s in self.pool() if s.name == message.get("endpoint")), None)
+        state = self.pool().get(message.get("endpoint"))
         if state is None:
             return
         kind = message.get("kind")
