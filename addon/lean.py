@@ -39,7 +39,8 @@ def parse(argv: list[str]) -> list[str]:
     return specs
 
 
-async def serve(specs: list[str]) -> None:
+async def serve(specs: list[str], *ours: object) -> None:
+    """Runs mitmproxy's proxy core with `ours` (the fallback addon unless given) until shut down."""
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
     for noisy in ("asyncio", "hpack", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -52,7 +53,7 @@ async def serve(specs: list[str]) -> None:
         next_layer.NextLayer(),
         tls,
         errorcheck.ErrorCheck(),
-        Fallback(),
+        *(ours or (Fallback(),)),
     )
     # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
     # proxy already listens; a request in between (`ccf start` polls /health at once)
