@@ -53,7 +53,7 @@ async def serve(specs: list[str], *ours: object) -> None:
         next_layer.NextLayer(),
         tls,
         errorcheck.ErrorCheck(),
-        *(ours or (Fallback(),)),
+        *(ours or (Fallback(inspected=False),)),
     )
     # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
     # proxy already listens; a request in between (`ccf start` polls /health at once)

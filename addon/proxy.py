@@ -46,6 +46,8 @@ META_KEY = "claude-code-fallback"
 CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow
 GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
+WHOLE_BODY_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent whole, without the bridge
+
 log = logging.getLogger(__name__)
 
 
@@ -62,7 +64,10 @@ class InFlight:
 
 
 class Fallback:
-    def __init__(self) -> None:
+    def __init__(self, inspected: bool = True) -> None:
+        # Whether anyone looks at flows (mitmweb, mitmdump's output, saved flows). The lean
+        # master has no such addon, so it skips the work that only serves their eyes.
+        self.inspected = inspected
         self.config: Config | None = None
         self.pool = EndpointPool()
         self.metrics = Metrics(lambda: self.pool)
@@ -220,19 +225,20 @@ class Fallback:
         request = ClientRequest.parse(
             flow.request.method, flow.request.path, self.access.strip(headers), body
         )
-        self.mask_flow_keys(flow)
-        assert self.failover is not None
+        if self.inspected:
+            self.mask_flow_keys(flow)
         started = time.monotonic()
         self.choosing += 1
         try:
-            outcome = await self.departures.run(flow.client_conn.id, self.failover.run(request))
+            outcome, body = await self.departures.run(flow.client_conn.id, self.choose(request))
         except ClientLeft:
             self.client_left(flow, started)
             return
         finally:
             self.choosing -= 1
         state = InFlight(outcome, started)
-        self.annotate(flow, outcome)
+        if self.inspected:
+            self.annotate(flow, outcome)
         if outcome.response is None:
             assert outcome.failure is not None
             self.respond(flow, outcome.failure)
@@ -247,14 +253,52 @@ class Fallback:
             outcome.response.close()
             self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
+        state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
+        if body is not None:
+            self.answer_whole(flow, state, body)
+            return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()
         state.relay = outcome.response
         if self.config.streaming.resume and can_resume(outcome.response, request):
             state.relay = ResumingResponse(outcome.response, request, self.resume_stream, len(self.pool))
         state.token = self.bridge.park(state.relay, lambda error: self.relayed(flow, state, error))
-        state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
         self.point_at_bridge(flow, state)
+
+    async def choose(self, request: ClientRequest) -> tuple[Outcome, bytes | None]:
+        """The failover's outcome, with the whole body when the answer is short and not a stream.
+
+        Such a body needs no bridge: mitmproxy sends it as an answer set by the addon,
+        which spares it a second HTTP exchange. Streams, and bodies too large to hold,
+        are relayed through the bridge as they arrive.
+        """
+        assert self.failover is not None
+        outcome = await self.failover.run(request)
+        response = outcome.response
+        if response is None or response.is_event_stream:
+            return outcome, None
+        response.copy_limit = 0  # the flow gets the body itself
+        return outcome, await response.read_whole(WHOLE_BODY_LIMIT)
+
+    def answer_whole(self, flow: http.HTTPFlow, state: InFlight, body: bytes) -> None:
+        response = state.outcome.response
+        assert response is not None
+        headers = [(k, v) for k, v in response.headers if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        flow.response = http.Response(
+            b"HTTP/1.1",
+            response.status,
+            response.reason.encode("latin-1", "replace"),
+            http.Headers(headers),
+            body,
+            None,
+            time.time(),
+            None,
+        )
+        response.close()
+        if self.inspected:
+            flow.request.url = state.endpoint_url
+        self.settle(flow, state, None)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = self.inflight.get(flow.id)
@@ -599,7 +643,8 @@ class Fallback:
 
     def point_at_bridge(self, flow: http.HTTPFlow, state: InFlight) -> None:
         request = flow.request
-        state.saved_request = (request.headers.copy(), request.raw_content)
+        if self.inspected:
+            state.saved_request = (request.headers.copy(), request.raw_content)
         request.raw_content = b""  # the bridge needs the token, not the body again
         request.headers.pop("transfer-encoding", None)
         request.headers["content-length"] = "0"
@@ -632,8 +677,12 @@ class Fallback:
         )
 
     def relayed(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
-        """The bridge finished relaying a response: count it and log its outcome."""
+        """The bridge finished relaying a response."""
         self.metrics.active_streams.dec()
+        self.settle(flow, state, error)
+
+    def settle(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
+        """An answer has reached the client, whole or cut: count it and log its outcome."""
         upstream = state.outcome.response
         if upstream is None:
             return

@@ -182,6 +182,8 @@ class UpstreamResponse:
     copy_limit: int = 0
     complete: bool = False
     body_check: BodyCheck | None = None
+    rest: AsyncIterator[bytes] | None = None  # the relay's own reader, when `read_whole` stopped early
+    broken: StreamBroken | None = None  # what `read_whole` met, for the relay to meet again
 
     @property
     def is_event_stream(self) -> bool:
@@ -205,11 +207,41 @@ class UpstreamResponse:
                 self.usage.append(usage)
         return events
 
+    async def read_whole(self, limit: int) -> bytes | None:
+        """The body, when it ends cleanly within `limit` bytes.
+
+        Otherwise None: what was read is held, and the relay through the bridge goes on from
+        there exactly as if it had read it itself (a cut body still reaches the client cut).
+        """
+        body = bytearray()
+        rest = self.chunks()
+        try:
+            async for chunk in rest:
+                body += chunk
+                if len(body) > limit:
+                    break
+            else:
+                return bytes(body)
+        except StreamBroken as e:
+            self.broken = e
+        except BaseException:
+            self.close()  # cancelled (the client left): the endpoint must stop too
+            raise
+        self.held = [bytes(body)]
+        self.rest = rest
+        return None
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The held bytes, then the rest as it arrives; raises StreamBroken if the upstream fails."""
         for chunk in self.held:
             yield chunk
         self.held = []
+        if self.broken is not None:
+            raise self.broken
+        if self.rest is not None:
+            async for chunk in self.rest:
+                yield chunk
+            return
         content = self.response.content
         # With a content-length, the last chunk ends the client's response cleanly; a body
         # that must pass its integrity check is therefore relayed one chunk behind.
