@@ -230,7 +230,7 @@ class Fallback:
         started = time.monotonic()
         self.choosing += 1
         try:
-            outcome, body = await self.departures.run(flow.client_conn.id, self.choose(request))
+            outcome, whole = await self.departures.run(flow.client_conn.id, self.choose(request))
         except ClientLeft:
             self.client_left(flow, started)
             return
@@ -254,8 +254,8 @@ class Fallback:
             self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
         state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
-        if body is not None:
-            self.answer_whole(flow, state, body)
+        if whole is not None:
+            self.answer_whole(flow, state, whole)
             return
         self.inflight[flow.id] = state
         self.metrics.active_streams.inc()

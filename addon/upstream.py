@@ -247,22 +247,25 @@ class UpstreamResponse:
         # that must pass its integrity check is therefore relayed one chunk behind.
         lag = self.body_check is not None and self.response.content_length is not None
         behind = b""
-        while True:
-            try:
-                async with asyncio.timeout(self.idle_timeout):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise StreamBroken("idle_timeout", f"no bytes for {self.idle_timeout:g} s") from None
-            except (aiohttp.ClientError, OSError) as e:
-                raise StreamBroken("upstream_cut", type(e).__name__) from None
-            if not chunk:
-                break
-            self.observe(chunk)
-            if lag:
-                chunk, behind = behind, chunk
+        watch = IdleWatch(self.idle_timeout)
+        try:
+            while True:
+                try:
+                    chunk = await watch.read(content)
+                except TimeoutError:
+                    raise StreamBroken("idle_timeout", f"no bytes for {self.idle_timeout:g} s") from None
+                except (aiohttp.ClientError, OSError) as e:
+                    raise StreamBroken("upstream_cut", type(e).__name__) from None
                 if not chunk:
-                    continue
-            yield chunk
+                    break
+                self.observe(chunk)
+                if lag:
+                    chunk, behind = behind, chunk
+                    if not chunk:
+                        continue
+                yield chunk
+        finally:
+            watch.stop()
         # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
         if self.body_check is not None and not self.body_check.whole():
             raise StreamBroken("malformed", "compressed body ended before its end marker")
@@ -276,6 +279,51 @@ class UpstreamResponse:
             self.response.release()
         else:
             self.response.close()
+
+
+class IdleWatch:
+    """One timer for a whole stream: a read that waits longer than `idle` seconds times out.
+
+    An `asyncio.timeout` around every read would arm and disarm a timer per chunk; this one
+    fires at most once per `idle` seconds and only cancels a read that is still waiting.
+    """
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self.loop = asyncio.get_running_loop()
+        self.reader: asyncio.Task[Any] | None = None  # the task waiting in a read, if any
+        self.since = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+        self.fired = False
+
+    async def read(self, content: aiohttp.StreamReader) -> bytes:
+        self.reader, self.since = asyncio.current_task(), self.loop.time()
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.since + self.idle, self._check)
+        try:
+            return await content.readany()
+        except asyncio.CancelledError:
+            if self.fired and self.reader is not None and self.reader.uncancel() == 0:
+                raise TimeoutError from None
+            raise
+        finally:
+            self.reader = None
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _check(self) -> None:
+        self.timer = None
+        if self.reader is None:
+            return  # not reading now: the next read arms the timer again
+        due = self.since + self.idle
+        if self.loop.time() < due:
+            self.timer = self.loop.call_at(due, self._check)
+            return
+        self.fired = True
+        self.reader.cancel()
 
 
 class StreamBroken(Exception):
