@@ -11,6 +11,7 @@ import json
 import resource
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import aiohttp
@@ -78,6 +79,17 @@ async def drive(url: str, until: float) -> tuple[int, list[str]]:
     return done, errors
 
 
+def warnings(logs: str) -> dict[str, int]:
+    """How often the proxy logged each kind of warning: event, endpoint, reason, detail."""
+    counts: Counter[str] = Counter()
+    for line in logs.splitlines():
+        if '"level": "warning"' in line:
+            fields = json.loads(line[line.index("{") :])
+            keys = ("event", "endpoint", "reason", "detail", "outcome")
+            counts[" ".join(str(fields[k]) for k in keys if k in fields)] += 1
+    return dict(counts)
+
+
 @pytest.mark.load
 def test_500_streams_for_30_seconds_with_failover_half_way(proxy_factory, primary, backup):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -85,7 +97,9 @@ def test_500_streams_for_30_seconds_with_failover_half_way(proxy_factory, primar
     primary.keep = backup.keep = 0  # the fakes remember counts, not every request
     primary.behavior = backup.behavior = Behavior(kind="ok", text=TEXT, event_delay=0.15)
     config = endpoints_config(primary, backup, logging={"level": "warn"})
-    config["timeouts"].update(firstByte=20000, idle=20000, total=60000)
+    # The product's connect timeout, not the tests' short one: when 500 streams move to the
+    # backup at once on a busy machine, opening their connections can take over a second.
+    config["timeouts"].update(connect=10000, firstByte=20000, idle=20000, total=60000)
     proxy = proxy_factory(config)
     assert proxy.process is not None
     pid = proxy.process.pid
@@ -109,7 +123,8 @@ def test_500_streams_for_30_seconds_with_failover_half_way(proxy_factory, primar
         stop.set()
         watcher.join()
     print(f"\n{done} streams, {len(errors)} errors, peak proxy RSS {max(peak):.0f} MB")
-    assert errors == [], errors[:5]
+    if errors:  # what the proxy saw, for a failure that may not come back on a rerun
+        pytest.fail(f"{len(errors)} errors, first: {errors[:5]}; proxy said: {warnings(proxy.logs())}")
     assert done >= STREAMS * 3
     assert primary.request_count > STREAMS and backup.request_count > STREAMS
     assert proxy.metric("ccf_failovers_total", from_endpoint="primary", to_endpoint="backup") >= 1

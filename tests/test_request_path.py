@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from addon.fakeapi import Behavior
+from addon.proxy import WHOLE_BODY_LIMIT
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, wait_until
 from .test_failover import MESSAGE, post, sdk, stream_text
@@ -198,9 +199,29 @@ def test_requests_keep_working_across_many_keep_alive_calls(proxy, primary):
         for _ in range(30):
             response = client.post("/v1/messages", json=MESSAGE, headers={"x-api-key": "k"})
             assert response.status_code == 200
+        # a short answer that is not a stream goes to mitmproxy whole: no bridge connection
+        assert proxy.logs().count("server connect 127.0.0.1:") == 0
+        for _ in range(30):
+            streamed = dict(MESSAGE, stream=True)
+            with client.stream("POST", "/v1/messages", json=streamed, headers={"x-api-key": "k"}) as response:
+                body = response.read()
+            assert response.status_code == 200
+            assert body.rstrip().endswith(b'{"type":"message_stop"}')
     connections = {r.connection for r in primary.requests}
-    assert len(primary.requests) == 30 and len(connections) <= 2  # pooled upstream connections
+    assert len(primary.requests) == 60 and len(connections) <= 2  # pooled upstream connections
     # mitmproxy kept one connection to the bridge for the client's keep-alive connection
     assert proxy.logs().count("server connect 127.0.0.1:") == 1
     wait_until(lambda: proxy.metric("ccf_active_streams") == 0)
     assert time.monotonic()
+
+
+def test_an_answer_too_long_to_hold_is_relayed_through_the_bridge(proxy, primary):
+    text = "x" * (WHOLE_BODY_LIMIT + 1000)
+    primary.behavior = Behavior(kind="ok", text=text)
+    response = post(proxy)
+    assert response.status_code == 200
+    assert response.json()["content"][0]["text"] == text
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert proxy.logs().count("server connect 127.0.0.1:") == 1
+    assert proxy.metric("ccf_requests_total", outcome="success") == 1
+    wait_until(lambda: proxy.metric("ccf_active_streams") == 0, what="no active stream")
