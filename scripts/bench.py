@@ -1,15 +1,24 @@
-"""Benchmark claude-code-fallback against mitmproxy's own floor, on loopback, in one run.
+"""Benchmark claude-code-fallback against mitmproxy's own floor and claude-code-router, in one run.
 
 Run from the repository root:
 
-    /work/venv/bin/python scripts/bench.py [--quick] [--duration S] [--json out.json]
+    .venv/bin/python scripts/bench.py [--quick] [--duration S] [--json out.json] [--ccr DIR]
 
-Every server is its own process, so the load generator, the proxies and the fake
-upstreams (`python -m addon.fakeapi`) never share a GIL. Four paths are compared:
+The proxies run with the interpreter that runs this script (and its mitmproxy; the header
+prints both), so running it with another venv's python measures that one. Every server is
+its own process, so the load generator, the proxies and the fake upstreams
+(`python -m addon.fakeapi`) never share a GIL. Six paths are compared:
 
   (1) direct     the client talks to the fake upstream: the limit;
-  (2) floor      `mitmdump --mode reverse:...` with `scripts/bench_stream_addon.py`, an addon
-                 that only sets `flow.response.stream = True`: what mitmproxy itself costs;
+  ccr            claude-code-router (`@musistudio/claude-code-router`), a peer: `ccr start`
+                 in the foreground, one node process, with its primary provider the fake,
+                 its `fallback` provider a fake that answers 429, both through its
+                 `Anthropic` transformer (requests and SSE passed on unchanged);
+  (2) mitmdump   `mitmdump --mode reverse:...` with `scripts/bench_stream_addon.py`, an addon
+                 that only sets `flow.response.stream = True`: what mitmdump itself costs;
+  floor          the same addon in the lean master (`python -P scripts/bench_stream_addon.py
+                 --set mode=reverse:...`): mitmproxy's proxy core without mitmdump's default
+                 addons, the floor a proxy on mitmproxy's streaming path cannot go below;
   (3) healthy    the proxy as `ccf` runs it (the lean master, addon/lean.py; `--runner
                  mitmdump` uses `mitmdump -s addon/fallback.py` instead), its only
                  endpoint answering;
@@ -17,14 +26,23 @@ upstreams (`python -m addon.fakeapi`) never share a GIL. Four paths are compared
                  (`retry-after: 1`) and `cooldownSeconds: 3600`, so once the first request
                  has failed over, the primary is skipped and the backup serves everything.
 
-All mitmdump processes run with `-q`, `connection_strategy=lazy`, `flow_detail=0` and
-`termlog_verbosity=warn`. What is measured, and how:
+The mitmproxy processes run with `connection_strategy=lazy` and `termlog_verbosity=warn`
+(mitmdump also with `-q` and `flow_detail=0`). claude-code-router is installed as its
+users do, `npm install @musistudio/claude-code-router`, into
+~/.cache/claude-code-fallback/bench/ccr (reused when present; `--ccr DIR` names an existing
+install). Without node or npm, or when the install fails, a line says why, its column is
+left out and its targets are not judged; everything else runs. It does not pass the
+upstream's headers on, so a reply through it is not checked for the fake's name; its
+fallback only answers 429, so a 200 is its primary's. What is measured, and how:
 
-* Throughput: small non-streaming POST /v1/messages at 16 connections, with wrk
-  (`wrk -t2 -c16 -d<S>s -s post.lua`) when it is installed, else an asyncio aiohttp client
-  with 16 keep-alive connections (then the client may be the limit for (1)); the tool used
-  is printed. After a warm-up, the variants take turns in rounds of about 5 s, so a change
-  in background load hits all of them alike.
+* Throughput: POST /v1/messages at 16 connections, small non-streaming JSON and, as its own
+  load, `"stream": true` (the fake answers with a short SSE stream), with wrk (`wrk -t2 -c16
+  -d<S>s -s post.lua`) when it is installed, else an asyncio aiohttp client with 16
+  keep-alive connections (then the client may be the limit for (1)); the tool used is
+  printed. Besides req/s, wrk's p50 and p99 latency of a whole request under that load
+  (over the rounds, weighted by requests). After a warm-up, the loads (every variant, JSON
+  and SSE) take turns in rounds of about 5 s, so a change in background load hits all of
+  them alike.
 * Latency at 1 connection: sequential POSTs on one keep-alive aiohttp connection, the
   variants interleaved in blocks; p50/p99 of the whole request. "Added" is variant minus
   direct, so the client's own cost cancels out.
@@ -35,27 +53,37 @@ All mitmdump processes run with `-q`, `connection_strategy=lazy`, `flow_detail=0
   bunches those events). Jitter is the p99 over all those gaps of |gap - 20 ms|; "added
   jitter" is a variant's p99 minus the direct p99, so the fake's and the client's own
   timer noise cancel out.
-* Failover: the first request through a fresh (4) (the one that actually fails over,
-  cold connections included) is timed on its own. For a distribution, another instance
-  of (4) has a primary answering 429 without retry-after and `cooldownSeconds: 0`, so
-  every request tries the primary (as the half-open probe), gets the 429 and fails over;
-  the proxy's failover counter must agree. Its requests are interleaved with direct ones
-  to the primary and to the backup. Time from the primary's 429 to the backup's first
+* Failover (the proxy only): the first request through a fresh (4) (the one that actually
+  fails over, cold connections included) is timed on its own. For a distribution, another
+  instance of (4) has a primary answering 429 without retry-after and `cooldownSeconds: 0`,
+  so every request tries the primary (as the half-open probe), gets the 429 and fails
+  over; the proxy's failover counter must agree. Its requests are interleaved with direct
+  ones to the primary and to the backup. Time from the primary's 429 to the backup's first
   byte = the proxy's time to first byte minus the primary's own direct time to its 429;
   the reference is the backup's own direct time to first byte.
-* Memory: 500 SSE streams opened at once through fresh instances of (2), (3) and (4); the
-  fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until the
-  client leaves. Once all 500 have delivered a first byte they are held a few seconds
-  more while the proxy's VmRSS is sampled from /proc; peak = max(samples, VmHWM). How
-  many streams were open at the same moment is printed, so a short count shows.
+* Memory: 500 SSE streams opened at once through fresh instances of every variant but (1);
+  the fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until
+  the client leaves. Once all 500 have delivered a first byte they are held a few seconds
+  more while the proxy's VmRSS (for ccr, the node process's) is sampled from /proc; peak =
+  max(samples, VmHWM). How many streams were open at the same moment is printed, so a
+  short count shows.
 * Noise: the CPU time that processes outside the benchmark used during each phase (from
   /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
 
-Ratios are taken against (1) and (2) from the same run. Targets: throughput >= 0.90 x (2);
-p50 latency <= (2) + 1 ms; time to first content event <= (2) + 1 ms (the preamble hold
-adds nothing measurable); added jitter p99 <= 1 ms; 429 -> backup first byte <= the
-backup's own time to first byte + 5 ms; peak RSS <= 150 MB with 500 streams.
-`--quick` shortens everything (well under a minute) for smoke runs; `--json` writes every
+The table has a line per figure; under req/s, p99 at 16 connections, p50 latency, first
+content event and peak RSS, lines "x floor" and "x ccr" give every variant's ratio to the
+floor and to ccr from the same run. Targets, judged for (3) and (4) (PASS/FAIL, h: (3),
+f: (4)):
+
+* against ccr: req/s >= ccr's, JSON and SSE; p99 at 16 connections <= ccr's, JSON and SSE;
+* against the floor: JSON req/s >= 0.90 x the floor's; p50 latency at 1 connection <= the
+  floor's + 1 ms; time to first content event <= the floor's + 1 ms (the preamble hold
+  adds nothing measurable);
+* (4) against (3): req/s >= 0.95 x (3)'s, JSON and SSE;
+* fixed: added jitter p99 <= 1 ms; 429 -> backup first byte (p50) <= the backup's own time
+  to first byte + 5 ms; peak RSS <= 115 MB with 500 streams.
+
+`--quick` shortens everything (under two minutes) for smoke runs; `--json` writes every
 figure. The exit status is 0 when every figure was measured, 1 when a measurement broke.
 """
 
@@ -94,12 +122,18 @@ FALLBACK_ADDON = REPO / "addon" / "fallback.py"
 LEAN_RUNNER = REPO / "addon" / "lean.py"
 RUNNER = "lean"  # how (3) and (4) run: "lean" (ccf's master) or "mitmdump" (-s addon/fallback.py)
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
+CCR_PACKAGE = "@musistudio/claude-code-router"
+CCR_CACHE = Path.home() / ".cache" / "claude-code-fallback" / "bench" / "ccr"
+CCR_MODEL = "claude-sonnet-4-5"
 
-VARIANTS = ("direct", "floor", "healthy", "failover")
+VARIANTS = ("direct", "ccr", "mitmdump", "floor", "healthy", "failover")
+MITM_VARIANTS = ("mitmdump", "floor", "healthy", "failover")  # started by `start_proxies`
 PROXIES = ("healthy", "failover")
 COLUMNS = {
     "direct": "(1) direct",
-    "floor": "(2) floor",
+    "ccr": "ccr",
+    "mitmdump": "(2) mitmdump",
+    "floor": "floor",
     "healthy": "(3) proxy",
     "failover": "(4) failover",
 }
@@ -221,13 +255,15 @@ class Services:
         self.workdir = workdir
         self.running: list[Service] = []
 
-    def spawn(self, name: str, command: list[str], capture_stdout: bool = False) -> Service:
+    def spawn(
+        self, name: str, command: list[str], capture_stdout: bool = False, env: dict[str, str] | None = None
+    ) -> Service:
         log = self.workdir / f"{name}.log"
         with log.open("wb") as sink:
             proc = subprocess.Popen(
                 command,
                 cwd=REPO,
-                env=proxy_env(self.workdir / "home"),
+                env={**proxy_env(self.workdir / "home"), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if capture_stdout else sink,
                 stderr=sink,
@@ -290,12 +326,13 @@ def start_fakes(services: Services, specs: dict[str, list[str]]) -> dict[str, Se
 
 @dataclass(frozen=True)
 class ProxySpec:
-    """One mitmdump to start: the floor addon towards `target`, or the fallback addon."""
+    """One mitmproxy to start: the stream-only addon towards `target`, or the fallback addon."""
 
     name: str
     target: str
-    endpoints: tuple[tuple[str, str], ...] = ()  # (name, baseUrl); empty: the floor addon
+    endpoints: tuple[tuple[str, str], ...] = ()  # (name, baseUrl); empty: the stream-only addon
     cooldown: float = 3600.0
+    lean: bool = False  # the stream-only addon in the lean master (the floor), not in mitmdump
 
     @property
     def is_fallback(self) -> bool:
@@ -312,32 +349,21 @@ def write_config(spec: ProxySpec, path: Path) -> None:
 
 
 def proxy_command(spec: ProxySpec, port: int, config: Path | None) -> list[str]:
-    command = [
-        str(MITMDUMP),
-        "-q",
-        "--mode",
-        f"reverse:{spec.target}@{port}",
-        "--set",
-        "listen_host=127.0.0.1",
-        "--set",
-        "connection_strategy=lazy",
-        "--set",
-        "flow_detail=0",
-        "--set",
-        "termlog_verbosity=warn",
-    ]
+    common = ["listen_host=127.0.0.1", "connection_strategy=lazy", "termlog_verbosity=warn"]
+    lean = [f"mode=reverse:{spec.target}@{port}", *common]
+    if config is None and spec.lean:  # the floor: the stream-only addon in the lean master
+        return [sys.executable, "-P", str(STREAM_ADDON), *_sets(lean)]
+    if config is not None and RUNNER == "lean":  # as `ccf start` runs it
+        return [sys.executable, "-P", str(LEAN_RUNNER), *_sets([*lean, f"fallback_config={config}"])]
+    mode = f"reverse:{spec.target}@{port}"
+    command = [str(MITMDUMP), "-q", "--mode", mode, *_sets([*common, "flow_detail=0"])]
     if config is None:
         return [*command, "-s", str(STREAM_ADDON)]
-    if RUNNER == "lean":  # as `ccf start` runs it
-        settings = [
-            f"mode=reverse:{spec.target}@{port}",
-            "listen_host=127.0.0.1",
-            "connection_strategy=lazy",
-            "termlog_verbosity=warn",
-            f"fallback_config={config}",
-        ]
-        return [sys.executable, "-P", str(LEAN_RUNNER), *[a for s in settings for a in ("--set", s)]]
     return [*command, "-s", str(FALLBACK_ADDON), "--set", f"fallback_config={config}"]
+
+
+def _sets(settings: list[str]) -> list[str]:
+    return [a for s in settings for a in ("--set", s)]
 
 
 def listening_ports(pid: int) -> set[int]:
@@ -384,7 +410,7 @@ def proxy_ready(service: Service, port: int, fallback: bool) -> bool:
 
 
 def start_proxies(services: Services, specs: list[ProxySpec], attempts: int = 3) -> dict[str, Service]:
-    """Starts the mitmdump processes in parallel, then polls each until it is ready."""
+    """Starts the mitmproxy processes in parallel, then polls each until it is ready."""
     pending = {spec.name: spec for spec in specs}
     started: dict[str, Service] = {}
     for _ in range(attempts):
@@ -413,6 +439,152 @@ def start_proxies(services: Services, specs: list[ProxySpec], attempts: int = 3)
         if not pending:
             return started
     raise BenchError(f"could not start {', '.join(pending)}")
+
+
+# -- claude-code-router -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ccr:
+    """An installed claude-code-router: its CLI, run with node."""
+
+    node: str
+    cli: Path
+    version: str
+    node_version: str
+
+
+@dataclass
+class Tools:
+    """What a run measures with besides the proxies: wrk (when installed) and claude-code-router."""
+
+    wrk: str | None
+    ccr: Ccr | None
+
+
+def ccr_package(directory: Path) -> Path | None:
+    """claude-code-router in `directory`: an npm project, a global prefix, or the package itself."""
+    for package in (
+        directory / "node_modules" / CCR_PACKAGE,
+        directory / "lib" / "node_modules" / CCR_PACKAGE,
+        directory,
+    ):
+        if (package / "dist" / "cli.js").is_file() and (package / "package.json").is_file():
+            return package
+    return None
+
+
+def install_ccr(directory: Path) -> str:
+    """`npm install` claude-code-router into `directory`, as its users do; why not, if it failed."""
+    npm = shutil.which("npm")
+    if npm is None:
+        return "npm is not installed"
+    directory.mkdir(parents=True, exist_ok=True)
+    manifest = directory / "package.json"
+    if not manifest.exists():  # else npm installs into the nearest project above `directory`
+        manifest.write_text('{"name": "ccf-bench-ccr", "private": true}\n')
+    print(f"installing {CCR_PACKAGE} into {directory} ...", flush=True)
+    command = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", CCR_PACKAGE]
+    try:
+        result = subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        return "npm install took more than 10 minutes"
+    if result.returncode != 0:
+        said = [x.removeprefix("npm error").strip() for x in (result.stderr + result.stdout).splitlines()]
+        code = next((x.removeprefix("code ") for x in said if x.startswith("code ")), "")
+        message = next((x for x in said if x and not x.startswith(("code ", "syscall ", "errno "))), "")
+        why = ": ".join(x for x in (code, message) if x)
+        return f"npm install failed ({why or f'exit status {result.returncode}'})"
+    return ""
+
+
+def find_ccr(directory: Path | None) -> tuple[Ccr | None, str]:
+    """claude-code-router in `directory` (--ccr), else in the cache, installed there when absent.
+
+    Returns it, or None and why not, to follow "claude-code-router ".
+    """
+    node = shutil.which("node")
+    if node is None:
+        return None, "cannot run: node is not installed"
+    package = ccr_package(directory or CCR_CACHE)
+    if package is None and directory is not None:
+        return None, f"was not found: {directory} holds no {CCR_PACKAGE} with dist/cli.js"
+    if package is None:
+        why = install_ccr(CCR_CACHE)
+        package = ccr_package(CCR_CACHE)
+        if package is None:
+            why = why or f"npm install left no {CCR_PACKAGE}/dist/cli.js in {CCR_CACHE}"
+            return None, f"could not be installed: {why}"
+    try:
+        version = str(json.loads((package / "package.json").read_text())["version"])
+        node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
+        return None, f"cannot be used: no version to read ({e})"
+    return Ccr(node, package / "dist" / "cli.js", version, node_version.stdout.strip()), ""
+
+
+def ccr_config(port: int, primary: str, backup: str) -> dict[str, Any]:
+    """Its config: Anthropic passed through to `primary`, with `backup` as its fallback."""
+
+    def provider(name: str, url: str) -> dict[str, Any]:
+        return {
+            "name": name,
+            "api_base_url": f"{url}/v1/messages",
+            "api_key": "sk-ant-bench",
+            "models": [CCR_MODEL],
+            "transformer": {"use": ["Anthropic"]},
+        }
+
+    return {
+        "PORT": port,
+        "HOST": "127.0.0.1",
+        "LOG": False,
+        "Providers": [provider("primary", primary), provider("backup", backup)],
+        "Router": {"default": f"primary,{CCR_MODEL}"},
+        "fallback": {"default": [f"backup,{CCR_MODEL}"]},
+    }
+
+
+def start_ccr(
+    services: Services, ccr: Ccr, name: str, primary: str, backup: str, attempts: int = 3
+) -> Service:
+    """`ccr start` in the foreground, one node process, with a HOME of its own for its config."""
+    home = services.workdir / f"{name}-home"
+    (home / ".claude-code-router").mkdir(parents=True, exist_ok=True)
+    for _ in range(attempts):
+        port = free_port()
+        config = json.dumps(ccr_config(port, primary, backup), indent=2)
+        (home / ".claude-code-router" / "config.json").write_text(config)
+        service = services.spawn(name, [ccr.node, str(ccr.cli), "start"], env={"HOME": str(home)})
+        service.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while service.proc.poll() is None and time.monotonic() < deadline:
+            if http_answers(f"{service.url}/health"):
+                return service
+            time.sleep(0.05)
+        tail = service.log_tail()
+        services.stop([service])
+        if "eaddrinuse" not in tail.lower():
+            raise BenchError(f"{name} did not start:\n{tail}")
+    raise BenchError(f"could not start {name}")
+
+
+def start_phase_ccr(
+    results: Results, services: Services, tools: Tools, upstream: Service, failing: Service
+) -> Service | None:
+    """claude-code-router for a phase, its primary `upstream`, its fallback the failing fake.
+
+    None when it is absent; when it will not start, it is left out from then on.
+    """
+    if tools.ccr is None:
+        return None
+    try:
+        return start_ccr(services, tools.ccr, f"ccr-{upstream.name}", upstream.url, failing.url)
+    except BenchError as e:
+        print(f"claude-code-router could not be started, so it is left out: {e}", flush=True)
+        results.notes.append(f"claude-code-router could not be started, so it is left out: {e}")
+        tools.ccr = None
+        return None
 
 
 def busy_cpu_seconds() -> float:
@@ -473,8 +645,17 @@ async def post(client: aiohttp.ClientSession, url: str, body: str = BODY) -> Rep
         return Reply(headers_at - started, done - started, response.status, served_by)
 
 
-def check(reply: Reply, status: int, served_by: str, what: str) -> None:
-    if reply.status != status or reply.served_by != served_by:
+def served(urls: dict[str, str], name: str) -> dict[str, str | None]:
+    """Which fake each variant's replies must name in `x-fake-name`; None: not checked.
+
+    claude-code-router does not pass the upstream's headers on; its fallback is a fake that
+    answers only 429, so a 200 through it is the primary's.
+    """
+    return {v: None if v == "ccr" else name for v in urls}
+
+
+def check(reply: Reply, status: int, served_by: str | None, what: str) -> None:
+    if reply.status != status or served_by not in (None, reply.served_by):
         raise BenchError(
             f"{what}: expected {status} from {served_by!r}, got {reply.status} from {reply.served_by!r}"
         )
@@ -511,6 +692,8 @@ class Throughput:
     requests: int
     errors: int
     seconds: float
+    p50_ms: float = math.nan  # latency of a whole request under this load
+    p99_ms: float = math.nan
 
 
 def run_wrk(wrk: str, url: str, seconds: int, script: Path) -> Throughput:
@@ -522,67 +705,90 @@ def run_wrk(wrk: str, url: str, seconds: int, script: Path) -> Throughput:
     summary = json.loads(line.removeprefix("BENCH "))
     errors = sum(summary[k] for k in ("connect", "read", "write", "status", "timeout"))
     seconds = summary["duration_us"] / 1e6
-    return Throughput(summary["requests"] / seconds, summary["requests"], errors, seconds)
+    p50, p99 = summary["p50_us"] / 1000, summary["p99_us"] / 1000
+    return Throughput(summary["requests"] / seconds, summary["requests"], errors, seconds, p50, p99)
 
 
-async def aiohttp_throughput(url: str, seconds: float, connections: int = 16) -> Throughput:
+async def aiohttp_throughput(url: str, seconds: float, body: str = BODY, connections: int = 16) -> Throughput:
     """The fallback load generator: `connections` workers, each a keep-alive loop."""
     counts = [0, 0]
+    totals: list[float] = []
     async with session(connections) as client:
         stop_at = time.perf_counter() + seconds
 
         async def worker() -> None:
             while time.perf_counter() < stop_at:
                 try:
-                    reply = await post(client, url)
+                    reply = await post(client, url, body)
                     counts[reply.status != 200] += 1
+                    totals.append(reply.total)
                 except (aiohttp.ClientError, TimeoutError):
                     counts[1] += 1
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(connections)))
         elapsed = time.perf_counter() - started
-    return Throughput(counts[0] / elapsed, counts[0] + counts[1], counts[1], elapsed)
+    p50, p99 = ms(percentile(totals, 50)), ms(percentile(totals, 99))
+    return Throughput(counts[0] / elapsed, counts[0] + counts[1], counts[1], elapsed, p50, p99)
 
 
 def measure_throughput(
-    urls: dict[str, str], settings: Settings, wrk: str | None, workdir: Path
+    urls: dict[str, str],
+    settings: Settings,
+    wrk: str | None,
+    workdir: Path,
+    bodies: dict[str, str] | None = None,
 ) -> dict[str, Throughput]:
-    """Each variant warmed up, then loaded in rounds of about 5 s, variants taking turns,
-    so that a change in background load during the run hits every variant alike."""
-    script = workdir / "post.lua"
-    script.write_text(WRK_SCRIPT % BODY)
+    """Each load warmed up, then run in rounds of about 5 s, the loads taking turns, so that a
+    change in background load during the run hits every one alike. A load is a key of `urls`;
+    `bodies` gives its request body (default: BODY). The latency percentiles of the rounds
+    are averaged, weighted by their requests."""
+    scripts: dict[str, Path] = {}
 
-    def load(url: str, seconds: int) -> Throughput:
-        if wrk:
-            return run_wrk(wrk, url, seconds, script)
-        return asyncio.run(aiohttp_throughput(url, seconds))
+    def load(key: str, seconds: int) -> Throughput:
+        body = (bodies or {}).get(key, BODY)
+        if not wrk:
+            return asyncio.run(aiohttp_throughput(urls[key], seconds, body))
+        if body not in scripts:
+            scripts[body] = workdir / f"post{len(scripts)}.lua"
+            scripts[body].write_text(WRK_SCRIPT % body)
+        return run_wrk(wrk, urls[key], seconds, scripts[body])
 
-    for url in urls.values():
-        load(url, settings.warmup)
+    for key in urls:
+        load(key, settings.warmup)
     rounds = max(1, round(settings.duration / 5))
     seconds = max(1, settings.duration // rounds)
-    parts: dict[str, list[Throughput]] = {v: [] for v in urls}
+    parts: dict[str, list[Throughput]] = {k: [] for k in urls}
     order = list(urls)
     for i in range(rounds):
-        for variant in order[i % len(order) :] + order[: i % len(order)]:
-            parts[variant].append(load(urls[variant], seconds))
+        for key in order[i % len(order) :] + order[: i % len(order)]:
+            parts[key].append(load(key, seconds))
     results = {}
-    for variant, runs in parts.items():
+    for key, runs in parts.items():
         requests = sum(t.requests for t in runs)
         errors = sum(t.errors for t in runs)
         elapsed = sum(t.seconds for t in runs)
-        results[variant] = Throughput((requests - errors) / elapsed, requests, errors, elapsed)
-        t = results[variant]
-        print(f"  throughput {variant:9s} {t.rps:9.0f} req/s ({t.errors} errors)", flush=True)
+        p50, p99 = _weighted(runs, "p50_ms"), _weighted(runs, "p99_ms")
+        results[key] = t = Throughput((requests - errors) / elapsed, requests, errors, elapsed, p50, p99)
+        print(
+            f"  throughput {key:14s} {t.rps:9.0f} req/s, p50 {t.p50_ms:6.1f} ms, "
+            f"p99 {t.p99_ms:6.1f} ms ({t.errors} errors)",
+            flush=True,
+        )
     return results
+
+
+def _weighted(runs: list[Throughput], name: str) -> float:
+    """The mean of a figure of several runs, weighted by their requests."""
+    requests = sum(t.requests for t in runs)
+    return sum(t.requests * getattr(t, name) for t in runs) / requests if requests else math.nan
 
 
 # -- latency at one connection ------------------------------------------------------------
 
 
 async def measure_latency(
-    urls: dict[str, str], settings: Settings, served_by: dict[str, str]
+    urls: dict[str, str], settings: Settings, served_by: dict[str, str | None]
 ) -> dict[str, list[float]]:
     """Sequential requests, one keep-alive connection per variant, variants interleaved."""
     samples: dict[str, list[float]] = {v: [] for v in urls}
@@ -610,7 +816,7 @@ class StreamSample:
     gaps: list[float]
 
 
-async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str) -> StreamSample:
+async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str | None) -> StreamSample:
     """One SSE request; event arrival times are those of the chunks that completed them."""
     started = time.perf_counter()
     names: list[str] = []
@@ -618,7 +824,7 @@ async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str) ->
     first_byte = 0.0
     buffer = b""
     async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
-        if response.status != 200 or response.headers.get("x-fake-name") != served_by:
+        if response.status != 200 or served_by not in (None, response.headers.get("x-fake-name")):
             raise BenchError(f"stream via {url}: {response.status} from the wrong upstream")
         async for chunk in response.content.iter_any():
             now = time.perf_counter()
@@ -637,7 +843,7 @@ async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str) ->
 
 
 async def measure_streams(
-    urls: dict[str, str], settings: Settings, served_by: dict[str, str]
+    urls: dict[str, str], settings: Settings, served_by: dict[str, str | None]
 ) -> dict[str, list[StreamSample]]:
     samples: dict[str, list[StreamSample]] = {v: [] for v in urls}
     async with contextlib.AsyncExitStack() as stack:
@@ -721,7 +927,7 @@ class Memory:
     ramp_s: float
 
 
-async def hold_streams(url: str, pid: int, n: int, served_by: str, hold: float) -> Memory:
+async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: float) -> Memory:
     """Opens `n` SSE streams at once, holds them `hold` s once all are open, samples RSS.
 
     A stream counts as open from its first body byte (through the fallback addon, that is
@@ -737,7 +943,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str, hold: float) 
         is_open = False
         try:
             async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
-                if response.status != 200 or response.headers.get("x-fake-name") != served_by:
+                if response.status != 200 or served_by not in (None, response.headers.get("x-fake-name")):
                     raise BenchError(f"stream via {url}: {response.status}")
                 async for _ in response.content.iter_any():
                     if not is_open:
@@ -806,10 +1012,11 @@ def fake_specs(settings: Settings) -> dict[str, list[str]]:
     }
 
 
-def trio(prefix: str, upstream: Service, failing: Service) -> list[ProxySpec]:
-    """Variants (2), (3) and (4) in front of one upstream."""
+def proxy_specs(prefix: str, upstream: Service, failing: Service) -> list[ProxySpec]:
+    """mitmdump, the floor, (3) and (4) in front of one upstream."""
     return [
-        ProxySpec(f"floor-{prefix}", upstream.url),
+        ProxySpec(f"mitmdump-{prefix}", upstream.url),
+        ProxySpec(f"floor-{prefix}", upstream.url, lean=True),
         ProxySpec(f"healthy-{prefix}", upstream.url, (("primary", upstream.url),)),
         ProxySpec(
             f"failover-{prefix}",
@@ -819,21 +1026,29 @@ def trio(prefix: str, upstream: Service, failing: Service) -> list[ProxySpec]:
     ]
 
 
-def variant_urls(direct: str, proxies: dict[str, Service], prefix: str) -> dict[str, str]:
-    urls = {"direct": direct}
-    urls.update({v: proxies[f"{v}-{prefix}"].url for v in VARIANTS[1:]})
+def variant_urls(
+    direct: str, proxies: dict[str, Service], prefix: str, ccr: Service | None
+) -> dict[str, str]:
+    """Every variant's URL, in the table's order; no ccr when it is absent."""
+    urls = {"direct": direct, **({"ccr": ccr.url} if ccr else {})}
+    urls.update({v: proxies[f"{v}-{prefix}"].url for v in MITM_VARIANTS})
     return urls
 
 
-def phase_requests(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
-    specs = trio("fast", fakes[FAST_NAME], fakes[FAIL_NAME])
+def stop_phase(services: Services, proxies: dict[str, Service], ccr: Service | None) -> None:
+    services.stop([*proxies.values(), *([ccr] if ccr else [])])
+
+
+def phase_requests(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
+    specs = proxy_specs("fast", fakes[FAST_NAME], fakes[FAIL_NAME])
     failing_now = fakes[FAIL_NOW_NAME].url
     probe_spec = ProxySpec(
         "failover-probe", failing_now, (("primary", failing_now), ("backup", fakes[FAST_NAME].url)), 0
     )
     proxies = start_proxies(services, [*specs, probe_spec])
+    ccr = start_phase_ccr(results, services, tools, fakes[FAST_NAME], fakes[FAIL_NAME])
     try:
-        urls = variant_urls(fakes[FAST_NAME].url, proxies, "fast")
+        urls = variant_urls(fakes[FAST_NAME].url, proxies, "fast", ccr)
         print("failover ...", flush=True)
         # The first request through (4) must be the first one it ever forwards.
         results.put("failover_first_ms", "failover", ms(asyncio.run(first_failover(urls["failover"]))))
@@ -841,13 +1056,24 @@ def phase_requests(results: Results, services: Services, fakes: dict[str, Servic
         failover_figures(results, failing_now, fakes[FAST_NAME].url, probe)
         print("latency at 1 connection ...", flush=True)
         latency_figures(results, urls)
-        print(f"throughput at 16 connections ({results.tools['throughput']}) ...", flush=True)
-        for variant, t in measure_throughput(urls, results.settings, wrk, services.workdir).items():
-            results.put("rps", variant, t.rps)
-            if t.errors:
-                results.notes.append(f"throughput {variant}: {t.errors} of {t.requests} failed")
+        print(f"throughput at 16 connections, JSON and SSE ({results.tools['throughput']}) ...", flush=True)
+        throughput_figures(results, urls, tools.wrk, services.workdir)
     finally:
-        services.stop(list(proxies.values()))
+        stop_phase(services, proxies, ccr)
+
+
+def throughput_figures(results: Results, urls: dict[str, str], wrk: str | None, workdir: Path) -> None:
+    """Each variant with small JSON requests and with short SSE streams, all taking turns."""
+    loads = {f"{v} {kind}": url for v, url in urls.items() for kind in ("json", "sse")}
+    bodies = {key: STREAM_BODY for key in loads if key.endswith(" sse")}
+    for key, t in measure_throughput(loads, results.settings, wrk, workdir, bodies).items():
+        variant, kind = key.split()
+        suffix = "_sse" if kind == "sse" else ""
+        results.put(f"rps{suffix}", variant, t.rps)
+        results.put(f"c16{suffix}_p50_ms", variant, t.p50_ms)
+        results.put(f"c16{suffix}_p99_ms", variant, t.p99_ms)
+        if t.errors:
+            results.notes.append(f"throughput {key}: {t.errors} of {t.requests} failed")
 
 
 def failover_figures(results: Results, failing: str, backup: str, proxy: str) -> None:
@@ -864,45 +1090,47 @@ def failover_figures(results: Results, failing: str, backup: str, proxy: str) ->
 
 
 def latency_figures(results: Results, urls: dict[str, str]) -> None:
-    served = {v: FAST_NAME for v in VARIANTS}
-    latency = asyncio.run(measure_latency(urls, results.settings, served))
+    latency = asyncio.run(measure_latency(urls, results.settings, served(urls, FAST_NAME)))
     for variant, values in latency.items():
         for p in (50, 99):
             results.put(f"lat_p{p}_ms", variant, ms(percentile(values, p)))
-    for variant in VARIANTS:
+    for variant in urls:
         for p in (50, 99):
             row = results.figures[f"lat_p{p}_ms"]
             results.put(f"added_p{p}_ms", variant, _sub(row[variant], row["direct"]))
 
 
-def phase_streams(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
-    proxies = start_proxies(services, trio("stream", fakes[STREAM_NAME], fakes[FAIL_NAME]))
+def phase_streams(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
+    proxies = start_proxies(services, proxy_specs("stream", fakes[STREAM_NAME], fakes[FAIL_NAME]))
+    ccr = start_phase_ccr(results, services, tools, fakes[STREAM_NAME], fakes[FAIL_NAME])
     try:
-        urls = variant_urls(fakes[STREAM_NAME].url, proxies, "stream")
+        urls = variant_urls(fakes[STREAM_NAME].url, proxies, "stream", ccr)
         print("streaming ...", flush=True)
         asyncio.run(_trip_primary(urls["failover"], STREAM_NAME))
-        served = {v: STREAM_NAME for v in VARIANTS}
-        samples = asyncio.run(measure_streams(urls, results.settings, served))
+        samples = asyncio.run(measure_streams(urls, results.settings, served(urls, STREAM_NAME)))
         for variant, values in samples.items():
             for figure, value in stream_figures(values).items():
                 results.put(figure, variant, value)
-        for variant in VARIANTS:
+        for variant in urls:
             for figure in ("ttfc", "jitter_p99"):
                 row = results.figures[f"{figure}_ms"]
                 results.put(f"{figure}_added_ms", variant, _sub(row[variant], row["direct"]))
     finally:
-        services.stop(list(proxies.values()))
+        stop_phase(services, proxies, ccr)
 
 
-def phase_memory(results: Results, services: Services, fakes: dict[str, Service], wrk: str | None) -> None:
-    proxies = start_proxies(services, trio("slow", fakes[SLOW_NAME], fakes[FAIL_NAME]))
+def phase_memory(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
+    proxies = start_proxies(services, proxy_specs("slow", fakes[SLOW_NAME], fakes[FAIL_NAME]))
+    ccr = start_phase_ccr(results, services, tools, fakes[SLOW_NAME], fakes[FAIL_NAME])
     try:
-        for variant in VARIANTS[1:]:
-            proxy = proxies[f"{variant}-slow"]
+        measured = {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-slow"] for v in MITM_VARIANTS}}
+        for variant, proxy in measured.items():
             print(f"{RSS_STREAMS} open streams via {variant} ...", flush=True)
-            asyncio.run(_trip_primary(proxy.url, SLOW_NAME))
+            served_by = None if variant == "ccr" else SLOW_NAME  # as `served` says
+            if served_by:  # (ccr's primary is the slow fake: nothing to trip)
+                asyncio.run(_trip_primary(proxy.url, SLOW_NAME))
             memory = asyncio.run(
-                hold_streams(proxy.url, proxy.pid, RSS_STREAMS, SLOW_NAME, results.settings.rss_hold)
+                hold_streams(proxy.url, proxy.pid, RSS_STREAMS, served_by, results.settings.rss_hold)
             )
             results.put("rss_idle_mb", variant, memory.idle_mb)
             results.put("rss_peak_mb", variant, memory.peak_mb)
@@ -914,7 +1142,7 @@ def phase_memory(results: Results, services: Services, fakes: dict[str, Service]
                     f"{memory.failed} failed (wanted {RSS_STREAMS})"
                 )
     finally:
-        services.stop(list(proxies.values()))
+        stop_phase(services, proxies, ccr)
 
 
 async def _trip_primary(url: str, served_by: str) -> None:
@@ -935,25 +1163,57 @@ def _sub(a: float | None, b: float | None) -> float | None:
 # -- targets and the table ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Target:
+    """Each of `columns` must have `figure` `op` scale x the `base` variant's figure + offset
+    (`offset` alone when there is no base); not judged when the base was not measured."""
+
+    figure: str
+    text: str  # as the table prints it
+    op: str  # ">=" or "<="
+    base: str | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    columns: tuple[str, ...] = PROXIES
+
+    @property
+    def key(self) -> str:
+        return f"{self.figure} {self.text}"
+
+
+RSS_LIMIT_MB = 115.0
+TARGETS = (
+    Target("rps", ">=0.90 x floor", ">=", "floor", 0.9),
+    Target("rps", ">=ccr", ">=", "ccr"),
+    Target("rps", ">=0.95 x (3)", ">=", "healthy", 0.95, columns=("failover",)),
+    Target("rps_sse", ">=ccr", ">=", "ccr"),
+    Target("rps_sse", ">=0.95 x (3)", ">=", "healthy", 0.95, columns=("failover",)),
+    Target("c16_p99_ms", "<=ccr", "<=", "ccr"),
+    Target("c16_sse_p99_ms", "<=ccr", "<=", "ccr"),
+    Target("lat_p50_ms", "<=floor+1 ms", "<=", "floor", offset=1.0),
+    Target("ttfc_ms", "<=floor+1 ms", "<=", "floor", offset=1.0),
+    Target("jitter_p99_added_ms", "<=1 ms", "<=", offset=1.0),
+    Target("failover_gap_p50_ms", "<=backup TTFB+5", "<=", "direct", offset=5.0, columns=("failover",)),
+    Target("rss_peak_mb", f"<={RSS_LIMIT_MB:g} MB", "<=", offset=RSS_LIMIT_MB),
+)
+
+
 def evaluate(results: Results) -> None:
-    """PASS/FAIL per target for (3) and (4); the limits come from (1) and (2) of the same run."""
-    f = results.figures
+    """PASS/FAIL per target for (3) and (4); the limits come from the same run."""
+    for target in TARGETS:
+        row = results.figures.get(target.figure, {})
+        base = 0.0 if target.base is None else row.get(target.base)
+        if base is None:
+            continue
+        limit = target.scale * base + target.offset
+        verdicts = {v: _cmp(row.get(v), limit, target.op) for v in target.columns}
+        results.targets[target.key] = {v: ok for v, ok in verdicts.items() if ok is not None}
+    if not measured(results, "ccr"):
+        results.notes.append("claude-code-router was not measured: the targets against ccr are not judged")
 
-    def base(figure: str, variant: str) -> float:
-        value = f.get(figure, {}).get(variant)
-        return math.nan if value is None else value
 
-    limits = {  # figure: (comparison, limit, columns judged)
-        "rps": (">=", 0.9 * base("rps", "floor"), PROXIES),
-        "lat_p50_ms": ("<=", base("lat_p50_ms", "floor") + 1, PROXIES),
-        "ttfc_ms": ("<=", base("ttfc_ms", "floor") + 1, PROXIES),
-        "jitter_p99_added_ms": ("<=", 1.0, PROXIES),
-        "failover_gap_p50_ms": ("<=", base("failover_gap_p50_ms", "direct") + 5, ("failover",)),
-        "rss_peak_mb": ("<=", 150.0, PROXIES),
-    }
-    for figure, (op, limit, columns) in limits.items():
-        verdicts = {v: _cmp(f.get(figure, {}).get(v), limit, op) for v in columns}
-        results.targets[figure] = {v: ok for v, ok in verdicts.items() if ok is not None}
+def measured(results: Results, variant: str) -> bool:
+    return any(row.get(variant) is not None for row in results.figures.values())
 
 
 def _cmp(value: float | None, limit: float, op: str) -> bool | None:
@@ -967,31 +1227,37 @@ class Row:
     figure: str
     label: str
     digits: int
-    ratios: bool
-    target: str = ""
+    ratios: bool  # followed by rows of its ratios to the floor and to ccr
+    note: str = ""  # in the target column, for a figure without a target
 
 
 ROWS = (
-    Row("rps", "req/s, 16 conn, small JSON", 0, True, ">=0.90 x (2)"),
-    Row("lat_p50_ms", "latency p50 ms, 1 conn", 2, True, "<=(2)+1 ms"),
-    Row("lat_p99_ms", "latency p99 ms, 1 conn", 2, True),
+    Row("rps", "req/s JSON, 16 conn", 0, True),
+    Row("rps_sse", "req/s SSE, 16 conn", 0, True),
+    Row("c16_p50_ms", "JSON p50 ms, 16 conn", 1, False),
+    Row("c16_p99_ms", "JSON p99 ms, 16 conn", 1, True),
+    Row("c16_sse_p50_ms", "SSE p50 ms, 16 conn", 1, False),
+    Row("c16_sse_p99_ms", "SSE p99 ms, 16 conn", 1, True),
+    Row("lat_p50_ms", "latency p50 ms, 1 conn", 2, True),
+    Row("lat_p99_ms", "latency p99 ms, 1 conn", 2, False),
     Row("added_p50_ms", "  added p50 ms vs (1)", 2, False),
     Row("added_p99_ms", "  added p99 ms vs (1)", 2, False),
-    Row("ttfe_ms", "SSE first event ms (p50)", 1, True, "(held by design)"),
-    Row("ttfc_ms", "SSE first content event ms", 2, True, "<=(2)+1 ms"),
+    Row("ttfe_ms", "SSE first event ms (p50)", 1, False, "(held by design)"),
+    Row("ttfc_ms", "SSE first content event ms", 2, True),
     Row("ttfc_added_ms", "  first content vs (1) ms", 2, False),
     Row("jitter_p99_ms", "SSE jitter p99 |gap-20ms| ms", 2, False),
-    Row("jitter_p99_added_ms", "  added jitter p99 ms", 2, False, "<=1 ms"),
+    Row("jitter_p99_added_ms", "  added jitter p99 ms", 2, False),
     Row("primary_429_p50_ms", "primary's own 429 ms, p50", 2, False),
     Row("failover_ttfb_p50_ms", "TTFB p50 ms: backup|failover", 2, False),
-    Row("failover_gap_p50_ms", "429->backup 1st byte ms p50", 2, False, "<=backup TTFB+5"),
+    Row("failover_gap_p50_ms", "429->backup 1st byte ms p50", 2, False),
     Row("failover_gap_p99_ms", "429->backup 1st byte ms p99", 2, False),
     Row("failover_first_ms", "first failover TTFB ms, cold", 2, False),
-    Row("rss_idle_mb", "RSS idle MB", 1, True),
-    Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True, "<=150 MB"),
+    Row("rss_idle_mb", "RSS idle MB", 1, False),
+    Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True),
     Row("open_streams", "  streams open at once", 0, False),
     Row("open_ramp_s", "  s until all were open", 1, False),
 )
+LABEL, CELL, TARGET = 28, 10, 16  # column widths
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -1006,51 +1272,54 @@ def _ratio(value: float | None, base: float | None) -> str:
     return f"{value / base:.2f}"
 
 
-def _verdict(results: Results, figure: str) -> str:
-    verdicts = results.targets.get(figure)
-    if not verdicts:
-        return ""
+def _verdict(results: Results, target: Target) -> str:
+    verdicts = results.targets.get(target.key)
+    if verdicts is None:
+        return "no ccr" if target.base == "ccr" else ""
     return " ".join(f"{v[0]}:{'PASS' if ok else 'FAIL'}" for v, ok in verdicts.items())
 
 
+def _line(label: str, cells: list[str], target: str = "", result: str = "") -> str:
+    text = f"{label:{LABEL}s}" + "".join(f"{c:>{CELL}s}" for c in cells)
+    return f"{text}  {target:{TARGET}s} {result}".rstrip()
+
+
 def table(results: Results) -> str:
-    head = (
-        f"{'figure':30s} {COLUMNS['direct']:>10s} {COLUMNS['floor']:>10s} {COLUMNS['healthy']:>10s} "
-        f"{COLUMNS['failover']:>12s} {'3/1':>6s} {'3/2':>5s} {'4/1':>6s} {'4/2':>5s}  "
-        f"{'target':16s} result"
-    )
-    lines = [head, "-" * len(head)]
+    """One line per figure, then its ratios to the floor and to ccr; targets to the right."""
+    shown = [v for v in VARIANTS if v != "ccr" or measured(results, "ccr")]
+    heads = [COLUMNS[v].split(" ", 1) if COLUMNS[v].startswith("(") else ["", COLUMNS[v]] for v in shown]
+    head = _line("figure", [name for _, name in heads], "target", "result")
+    lines = [_line("", [number for number, _ in heads]), head, "-" * len(head)]
     for row in ROWS:
         values = results.figures.get(row.figure)
         if values is None:
             continue
-        cells = [_fmt(values[v], row.digits) for v in VARIANTS]
-        ratios = ["-"] * 4
+        body = [(row.label, [_fmt(values[v], row.digits) for v in shown])]
         if row.ratios:
-            ratios = [
-                _ratio(values[proxy], values[base]) for proxy in PROXIES for base in ("direct", "floor")
-            ]
-        lines.append(
-            f"{row.label:30s} {cells[0]:>10s} {cells[1]:>10s} {cells[2]:>10s} {cells[3]:>12s} "
-            f"{ratios[0]:>6s} {ratios[1]:>5s} {ratios[2]:>6s} {ratios[3]:>5s}  "
-            f"{row.target:16s} {_verdict(results, row.figure)}"
-        )
+            bases = [b for b in ("floor", "ccr") if b in shown]
+            body += [(f"  x {b}", [_ratio(values[v], values[b]) for v in shown]) for b in bases]
+        judged = [(t.text, _verdict(results, t)) for t in TARGETS if t.figure == row.figure]
+        judged = judged or [(row.note, "")]
+        body += [("", [""] * len(shown))] * (len(judged) - len(body))
+        for i, (label, cells) in enumerate(body):
+            lines.append(_line(label, cells, *(judged[i] if i < len(judged) else ("", ""))))
     return "\n".join(lines)
 
 
 def describe(results: Results) -> str:
-    s = results.settings
+    s, tools = results.settings, results.tools
     return (
-        f"machine: {results.tools['cpus']} cores, Python {results.tools['python']}, "
-        f"mitmproxy {results.tools['mitmproxy']}\n"
-        f"throughput: {results.tools['throughput']}, {s.duration} s per variant after "
-        f"{s.warmup} s warm-up; latency: aiohttp, {s.latency_requests} sequential requests "
-        f"per variant on one keep-alive connection\n"
+        f"machine: {tools['cpus']} cores; proxies: {tools['proxies']}; ccr: {tools['ccr']}\n"
+        f"throughput: {tools['throughput']}, small JSON and short SSE requests, {s.duration} s per "
+        f"load after {s.warmup} s warm-up, loads taking turns; latency: aiohttp, "
+        f"{s.latency_requests} sequential requests per variant on one keep-alive connection\n"
         f"streams: {s.streams} per variant, {STREAM_WORDS} words {ms(STREAM_DELAY):.0f} ms apart; "
         f"failover: {s.failover_samples} samples; memory: {RSS_STREAMS} streams held "
         f"{s.rss_hold:g} s once all are open, events {RSS_DELAY:g} s apart\n"
-        "(2) mitmdump + stream-only addon, (3) fallback addon healthy, (4) fallback addon with a "
-        "429 primary in cooldown; 3/2 = (3) / (2) etc.; result h: (3), f: (4)\n"
+        "ccr: claude-code-router, primary healthy, fallback a 429 fake; (2) mitmdump + stream-only "
+        "addon; floor: that addon in the lean master;\n(3) fallback addon healthy, (4) fallback "
+        "addon with a 429 primary in cooldown; x floor, x ccr: ratio to that column;\n"
+        "a figure's targets are listed on its lines, result h: (3), f: (4)\n"
         "failover rows: (1) is the backup's own time to first byte, (4) a proxy that tries its "
         "429 primary on every request; 429->backup = (4) minus the primary's own 429 time\n"
         f"load average before the run: {results.load_before:.2f}; phases (wall s / CPU-s used "
@@ -1067,18 +1336,26 @@ def workspace() -> Iterator[Path]:
         yield path
 
 
-def run(settings: Settings) -> Results:
+def versions(ccr: Ccr | None, why: str) -> dict[str, str]:
+    """What the proxies run on: this interpreter and its mitmproxy; claude-code-router and node."""
     from mitmproxy.version import VERSION
 
-    wrk = shutil.which("wrk")
-    tools = {
-        "throughput": "wrk -t2 -c16" if wrk else "asyncio+aiohttp client, 16 connections",
-        "latency": "aiohttp, sequential on one keep-alive connection",
-        "mitmproxy": VERSION,
+    return {
         "python": platform.python_version(),
-        "cpus": str(os.cpu_count()),
+        "mitmproxy": VERSION,
+        "proxies": f"Python {platform.python_version()} ({sys.executable}), mitmproxy {VERSION}",
+        "ccr": f"claude-code-router {ccr.version} on node {ccr.node_version}" if ccr else f"absent ({why})",
     }
-    results = Results(settings, tools, load_before=os.getloadavg()[0])
+
+
+def run(settings: Settings, tools: Tools, found: dict[str, str]) -> Results:
+    described = {
+        "throughput": "wrk -t2 -c16" if tools.wrk else "asyncio+aiohttp client, 16 connections",
+        "latency": "aiohttp, sequential on one keep-alive connection",
+        "cpus": str(os.cpu_count()),
+        **found,
+    }
+    results = Results(settings, described, load_before=os.getloadavg()[0])
     with workspace() as workdir:
         services = Services(workdir)
         try:
@@ -1086,7 +1363,7 @@ def run(settings: Settings) -> Results:
             for phase in (phase_requests, phase_streams, phase_memory):
                 name = phase.__name__.removeprefix("phase_")
                 started, busy, own = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds(services)
-                phase(results, services, fakes, wrk)
+                phase(results, services, fakes, tools)
                 wall = time.monotonic() - started
                 other = busy_cpu_seconds() - busy - (own_cpu_seconds(services) - own)
                 results.timings[name] = wall
@@ -1104,7 +1381,7 @@ def run(settings: Settings) -> Results:
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (< 1 minute)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (under two minutes)")
     parser.add_argument(
         "--duration", type=_positive, help="seconds of load per throughput variant (default 10, quick 2)"
     )
@@ -1115,6 +1392,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         default="lean",
         help="run (3) and (4) as `ccf` does, on the lean master (default), "
         "or as `mitmdump -s addon/fallback.py`",
+    )
+    parser.add_argument(
+        "--ccr",
+        type=Path,
+        metavar="DIR",
+        help=f"an existing install of {CCR_PACKAGE} (default: npm-install it into {CCR_CACHE})",
     )
     return parser.parse_args(argv)
 
@@ -1136,11 +1419,17 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.make(args.quick, args.duration)
     global RUNNER
     RUNNER = args.runner
+    ccr, why = find_ccr(args.ccr)
+    found = versions(ccr, why)
     runner = "the lean master (addon/lean.py), as ccf runs them" if RUNNER == "lean" else "mitmdump -s"
-    print(f"(3) and (4) run on: {runner}")
+    print(f"proxies: {found['proxies']}; (3) and (4) run on {runner}")
+    if ccr:
+        print(f"ccr: {found['ccr']}, {ccr.cli.parent.parent}")
+    else:
+        print(f"claude-code-router {why}: its column is left out, everything else runs")
     started = time.monotonic()
     try:
-        results = run(settings)
+        results = run(settings, Tools(shutil.which("wrk"), ccr), found)
     except BenchError as e:
         print(f"bench: {e}", file=sys.stderr)
         return 1
