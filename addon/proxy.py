@@ -46,6 +46,7 @@ META_KEY = "claude-code-fallback"
 CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow
 GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
+TOKEN_BYTES = TOKEN_HEADER.encode()
 WHOLE_BODY_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent whole, without the bridge
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class Fallback:
                     raise SystemExit(2) from None
                 raise exceptions.OptionsError(str(e)) from None
         if "fallback_flow_body_limit" in updated and self.client:
-            self.client.copy_limit = ctx.options.fallback_flow_body_limit
+            self.client.copy_limit = self.flow_body_limit()
 
     async def running(self) -> None:
         # The addon opens upstream connections itself; mitmproxy must not open its own.
@@ -434,9 +435,13 @@ class Fallback:
 
     async def start_client(self) -> None:
         assert self.config is not None
-        self.client = UpstreamClient(self.config, ctx.options.fallback_flow_body_limit)
+        self.client = UpstreamClient(self.config, self.flow_body_limit())
         await self.client.start()
         self.build_failover()
+
+    def flow_body_limit(self) -> int:
+        """How much of each relayed body to keep on the flow: nothing when no one looks."""
+        return ctx.options.fallback_flow_body_limit if self.inspected else 0
 
     def build_failover(self) -> None:
         assert self.config is not None and self.client is not None and self.router is not None
@@ -644,11 +649,13 @@ class Fallback:
     def point_at_bridge(self, flow: http.HTTPFlow, state: InFlight) -> None:
         request = flow.request
         if self.inspected:
-            state.saved_request = (request.headers.copy(), request.raw_content)
-        request.raw_content = b""  # the bridge needs the token, not the body again
-        request.headers.pop("transfer-encoding", None)
-        request.headers["content-length"] = "0"
-        request.headers[TOKEN_HEADER] = state.token
+            state.saved_request = (request.headers, request.raw_content)
+        # The bridge needs the token, not the client's body and headers again. `connection`
+        # stays: mitmproxy reads a client's wish to close from the request it forwarded.
+        headers = [(b"host", b""), (b"content-length", b"0"), (TOKEN_BYTES, state.token.encode())]
+        headers += [(b"connection", v.encode()) for v in request.headers.get_all("connection")]
+        request.headers = http.Headers(headers)
+        request.raw_content = b""
         request.scheme, request.host, request.port = "http", "127.0.0.1", self.bridge.port
 
     def restore_request(self, flow: http.HTTPFlow, state: InFlight) -> None:
