@@ -19,6 +19,7 @@ from typing import Protocol
 import h11
 
 TOKEN_HEADER = "x-ccf-bridge-token"
+CHUNKED = b"\r\ntransfer-encoding: chunked\r\n"
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,11 @@ class _BridgeConnection(asyncio.Protocol):
         if self.transport:
             self.transport.close()
 
-    def _write(self, event: h11._events.Event) -> None:
-        data = self.conn.send(event)
+    def _write(self, event: h11._events.Event) -> bytes:
+        data = self.conn.send(event) or b""
         if data and self.transport:
             self.transport.write(data)
+        return data
 
     async def _relay(self, parked: Parked) -> None:
         self.relay = asyncio.current_task()
@@ -181,15 +183,21 @@ class _BridgeConnection(asyncio.Protocol):
         try:
             if self.transport is None or self.transport.is_closing():
                 raise ConnectionAbortedError("client went away")
-            self._write(
+            head = self._write(
                 h11.Response(
                     status_code=response.status,
                     reason=response.reason.encode("latin-1", "replace"),
                     headers=list(response.headers),
                 )
             )
+            # A stream's chunks are framed here rather than by h11 one event at a time;
+            # h11 still writes the head and the closing chunk, and frames any other body.
+            chunked = CHUNKED in head.lower()
             async for chunk in response.chunks():
-                self._write(h11.Data(data=chunk))
+                if not chunked:
+                    self._write(h11.Data(data=chunk))
+                elif chunk and self.transport:
+                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 if not self.writable.is_set():
                     await self.writable.wait()
                 if self.transport is None or self.transport.is_closing():

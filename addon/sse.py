@@ -32,13 +32,16 @@ class EventReader:
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[Event]:
+    def feed(self, data: bytes, only: tuple[bytes, ...] = ()) -> list[Event]:
+        """The events completed by `data`; with `only`, just those whose text holds one of these."""
         if b"\r" in data:
             data = data.replace(b"\r\n", b"\n")
         self._buffer += data
         if b"\n\n" not in self._buffer:
             return []
         *blocks, self._buffer = self._buffer.split(b"\n\n")
+        if only:
+            blocks = [block for block in blocks if any(word in block for word in only)]
         return [event for block in blocks if (event := parse_event(block)) is not None]
 
 
@@ -94,6 +97,9 @@ class Usage(NamedTuple):
     output: int = 0
     cache_read: int = 0
     cache_creation: int = 0
+
+
+USAGE_EVENTS = (b"message_start", b"message_delta")  # the events `usage_of` reads
 
 
 def usage_of(event: Event) -> Usage | None:

@@ -189,8 +189,8 @@ class UpstreamResponse:
     def is_event_stream(self) -> bool:
         return self.events is not None
 
-    def observe(self, chunk: bytes) -> list[sse.Event]:
-        """Keeps the bounded copy and reads the events in a chunk (usage, errors)."""
+    def observe(self, chunk: bytes, only: tuple[bytes, ...] = ()) -> list[sse.Event]:
+        """Keeps the bounded copy and reads the events in a chunk (usage, errors); see EventReader.feed."""
         if len(self.copy) < self.copy_limit:
             self.copy += chunk[: self.copy_limit - len(self.copy)]
         if self.body_check is not None:
@@ -198,7 +198,7 @@ class UpstreamResponse:
         if self.events is None or self.decoder is None:
             return []
         try:
-            events = self.events.feed(self.decoder(chunk))
+            events = self.events.feed(self.decoder(chunk), only)
         except Exception:  # a corrupt compressed stream: stop reading, keep passing bytes
             self.events = None
             return []
@@ -258,7 +258,7 @@ class UpstreamResponse:
                     raise StreamBroken("upstream_cut", type(e).__name__) from None
                 if not chunk:
                     break
-                self.observe(chunk)
+                self.observe(chunk, sse.USAGE_EVENTS)  # past the preamble, only usage is read
                 if lag:
                     chunk, behind = behind, chunk
                     if not chunk:
