@@ -61,6 +61,9 @@ fallback only answers 429, so a 200 is its primary's. What is measured, and how:
   ones to the primary and to the backup. Time from the primary's 429 to the backup's first
   byte = the proxy's time to first byte minus the primary's own direct time to its 429;
   the reference is the backup's own direct time to first byte.
+* CPU per event: 8 streams at once, each 1,500 text deltas 2 ms apart (a long answer), through
+  every variant but (1) in turn, a warm-up round and then three; the proxy process's user +
+  system CPU time (from /proc) per 1,000 events delivered, the median of the rounds.
 * Memory: 500 SSE streams opened at once through fresh instances of every variant but (1);
   the fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until
   the client leaves. Once all 500 have delivered a first byte they are held a few seconds
@@ -71,9 +74,9 @@ fallback only answers 429, so a 200 is its primary's. What is measured, and how:
   /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
 
 The table has a line per figure; under req/s, p99 at 16 connections, p50 latency, first
-content event and peak RSS, lines "x floor" and "x ccr" give every variant's ratio to the
-floor and to ccr from the same run. Targets, judged for (3) and (4) (PASS/FAIL, h: (3),
-f: (4)):
+content event, CPU per event and peak RSS, lines "x floor" and "x ccr" give every
+variant's ratio to the floor and to ccr from the same run. Targets, judged for (3) and (4)
+(PASS/FAIL, h: (3), f: (4)):
 
 * against ccr: req/s >= ccr's, JSON and SSE; p99 at 16 connections <= ccr's, JSON and SSE;
 * against the floor: JSON req/s >= 0.90 x the floor's; p50 latency at 1 connection <= the
@@ -160,6 +163,10 @@ RSS_DELAY = 0.25
 RSS_EVENTS = 40  # sent RSS_DELAY apart, then the stream stalls (stays open) until the client leaves
 EVENTS_PER_STREAM = STREAM_WORDS + 6  # message_start, block start, ping, deltas, stop, delta, stop
 FAIL_NAME, FAST_NAME, STREAM_NAME, SLOW_NAME = "failing", "fast", "stream", "slow"
+LONG_NAME = "long"
+LONG_WORDS = 1500  # a long answer: one text delta per word, LONG_DELAY apart
+LONG_DELAY = 0.002
+LONG_STREAMS = 8  # at once, as a few sessions and their subagents would
 FAIL_NOW_NAME = "failing-now"
 
 
@@ -176,11 +183,12 @@ class Settings:
     streams: int
     failover_samples: int
     rss_hold: float
+    relay_rounds: int
 
     @classmethod
     def make(cls, quick: bool, duration: int | None) -> Settings:
-        quick_run = cls(2, 1, 300, 100, 4, 60, 1.0)
-        base = quick_run if quick else cls(10, 2, 2000, 200, 16, 400, 4.0)
+        quick_run = cls(2, 1, 300, 100, 4, 60, 1.0, 1)
+        base = quick_run if quick else cls(10, 2, 2000, 200, 16, 400, 4.0, 3)
         return base if duration is None else cls(**{**asdict(base), "duration": duration})
 
 
@@ -1009,6 +1017,10 @@ def fake_specs(settings: Settings) -> dict[str, list[str]]:
             *("--kind", "stall", "--after-events", str(RSS_EVENTS), "--text", slow_words),
             *("--event-delay", str(RSS_DELAY)),
         ],
+        LONG_NAME: [
+            *("--text", " ".join(f"w{i}" for i in range(LONG_WORDS))),
+            *("--event-delay", str(LONG_DELAY)),
+        ],
     }
 
 
@@ -1145,6 +1157,48 @@ def phase_memory(results: Results, services: Services, fakes: dict[str, Service]
         stop_phase(services, proxies, ccr)
 
 
+def phase_relay(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
+    """CPU a proxy spends per event it relays: what a laptop pays for every token of a session."""
+    proxies = start_proxies(services, proxy_specs("long", fakes[LONG_NAME], fakes[FAIL_NAME]))
+    ccr = start_phase_ccr(results, services, tools, fakes[LONG_NAME], fakes[FAIL_NAME])
+    try:
+        measured = {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-long"] for v in MITM_VARIANTS}}
+        print(f"CPU per event, {LONG_STREAMS} streams of {LONG_WORDS} events at once ...", flush=True)
+        asyncio.run(_trip_primary(measured["failover"].url, LONG_NAME))
+        costs: dict[str, list[float]] = {v: [] for v in measured}
+        for round_ in range(results.settings.relay_rounds + 1):
+            for variant, proxy in measured.items():
+                before = process_cpu_seconds(proxy.pid)
+                events = asyncio.run(relay_streams(proxy.url, LONG_STREAMS))
+                if round_:  # the first round warms up
+                    costs[variant].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
+        for variant, values in costs.items():
+            results.put("cpu_per_1k_events_ms", variant, percentile(values, 50))
+    finally:
+        stop_phase(services, proxies, ccr)
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def relay_streams(url: str, n: int) -> int:
+    """`n` long streams at once, read to their end; how many events they brought."""
+
+    async def one(client: aiohttp.ClientSession) -> int:
+        async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
+            if response.status != 200:
+                raise BenchError(f"long stream via {url}: HTTP {response.status}")
+            body = await response.read()
+        if not body.rstrip().endswith(b'{"type":"message_stop"}'):
+            raise BenchError(f"long stream via {url} ended early")
+        return body.count(b"\n\n")
+
+    async with session(connections=0, total_timeout=120) as client:
+        return sum(await asyncio.gather(*(one(client) for _ in range(n))))
+
+
 async def _trip_primary(url: str, served_by: str) -> None:
     """GET /v1/models once: through (4) it fails over and puts the primary in cooldown.
 
@@ -1252,6 +1306,7 @@ ROWS = (
     Row("failover_gap_p50_ms", "429->backup 1st byte ms p50", 2, False),
     Row("failover_gap_p99_ms", "429->backup 1st byte ms p99", 2, False),
     Row("failover_first_ms", "first failover TTFB ms, cold", 2, False),
+    Row("cpu_per_1k_events_ms", "CPU ms per 1000 SSE events", 0, True),
     Row("rss_idle_mb", "RSS idle MB", 1, False),
     Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True),
     Row("open_streams", "  streams open at once", 0, False),
@@ -1360,7 +1415,7 @@ def run(settings: Settings, tools: Tools, found: dict[str, str]) -> Results:
         services = Services(workdir)
         try:
             fakes = start_fakes(services, fake_specs(settings))
-            for phase in (phase_requests, phase_streams, phase_memory):
+            for phase in (phase_requests, phase_streams, phase_relay, phase_memory):
                 name = phase.__name__.removeprefix("phase_")
                 started, busy, own = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds(services)
                 phase(results, services, fakes, tools)
