@@ -1047,19 +1047,37 @@ def variant_urls(
     return urls
 
 
-def stop_phase(services: Services, proxies: dict[str, Service], ccr: Service | None) -> None:
-    services.stop([*proxies.values(), *([ccr] if ccr else [])])
+def proxy_services(proxies: dict[str, Service], prefix: str, ccr: Service | None) -> dict[str, Service]:
+    """The processes measured in a phase, by variant: ccr when present, then mitmproxy's."""
+    return {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-{prefix}"] for v in MITM_VARIANTS}}
+
+
+@contextlib.contextmanager
+def serving(
+    results: Results,
+    services: Services,
+    tools: Tools,
+    fakes: tuple[Service, Service],
+    prefix: str,
+    extra: tuple[ProxySpec, ...] = (),
+) -> Iterator[tuple[dict[str, Service], Service | None]]:
+    """A phase's proxies (and ccr, when present) in front of (upstream, failing), stopped after."""
+    upstream, failing = fakes
+    proxies = start_proxies(services, [*proxy_specs(prefix, upstream, failing), *extra])
+    ccr = start_phase_ccr(results, services, tools, upstream, failing)
+    try:
+        yield proxies, ccr
+    finally:
+        services.stop([*proxies.values(), *([ccr] if ccr else [])])
 
 
 def phase_requests(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
-    specs = proxy_specs("fast", fakes[FAST_NAME], fakes[FAIL_NAME])
     failing_now = fakes[FAIL_NOW_NAME].url
     probe_spec = ProxySpec(
         "failover-probe", failing_now, (("primary", failing_now), ("backup", fakes[FAST_NAME].url)), 0
     )
-    proxies = start_proxies(services, [*specs, probe_spec])
-    ccr = start_phase_ccr(results, services, tools, fakes[FAST_NAME], fakes[FAIL_NAME])
-    try:
+    upstreams = (fakes[FAST_NAME], fakes[FAIL_NAME])
+    with serving(results, services, tools, upstreams, "fast", (probe_spec,)) as (proxies, ccr):
         urls = variant_urls(fakes[FAST_NAME].url, proxies, "fast", ccr)
         print("failover ...", flush=True)
         # The first request through (4) must be the first one it ever forwards.
@@ -1070,8 +1088,6 @@ def phase_requests(results: Results, services: Services, fakes: dict[str, Servic
         latency_figures(results, urls)
         print(f"throughput at 16 connections, JSON and SSE ({results.tools['throughput']}) ...", flush=True)
         throughput_figures(results, urls, tools.wrk, services.workdir)
-    finally:
-        stop_phase(services, proxies, ccr)
 
 
 def throughput_figures(results: Results, urls: dict[str, str], wrk: str | None, workdir: Path) -> None:
@@ -1113,9 +1129,8 @@ def latency_figures(results: Results, urls: dict[str, str]) -> None:
 
 
 def phase_streams(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
-    proxies = start_proxies(services, proxy_specs("stream", fakes[STREAM_NAME], fakes[FAIL_NAME]))
-    ccr = start_phase_ccr(results, services, tools, fakes[STREAM_NAME], fakes[FAIL_NAME])
-    try:
+    upstreams = (fakes[STREAM_NAME], fakes[FAIL_NAME])
+    with serving(results, services, tools, upstreams, "stream") as (proxies, ccr):
         urls = variant_urls(fakes[STREAM_NAME].url, proxies, "stream", ccr)
         print("streaming ...", flush=True)
         asyncio.run(_trip_primary(urls["failover"], STREAM_NAME))
@@ -1127,15 +1142,12 @@ def phase_streams(results: Results, services: Services, fakes: dict[str, Service
             for figure in ("ttfc", "jitter_p99"):
                 row = results.figures[f"{figure}_ms"]
                 results.put(f"{figure}_added_ms", variant, _sub(row[variant], row["direct"]))
-    finally:
-        stop_phase(services, proxies, ccr)
 
 
 def phase_memory(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
-    proxies = start_proxies(services, proxy_specs("slow", fakes[SLOW_NAME], fakes[FAIL_NAME]))
-    ccr = start_phase_ccr(results, services, tools, fakes[SLOW_NAME], fakes[FAIL_NAME])
-    try:
-        measured = {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-slow"] for v in MITM_VARIANTS}}
+    upstreams = (fakes[SLOW_NAME], fakes[FAIL_NAME])
+    with serving(results, services, tools, upstreams, "slow") as (proxies, ccr):
+        measured = proxy_services(proxies, "slow", ccr)
         for variant, proxy in measured.items():
             print(f"{RSS_STREAMS} open streams via {variant} ...", flush=True)
             served_by = None if variant == "ccr" else SLOW_NAME  # as `served` says
@@ -1153,16 +1165,13 @@ def phase_memory(results: Results, services: Services, fakes: dict[str, Service]
                     f"memory {variant}: {memory.peak_open} streams open at once, "
                     f"{memory.failed} failed (wanted {RSS_STREAMS})"
                 )
-    finally:
-        stop_phase(services, proxies, ccr)
 
 
 def phase_relay(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
     """CPU a proxy spends per event it relays: what a laptop pays for every token of a session."""
-    proxies = start_proxies(services, proxy_specs("long", fakes[LONG_NAME], fakes[FAIL_NAME]))
-    ccr = start_phase_ccr(results, services, tools, fakes[LONG_NAME], fakes[FAIL_NAME])
-    try:
-        measured = {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-long"] for v in MITM_VARIANTS}}
+    upstreams = (fakes[LONG_NAME], fakes[FAIL_NAME])
+    with serving(results, services, tools, upstreams, "long") as (proxies, ccr):
+        measured = proxy_services(proxies, "long", ccr)
         print(f"CPU per event, {LONG_STREAMS} streams of {LONG_WORDS} events at once ...", flush=True)
         asyncio.run(_trip_primary(measured["failover"].url, LONG_NAME))
         costs: dict[str, list[float]] = {v: [] for v in measured}
@@ -1174,8 +1183,6 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
                     costs[variant].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
         for variant, values in costs.items():
             results.put("cpu_per_1k_events_ms", variant, percentile(values, 50))
-    finally:
-        stop_phase(services, proxies, ccr)
 
 
 def process_cpu_seconds(pid: int) -> float:
