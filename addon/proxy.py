@@ -1,8 +1,9 @@
 """The Fallback addon: mitmproxy's hooks, telling each request's story in small steps.
 
 Each request is sent by the addon itself to the first healthy endpoint, failing over
-before a byte reaches the client; the chosen response is then relayed to mitmproxy
-through a loopback bridge so that it streams (see bridge.py for why).
+before a byte reaches the client. A short answer that is not a stream is then handed to
+mitmproxy whole; any other is relayed through a loopback bridge so that it streams (see
+bridge.py for why).
 """
 
 from __future__ import annotations
