@@ -553,7 +553,8 @@ class FakeAnthropic:
     # -- what tests read ------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget requests, disconnects, script, `keep` and `account`; answer `ok` again."""
+        """Forget requests, disconnects, script, `keep`, `account` and the connection faults;
+        answer `ok` again."""
         with self._cond:
             self.requests.clear()
             self.request_count = 0
@@ -562,6 +563,10 @@ class FakeAnthropic:
             self.behavior = Behavior()
             self.keep = None
             self.account = None
+            self.cut_gate = None
+            self.idle_close = None
+            self.idle_closes = 0
+            self.events_sent = 0
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
         """Block until `n` requests have been seen (from another thread than the server's)."""

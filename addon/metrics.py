@@ -78,6 +78,11 @@ class Metrics:
         self.failovers = counter(
             "failovers", "Requests that moved from one endpoint to the next.", "from_endpoint", "to_endpoint"
         )
+        self.stale_retries = counter(
+            "upstream_stale_retries",
+            "Requests sent again on a new connection after a pooled one turned out closed (no cooldown).",
+            "endpoint",
+        )
         self.time_to_headers = Histogram(
             "upstream_time_to_headers_seconds",
             "Time from sending a request upstream to its response headers.",

@@ -436,7 +436,11 @@ class Fallback:
 
     async def start_client(self) -> None:
         assert self.config is not None
-        self.client = UpstreamClient(self.config, self.flow_body_limit())
+        self.client = UpstreamClient(
+            self.config,
+            self.flow_body_limit(),
+            lambda endpoint: self.metrics.stale_retries.labels(endpoint).inc(),
+        )
         await self.client.start()
         self.build_failover()
 

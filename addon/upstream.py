@@ -411,9 +411,12 @@ class PooledConnection:
 class UpstreamClient:
     """The pooled HTTP client that talks to every endpoint."""
 
-    def __init__(self, config: Config, copy_limit: int) -> None:
+    def __init__(
+        self, config: Config, copy_limit: int, on_stale: Callable[[str], None] = lambda endpoint: None
+    ) -> None:
         self.config = config
         self.copy_limit = copy_limit
+        self.on_stale = on_stale  # told the endpoint's name when a stale pooled connection is retried
         self.session: aiohttp.ClientSession | None = None
         self.fresh: aiohttp.ClientSession | None = None  # never reuses a connection
 
@@ -461,6 +464,7 @@ class UpstreamClient:
                     if not pooled.went_stale(e):
                         raise
                     # Not the endpoint's fault: once more, on a new connection, at no cost.
+                    self.on_stale(endpoint.name)
                     resp = await self._request(self.fresh, endpoint, request, None)
         except (aiohttp.ClientError, OSError) as e:
             if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):

@@ -11,6 +11,7 @@ import math
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
@@ -165,9 +166,11 @@ def test_script_is_used_before_behavior(fake: FakeAnthropic) -> None:
     fake.script = [Behavior("status", 529), Behavior()]
     statuses = [request(fake, MESSAGE)[0].status for _ in range(3)]
     assert statuses == [529, 200, 500]
+    fake.cut_gate, fake.idle_close = threading.Event(), 1.0
     fake.reset()
     assert request(fake, MESSAGE)[0].status == 200
     assert (fake.request_count, len(fake.requests)) == (1, 1)
+    assert (fake.cut_gate, fake.idle_close, fake.idle_closes) == (None, None, 0)
 
 
 def test_keep_bounds_the_record_but_not_the_count(fake: FakeAnthropic) -> None:

@@ -43,6 +43,7 @@ def test_a_pooled_connection_closed_while_idle_is_retried_fresh_without_cooling(
     assert proxy.metric("ccf_endpoint_cooldowns_total", endpoint="primary", reason="closed") == 0
     assert proxy.metric("ccf_failovers_total", from_endpoint="primary", to_endpoint="backup") == 0
     assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="ok") == 4
+    assert proxy.metric("ccf_upstream_stale_retries_total", endpoint="primary") == 2
     assert proxy.metric("ccf_requests_total", outcome="success") == 4
     state = proxy.endpoint("primary")
     assert state["status"] == "healthy" and state["consecutiveFailures"] == 0
