@@ -18,11 +18,13 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
 from mitmproxy import command, connection, contentviews, ctx, exceptions, http
+from mitmproxy.net.http import status_codes
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from . import __version__
@@ -48,6 +50,7 @@ CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access ke
 GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
 TOKEN_BYTES = TOKEN_HEADER.encode()
+NOT_SENT = HOP_BY_HOP | {"content-length"}  # a whole response's headers that it gets anew
 WHOLE_BODY_LIMIT = 1 << 20  # a non-streamed answer up to this size is sent whole, without the bridge
 
 log = logging.getLogger(__name__)
@@ -285,18 +288,8 @@ class Fallback:
     def answer_whole(self, flow: http.HTTPFlow, state: InFlight, body: bytes) -> None:
         response = state.outcome.response
         assert response is not None
-        headers = [(k, v) for k, v in response.headers if k.lower() != b"content-length"]
-        headers.append((b"content-length", str(len(body)).encode()))
-        flow.response = http.Response(
-            b"HTTP/1.1",
-            response.status,
-            response.reason.encode("latin-1", "replace"),
-            http.Headers(headers),
-            body,
-            None,
-            time.time(),
-            None,
-        )
+        reason = response.reason.encode("latin-1", "replace")
+        flow.response = whole_response(response.status, response.headers, body, reason)
         response.close()
         if self.inspected:
             flow.request.url = state.endpoint_url
@@ -641,15 +634,7 @@ class Fallback:
                 flow.request.headers[name] = f"{scheme} {masked}" if scheme else masked
 
     def respond(self, flow: http.HTTPFlow, failure: Failure) -> None:
-        headers = [
-            (k, v)
-            for k, v in failure.headers
-            if k.lower() not in HOP_BY_HOP and k.lower() != b"content-length"
-        ]
-        response = http.Response.make(failure.status, b"", headers)
-        response.raw_content = failure.body
-        response.headers["content-length"] = str(len(failure.body))
-        flow.response = response
+        flow.response = whole_response(failure.status, failure.headers, failure.body)
 
     def point_at_bridge(self, flow: http.HTTPFlow, state: InFlight) -> None:
         request = flow.request
@@ -779,6 +764,19 @@ class Fallback:
             attempts=attempts,
             duration_ms=round(duration * 1000, 1),
         )
+
+
+def whole_response(
+    status: int, headers: Iterable[tuple[bytes, bytes]], body: bytes, reason: bytes | None = None
+) -> http.Response:
+    """A response known whole, for mitmproxy to send: the headers less hop-by-hop ones and
+    any length, then the body's own length. The body goes out as it is (already encoded)."""
+    kept = [(k, v) for k, v in headers if k.decode("latin-1").lower() not in NOT_SENT]
+    kept.append((b"content-length", str(len(body)).encode()))
+    if reason is None:
+        reason = status_codes.RESPONSES.get(status, "").encode()
+    now = time.time()
+    return http.Response(b"HTTP/1.1", status, reason, http.Headers(kept), body, None, now, now)
 
 
 def listen_address(options: Any) -> str:
