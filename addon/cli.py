@@ -424,13 +424,17 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return OK
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def proxy_address(args: argparse.Namespace) -> tuple[int | None, str]:
+    """The background proxy's pid while it runs, and where a proxy should answer: the address
+    it recorded, else the configured one (one may serve in the foreground: `ccf dev`, `ccf web`)."""
     found = read_pid(pid_file())
-    pid: int | None = None
     if found is not None and is_running(found[0]):
-        pid, url = found[0], found[1] or resolve(args).url
-    else:  # no background proxy, but one may serve in the foreground (`ccf dev`, `ccf web`)
-        url = resolve(args).url
+        return found[0], found[1] or resolve(args).url
+    return None, resolve(args).url
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    pid, url = proxy_address(args)
     health = fetch_health(url, fleet=args.fleet)
     if health is None and pid is None:
         print("not running")
@@ -536,12 +540,10 @@ def format_duration(seconds: float) -> str:
 
 def cmd_open(args: argparse.Namespace) -> int:
     """Opens the status page; under server.accessKey the browser gets the key once, in the URL."""
-    settings = resolve(args)
-    found = read_pid(pid_file())
-    url = found[1] if found and found[1] and is_running(found[0]) else settings.url
+    _, url = proxy_address(args)
     if fetch_health(url) is None:
         raise CommandFailed(f"no proxy answers at {url}; start it with `ccf start`", NOT_RUNNING)
-    key = settings.config.server.access_key
+    key = resolve(args).config.server.access_key
     print(f"status page: {url}/" + (" (the browser gets server.accessKey once, for a cookie)" if key else ""))
     if not webbrowser.open(f"{url}/?{urlencode({'key': key})}" if key else f"{url}/"):
         raise CommandFailed("no browser found; open the address above" + (" with ?key=..." if key else ""))
