@@ -609,8 +609,7 @@ def own_cpu_seconds(services: Services) -> float:
     total = mine.ru_utime + mine.ru_stime + reaped.ru_utime + reaped.ru_stime
     for service in services.running:
         with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = Path(f"/proc/{service.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            total += process_cpu_seconds(service.pid)
     return total
 
 
@@ -1186,6 +1185,7 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
 
 
 def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (from /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
