@@ -91,6 +91,8 @@ class RedisState(LocalState):
 
     def __init__(self, settings: RedisSettings, events: Callable[[], EventLog], probe_ttl: float) -> None:
         from redis import asyncio as aioredis  # only a fleet needs the client
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
 
         assert settings.url is not None
         self.settings = settings
@@ -102,12 +104,20 @@ class RedisState(LocalState):
         self.instances = f"{prefix}instances"
         self.prefix = prefix
         timeout = max(settings.timeout, BACKGROUND_TIMEOUT)
+        # One retry at once (a pooled connection Redis closed), no more: redis-py's own backoff
+        # would spend a call's whole time bound on a Redis that is away, and delay the
+        # reconnect loop below, which is what paces the attempts.
+        retry = Retry(NoBackoff(), 1)
         self.redis = aioredis.Redis.from_url(
-            settings.url, socket_timeout=timeout, socket_connect_timeout=timeout, decode_responses=True
+            settings.url,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            decode_responses=True,
+            retry=retry,
         )
         # Subscribing blocks on reads: no read timeout there.
         self.listener = aioredis.Redis.from_url(
-            settings.url, socket_connect_timeout=timeout, decode_responses=True
+            settings.url, socket_connect_timeout=timeout, decode_responses=True, retry=retry
         )
         self.up = False
         self.warned = False
