@@ -449,6 +449,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  address   {url}")
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")
+    if (count := (health.get("workers") or {}).get("count", 1)) > 1:
+        print(f"  workers   {count} processes on one port")
     print(f"  state     {health.get('state', 'memory')}")
     print()
     rows = [["ENDPOINT", "STATUS", "5H", "7D", "RESETS IN", "LAST ERROR"]]

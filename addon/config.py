@@ -274,6 +274,7 @@ class Server:
     access_keys: tuple[tuple[str, str], ...] = _key("accessKeys", _named_keys, default=(), secret=True)
     metrics_port: int | None = _key("metricsPort", _PORT, default=None)
     max_body_bytes: int = _key("maxBodyBytes", _integer(1), default=32 * 1024 * 1024)
+    workers: int = _key("workers", _integer(1, 64), default=1)
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,7 @@ _SECTIONS: dict[str, type] = {
 _ENV_OPTIONS = {
     "CLAUDE_FALLBACK_PORT": "server.port",
     "CLAUDE_FALLBACK_HOST": "server.host",
+    "CLAUDE_FALLBACK_WORKERS": "server.workers",
     "CLAUDE_FALLBACK_LOG_LEVEL": "logging.level",
 }
 

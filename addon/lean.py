@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -22,10 +23,7 @@ if not __package__:
     sys.path.insert(0, str(_here.parent))
     __package__ = _here.name
 
-from mitmproxy import exceptions, master, options
-from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
-
-from .proxy import Fallback
+from . import workers
 
 
 def parse(argv: list[str]) -> list[str]:
@@ -41,9 +39,17 @@ def parse(argv: list[str]) -> list[str]:
 
 async def serve(specs: list[str], *ours: object) -> None:
     """Runs mitmproxy's proxy core with `ours` (the fallback addon unless given) until shut down."""
+    # Imported here: a supervisor of workers needs none of it (about 45 MB less).
+    from mitmproxy import exceptions, master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+
+    from . import direct
+    from .proxy import Fallback
+
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
     for noisy in ("asyncio", "hpack", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    direct.install()
     opts = options.Options()
     lean = master.Master(opts, with_termlog=True)
     tls = tlsconfig.TlsConfig()
@@ -53,7 +59,7 @@ async def serve(specs: list[str], *ours: object) -> None:
         next_layer.NextLayer(),
         tls,
         errorcheck.ErrorCheck(),
-        *(ours or (Fallback(inspected=False),)),
+        *(ours or (Fallback(inspected=False, direct=True),)),
     )
     # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
     # proxy already listens; a request in between (`ccf start` polls /health at once)
@@ -71,13 +77,22 @@ async def serve(specs: list[str], *ours: object) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
         loop.add_signal_handler(signum, lean.shutdown)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if workers.ENV_SUPERVISOR in os.environ:
+        orphaned = asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
     await lean.run()
+    if workers.ENV_SUPERVISOR in os.environ:
+        orphaned.cancel()
 
 
 def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # the log file of `ccf start` should be current
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    asyncio.run(serve(parse(sys.argv[1:])))
+    specs = parse(sys.argv[1:])
+    if port := os.environ.get(workers.ENV_PORT):
+        workers.share_port(int(port))  # a worker of a supervisor
+    elif (config := workers.planned_config(specs)) and config.server.workers > 1:
+        raise SystemExit(workers.supervise(specs, config, Path(__file__).resolve()))
+    asyncio.run(serve(specs))
 
 
 if __name__ == "__main__":

@@ -32,8 +32,15 @@ Listener = Callable[[str, Mapping[str, object]], None]
 
 
 class EventLog:
-    def __init__(self, level: str = "info", fmt: str = "json", secrets: Iterable[str] = ()) -> None:
+    def __init__(
+        self,
+        level: str = "info",
+        fmt: str = "json",
+        secrets: Iterable[str] = (),
+        context: Mapping[str, object] | None = None,
+    ) -> None:
         self.format = fmt
+        self.context = dict(context or {})  # on every line, after the event's name (a worker's number)
         self.level = LEVELS.get(level, logging.INFO)
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.mask = True
@@ -52,7 +59,7 @@ class EventLog:
             listener(event, fields)
         if level < self.level or not log.isEnabledFor(level):
             return
-        fields = {k: v for k, v in fields.items() if v is not None}
+        fields = {**self.context, **{k: v for k, v in fields.items() if v is not None}}
         if self.format == "pretty":
             details = " ".join(f"{k}={v}" for k, v in fields.items())
             line = f"{event} {details}".rstrip()

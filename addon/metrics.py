@@ -2,14 +2,20 @@
 
 Label values are bounded: endpoint names come from the config, outcomes and reasons from
 fixed sets. Endpoint state is read from the pool at scrape time rather than kept twice.
+Workers of one proxy (workers.py) keep their counts in prometheus-client's multiprocess
+files instead, and any worker serves the sum of all.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .endpoints import COOLING, EndpointPool
@@ -62,8 +68,20 @@ class _EndpointCollector(Collector):
         yield from (up, left, failures, utilization, resets)
 
 
+class _StateCollector(Collector):
+    def __init__(self, up: Callable[[], bool]) -> None:
+        self.up = up
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            f"{NAMESPACE}_state_backend_up",
+            "1 while the state backend works (always for memory); 0 while Redis is away.",
+            value=1 if self.up() else 0,
+        )
+
+
 class Metrics:
-    def __init__(self, pool: Callable[[], EndpointPool]) -> None:
+    def __init__(self, pool: Callable[[], EndpointPool], state_up: Callable[[], bool] = lambda: True) -> None:
         self.registry = CollectorRegistry()
         counter, r = self._counter, self.registry
         self.requests = counter(
@@ -99,14 +117,12 @@ class Metrics:
             registry=r,
             buckets=LATENCY_BUCKETS,
         )
-        self.state_up = Gauge(
-            "state_backend_up",
-            "1 while the state backend works (always for memory); 0 while Redis is away.",
+        self.active_streams = Gauge(
+            "active_streams",
+            "Responses being relayed to clients right now.",
             namespace=NAMESPACE,
             registry=r,
-        )
-        self.active_streams = Gauge(
-            "active_streams", "Responses being relayed to clients right now.", namespace=NAMESPACE, registry=r
+            multiprocess_mode="livesum",
         )
         self.stream_aborts = counter(
             "stream_aborts", "Responses cut after they began, by endpoint and reason.", "endpoint", "reason"
@@ -131,7 +147,13 @@ class Metrics:
         self.tokens = counter(
             "tokens", "Tokens reported by endpoints in streamed usage fields.", "endpoint", "kind"
         )
-        r.register(_EndpointCollector(pool))
+        # What /metrics serves: this registry, or with workers every worker's counts
+        self.exposition = r
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition)
+        self.exposition.register(_EndpointCollector(pool))
+        self.exposition.register(_StateCollector(state_up))
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
@@ -151,4 +173,22 @@ class Metrics:
                 self.tokens.labels(endpoint, kind).inc(value)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposition)
+
+    def collect(self, metric: MetricWrapperBase) -> Iterable[Metric]:
+        """`metric`'s samples as /metrics serves them: with workers, summed over all."""
+        if self.exposition is self.registry:
+            return metric.collect()
+        name = metric._name  # type: ignore[attr-defined]
+        return [family for family in self.exposition.collect() if family.name == name]
+
+    def streams_now(self) -> int:
+        return int(sum(s.value for family in self.collect(self.active_streams) for s in family.samples))
+
+    def requests_by_client(self) -> dict[str, int]:
+        counts: Tally[str] = Tally()
+        for family in self.collect(self.requests):
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["client"]] += int(sample.value)
+        return dict(counts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -17,7 +18,6 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,16 +27,18 @@ from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.net.http import status_codes
 from mitmproxy.proxy.mode_specs import ProxyMode
 
-from . import __version__
+from . import __version__, workers
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
 from .config import Config, ConfigError, Server, is_anthropic_host, load_config, mask_secret
 from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
+from .direct import DirectRelays, installed
 from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
+from .modes import listen_address, reverse_target
 from .policy import AttemptFailed, RetryBudget
 from .resume import ResumingResponse, can_resume
 from .routing import Router
@@ -69,13 +71,16 @@ class InFlight:
 
 
 class Fallback:
-    def __init__(self, inspected: bool = True) -> None:
+    def __init__(self, inspected: bool = True, direct: bool = False) -> None:
         # Whether anyone looks at flows (mitmweb, mitmdump's output, saved flows). The lean
         # master has no such addon, so it skips the work that only serves their eyes.
         self.inspected = inspected
+        # The lean master's streams take a body from the addon (direct.py): no bridge.
+        assert not direct or installed(), "direct relays need direct.install() first"
+        self.direct = DirectRelays() if direct else None
         self.config: Config | None = None
         self.pool = EndpointPool()
-        self.metrics = Metrics(lambda: self.pool)
+        self.metrics = Metrics(lambda: self.pool, lambda: self.shared.up)
         self.events = EventLog()
         self.bridge = Bridge()
         self.client: UpstreamClient | None = None
@@ -85,7 +90,6 @@ class Fallback:
         self.router: Router | None = None
         self.shared: LocalState = LocalState()
         self.access = Access(Server())
-        self.clients: Counter[str] = Counter()  # requests per client name, for /health
         self.address = ""
         self.inflight: dict[str, InFlight] = {}
         self.started_at = time.time()
@@ -159,6 +163,8 @@ class Fallback:
         # The addon opens upstream connections itself; mitmproxy must not open its own.
         ctx.options.update(connection_strategy="lazy")
         await self.bridge.start()
+        if self.direct:
+            self.direct.connections = ctx.master.addons.get("proxyserver").connections
         await self.start_shared()
         await self.start_client()
         self.limit_request_bodies()
@@ -169,6 +175,8 @@ class Fallback:
         assert self.config is not None
         self.warn_if_exposed()
         self.warn_env_key_withheld()
+        if warning := workers.unsupervised(self.config):
+            self.events.event("workers_ignored", logging.WARNING, warning=warning)
         self.ready.set()
         self.events.event(
             "started",
@@ -254,7 +262,7 @@ class Fallback:
                 outcome.failure.status,
             )
             return
-        if not flow.live:  # the client left while we were failing over
+        if not flow.live or flow.error:  # the client left while we were failing over
             outcome.response.close()
             self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
@@ -267,8 +275,7 @@ class Fallback:
         state.relay = outcome.response
         if self.config.streaming.resume and can_resume(outcome.response, request):
             state.relay = ResumingResponse(outcome.response, request, self.resume_stream, len(self.pool))
-        state.token = self.bridge.park(state.relay, lambda error: self.relayed(flow, state, error))
-        self.point_at_bridge(flow, state)
+        self.relay(flow, state)
 
     async def choose(self, request: ClientRequest) -> tuple[Outcome, bytes | None]:
         """The failover's outcome, with the whole body when the answer is short and not a stream.
@@ -316,18 +323,24 @@ class Fallback:
             return
         self.restore_request(flow, state)
         self.bridge.discard(state.token)
+        if self.direct:
+            self.direct.discard(flow)
         if flow.response is not None and state.relay is not None and state.relay.copy:
             flow.response.raw_content = bytes(state.relay.copy)  # what the client got before the cut
 
     def client_disconnected(self, client: connection.Client) -> None:
         # stops the upstream attempt of a request still waiting for its answer to be chosen
         self.departures.left(client.id)
+        if self.direct:
+            self.direct.left(client.id)
 
     async def done(self) -> None:
         contentviews.remove(self.view)
         for task in list(self.tasks):
             task.cancel()
         await self.bridge.stop()
+        if self.direct:
+            self.direct.stop()
         await self.shared.stop()
         if self.client:
             await self.client.stop()
@@ -375,7 +388,7 @@ class Fallback:
         secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
         secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
         secrets.append(urlsplit(config.state.redis.url or "").password or "")
-        self.events = EventLog(config.logging.level, config.logging.format, secrets)
+        self.events = EventLog(config.logging.level, config.logging.format, secrets, workers.log_context())
         self.events.mask = config.logging.redact_keys
         self.events.listeners.append(self.timeline.record)
         self.budget.ratio = config.retry.budget_ratio
@@ -400,10 +413,11 @@ class Fallback:
         assert self.config is not None
         state, timeouts = self.config.state, self.config.timeouts
         probe_ttl = timeouts.connect + timeouts.first_byte
-        self.shared = shared_state(state.backend, state.redis, lambda: self.events, probe_ttl)
+        self.shared = shared_state(
+            state.backend, state.redis, lambda: self.events, probe_ttl, os.environ.get(workers.ENV_STATE)
+        )
         self.budget.elsewhere = self.shared.budget_elsewhere
-        self.metrics.state_up.set_function(lambda: 1 if self.shared.up else 0)
-        self.address = listen_address(ctx.options)
+        self.address = listen_address(ctx.options.mode, ctx.options.listen_host)
         await self.shared.start(lambda: self.pool, self.describe)
         if isinstance(self.shared, RedisState):
             with contextlib.suppress(TimeoutError):
@@ -528,11 +542,11 @@ class Fallback:
     def start_metrics_server(self) -> None:
         assert self.config is not None
         port = self.config.server.metrics_port
-        if port is None or self.metrics_server is not None:
-            return
+        if port is None or self.metrics_server is not None or workers.this_worker()["index"]:
+            return  # of a proxy's workers, the first serves every worker's metrics there
         from prometheus_client import start_http_server
 
-        server = start_http_server(port, addr=self.config.server.host, registry=self.metrics.registry)
+        server = start_http_server(port, addr=self.config.server.host, registry=self.metrics.exposition)
         self.metrics_server = server[0] if isinstance(server, tuple) else None
 
     # -- the request's story, in small steps -----------------------------------------
@@ -568,9 +582,10 @@ class Fallback:
             "status": status,
             "version": __version__,
             "uptimeSeconds": round(time.time() - self.started_at, 3),
-            "activeStreams": len(self.inflight),
+            "activeStreams": self.metrics.streams_now(),
             "state": self.shared.mode,
-            "clients": dict(self.clients),
+            "workers": workers.this_worker(),
+            "clients": self.metrics.requests_by_client(),
             "routing": {
                 "strategy": routing.strategy,
                 "sessionAffinity": self.router.affinity,
@@ -636,6 +651,17 @@ class Fallback:
     def respond(self, flow: http.HTTPFlow, failure: Failure) -> None:
         flow.response = whole_response(failure.status, failure.headers, failure.body)
 
+    def relay(self, flow: http.HTTPFlow, state: InFlight) -> None:
+        """Streams the chosen answer to the client: injected directly into the lean master's
+        stream when the flow allows, else through the bridge."""
+        assert state.relay is not None
+        on_done = functools.partial(self.relayed, flow, state)
+        if self.direct and self.direct.can_carry(flow):
+            self.direct.hand(flow, state.relay, on_done)
+            return
+        state.token = self.bridge.park(state.relay, on_done)
+        self.point_at_bridge(flow, state)
+
     def point_at_bridge(self, flow: http.HTTPFlow, state: InFlight) -> None:
         request = flow.request
         if self.inspected:
@@ -674,8 +700,10 @@ class Fallback:
         )
 
     def relayed(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
-        """The bridge finished relaying a response."""
+        """The bridge or a direct relay finished relaying a response."""
         self.metrics.active_streams.dec()
+        if not state.token:  # a direct relay: the flow may end with no hook to say so
+            self.inflight.pop(flow.id, None)
         self.settle(flow, state, error)
 
     def settle(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
@@ -746,7 +774,6 @@ class Fallback:
     ) -> None:
         """One request's outcome: in the metrics, the per-client counts and one log line."""
         client = flow.metadata.get(CLIENT_KEY, UNAUTHENTICATED)
-        self.clients[client] += 1
         self.metrics.requests.labels(result, client).inc()
         if started is None:
             return
@@ -777,25 +804,6 @@ def whole_response(
         reason = status_codes.RESPONSES.get(status, "").encode()
     now = time.time()
     return http.Response(b"HTTP/1.1", status, reason, http.Headers(kept), body, None, now, now)
-
-
-def listen_address(options: Any) -> str:
-    """host:port of mitmproxy's first listener, as the fleet view shows it."""
-    for spec in options.mode or ():
-        mode = ProxyMode.parse(spec)
-        return f"{mode.listen_host(options.listen_host) or '0.0.0.0'}:{mode.listen_port()}"
-    return ""
-
-
-def reverse_target(modes: Any) -> str:
-    """The URL of mitmproxy's first reverse mode (`reverse:https://host@8765`), else Anthropic's API."""
-    for spec in modes or ():
-        if spec.startswith("reverse:"):
-            target = spec.removeprefix("reverse:")
-            if "@" in target.split("//", 1)[-1]:
-                target = target.rsplit("@", 1)[0]
-            return target.rstrip("/")
-    return "https://api.anthropic.com"
 
 
 def _is_loopback(host: str) -> bool:

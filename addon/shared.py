@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -89,12 +90,19 @@ class LocalState:
 class RedisState(LocalState):
     """The fleet's shared view of its endpoints, kept in Redis and spread by pub/sub."""
 
-    def __init__(self, settings: RedisSettings, events: Callable[[], EventLog], probe_ttl: float) -> None:
+    def __init__(
+        self,
+        settings: RedisSettings,
+        events: Callable[[], EventLog],
+        probe_ttl: float,
+        name: str = "redis",
+    ) -> None:
         from redis import asyncio as aioredis  # only a fleet needs the client
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
         assert settings.url is not None
+        self.name = name  # "workers" when this is the store of one proxy's workers (hub.py)
         self.settings = settings
         self.events = events
         self.probe_ttl = probe_ttl
@@ -108,16 +116,18 @@ class RedisState(LocalState):
         # would spend a call's whole time bound on a Redis that is away, and delay the
         # reconnect loop below, which is what paces the attempts.
         retry = Retry(NoBackoff(), 1)
+        # RESP2: what every Redis speaks, and all that workers' own store (hub.py) does
         self.redis = aioredis.Redis.from_url(
             settings.url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             decode_responses=True,
             retry=retry,
+            protocol=2,
         )
         # Subscribing blocks on reads: no read timeout there.
         self.listener = aioredis.Redis.from_url(
-            settings.url, socket_connect_timeout=timeout, decode_responses=True, retry=retry
+            settings.url, socket_connect_timeout=timeout, decode_responses=True, retry=retry, protocol=2
         )
         self.up = False
         self.warned = False
@@ -130,7 +140,7 @@ class RedisState(LocalState):
 
     @property
     def mode(self) -> str:  # type: ignore[override]
-        return "redis" if self.up else "local"
+        return self.name if self.up else "local"
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -179,7 +189,7 @@ class RedisState(LocalState):
             return
         self.up = True
         self.connected.set()
-        self.events().event("state_backend_up", backend="redis", instance=self.id)
+        self.events().event("state_backend_up", backend=self.name, instance=self.id)
         for state in self.pool():  # what we learnt alone while Redis was away
             if state.status == COOLING:
                 self.cooled(state)
@@ -191,7 +201,7 @@ class RedisState(LocalState):
             self.events().event(
                 "state_backend_down",
                 logging.WARNING,
-                backend="redis",
+                backend=self.name,
                 error=f"{type(error).__name__}: {error}"[:200],
                 effect="each instance goes on with its own state until Redis is back",
             )
@@ -310,13 +320,14 @@ class RedisState(LocalState):
     async def claim_probe(self, name: str) -> bool:
         if not self.up:
             return True
+        key = f"{self.prefix}probe:{name}"
         try:
-            claimed = await self._ask(
-                self.redis.set(f"{self.prefix}probe:{name}", self.id, nx=True, px=int(self.probe_ttl * 1000))
-            )
+            if await self._ask(self.redis.set(key, self.id, nx=True, px=int(self.probe_ttl * 1000))):
+                return True
+            # Still ours: this instance's last probe has ended, its release is on the way.
+            return bool(await self._ask(self.redis.get(key)) == self.id)
         except Exception:
             return True  # no answer in time: this instance probes for itself
-        return bool(claimed)
 
     def release_probe(self, name: str) -> None:
         self._queue("release", name)
@@ -383,6 +394,15 @@ class RedisState(LocalState):
 
 
 def shared_state(
-    backend: str, settings: RedisSettings, events: Callable[[], EventLog], probe_ttl: float
+    backend: str,
+    settings: RedisSettings,
+    events: Callable[[], EventLog],
+    probe_ttl: float,
+    workers_store: str | None = None,
 ) -> LocalState:
-    return RedisState(settings, events, probe_ttl) if backend == "redis" else LocalState()
+    """Redis when configured; else, for one proxy's workers, their supervisor's store; else none."""
+    if backend == "redis":
+        return RedisState(settings, events, probe_ttl)
+    if workers_store:
+        return RedisState(dataclasses.replace(settings, url=workers_store), events, probe_ttl, "workers")
+    return LocalState()

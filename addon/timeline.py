@@ -85,23 +85,25 @@ class Timeline:
     def sample(self, metrics: Metrics) -> None:
         """Adds what each counter grew by since the last sample to the current minute."""
         minute = self.current()
-        for labels, grew in self.growth(metrics.attempts, "_total"):
+        for labels, grew in self.growth(metrics, metrics.attempts, "_total"):
             minute.requests[labels["endpoint"]] += grew
             if labels["outcome"] not in ANSWERED:
                 minute.errors[labels["endpoint"]] += grew
-        for labels, grew in self.growth(metrics.failovers, "_total"):
+        for labels, grew in self.growth(metrics, metrics.failovers, "_total"):
             minute.failovers[labels["from_endpoint"]] += grew
-        for labels, grew in self.growth(metrics.tokens, "_total"):
+        for labels, grew in self.growth(metrics, metrics.tokens, "_total"):
             minute.tokens[labels["endpoint"]] += grew
         # cumulative buckets: what each `le` grew by, less what the bucket below it grew by
         below: dict[str, float] = {}
-        for labels, grew in self.growth(metrics.time_to_headers, "_bucket"):
+        for labels, grew in self.growth(metrics, metrics.time_to_headers, "_bucket"):
             endpoint = labels["endpoint"]
             minute.headers[endpoint][float(labels["le"])] += grew - below.get(endpoint, 0.0)
             below[endpoint] = grew
 
-    def growth(self, metric: MetricWrapperBase, suffix: str) -> Iterable[tuple[dict[str, str], float]]:
-        for family in metric.collect():
+    def growth(
+        self, metrics: Metrics, metric: MetricWrapperBase, suffix: str
+    ) -> Iterable[tuple[dict[str, str], float]]:
+        for family in metrics.collect(metric):
             for sample in family.samples:
                 if not sample.name.endswith(suffix):
                     continue

@@ -686,3 +686,15 @@ def test_named_access_keys(tmp_path: Path) -> None:
 def test_bad_access_keys_name_the_entry_and_never_the_key(tmp_path: Path, keys: str, found: str) -> None:
     with pytest.raises(ConfigError, match=r"server\.accessKeys: expected a list of \{name, key\}.*" + found):
         load(tmp_path, f"server: {{accessKeys: {keys}}}\n")
+
+
+def test_workers_come_from_the_file_or_the_environment(tmp_path: Path) -> None:
+    assert load(tmp_path, "").server.workers == 1
+    assert load(tmp_path, "server: {workers: 4}\n").server.workers == 4
+    assert load(tmp_path, "server: {workers: 4}\n", {"CLAUDE_FALLBACK_WORKERS": "2"}).server.workers == 2
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "1.5"])
+def test_bad_worker_counts_name_the_field_and_the_file(tmp_path: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"config\.yaml.*server\.workers: .*an integer from 1 to 64"):
+        load(tmp_path, f"server: {{workers: {value}}}\n")

@@ -79,8 +79,15 @@ def test_malformed_answer_before_the_choice_fails_over(proxy, primary, backup, k
     assert_still_serving(proxy, primary)
 
 
+@pytest.fixture(params=["mitmdump", "ccf"])
+def either_proxy(request, proxy_factory, primary, backup):
+    """The bridge (`mitmdump -s`) or the lean master's direct relay (`ccf`)."""
+    return proxy_factory(endpoints_config(primary, backup), ccf=request.param == "ccf")
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
-def test_short_body_after_the_choice_aborts_the_client(proxy, primary, backup, stream):
+def test_short_body_after_the_choice_aborts_the_client(either_proxy, primary, backup, stream):
+    proxy = either_proxy
     # Honest headers (content-length: N), then half the body and a close: the response
     # was already chosen, so the client must see a cut, never a clean end.
     primary.behavior = Behavior(kind="short_body")
@@ -107,7 +114,8 @@ def test_short_body_after_the_choice_aborts_the_client(proxy, primary, backup, s
     assert_still_serving(proxy, primary)
 
 
-def test_truncated_gzip_reaches_the_client_as_the_endpoint_sent_it_then_a_cut(proxy, primary, backup):
+def test_truncated_gzip_reaches_the_client_as_the_endpoint_sent_it_then_a_cut(either_proxy, primary, backup):
+    proxy = either_proxy
     # Well-framed HTTP around half a gzip member: the response is chosen at its headers, the
     # proxy passes the encoded bytes on without re-encoding or inventing any, and ends with
     # a cut, since a clean end would let the client take half a message as whole.

@@ -18,11 +18,12 @@ REST = " and the rest from the backup."
 BREAK_REASONS = {"close_mid_stream": "upstream_cut", "stall": "idle_timeout", "sse_error_after": "sse_error"}
 
 
-@pytest.fixture
-def resuming(proxy_factory, primary, backup):
+@pytest.fixture(params=["mitmdump", "ccf"])
+def resuming(request, proxy_factory, primary, backup):
     backup.behavior = Behavior(kind="ok", text=REST)
     return proxy_factory(
-        endpoints_config(primary, backup, streaming={"resume": True}, timeouts={"idle": 800})
+        endpoints_config(primary, backup, streaming={"resume": True}, timeouts={"idle": 800}),
+        ccf=request.param == "ccf",
     )
 
 

@@ -1,4 +1,5 @@
-"""Streams once begun: timing, cuts, stalls, cancels, rate limits read on the way (rows 12-14, 30)."""
+"""Streams once begun: timing, cuts, stalls, cancels, rate limits read on the way (rows 12-14, 30),
+through the bridge (`mitmdump -s`) and injected directly (`ccf`, the lean master)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
 from .test_failover import MESSAGE, open_when, post, sdk, stream_text, stream_text_cut
 
 WORDS = "one two three four five six seven eight"
+
+
+@pytest.fixture(params=["mitmdump", "ccf"])
+def proxy(request, proxy_factory, primary, backup):
+    """Under `mitmdump -s` a stream goes through the bridge; under `ccf` (the lean master) it
+    is injected into mitmproxy's stream directly. Both must behave alike."""
+    return proxy_factory(endpoints_config(primary, backup), ccf=request.param == "ccf")
 
 
 def test_events_arrive_spaced_as_the_upstream_sent_them(proxy, primary):
@@ -139,3 +147,44 @@ def test_usage_from_the_stream_is_counted_per_endpoint(proxy, primary):
     usage = primary.requests and proxy.metric("ccf_tokens_total", endpoint="primary", kind="input")
     assert usage == 10
     assert proxy.metric("ccf_tokens_total", endpoint="primary", kind="output") == 4
+
+
+def test_clients_that_leave_at_any_moment_leave_no_stream_behind(proxy, primary):
+    # Some leave while the answer is chosen, some as it begins, some once it streams: none
+    # stays counted as in flight, and none is counted twice.
+    body = json.dumps(dict(MESSAGE, stream=True)).encode()
+    request = (
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+
+    def leave(after: bytes | None) -> None:
+        with socket.create_connection(("127.0.0.1", proxy.port)) as client:
+            seen = primary.request_count
+            client.sendall(request)
+            if after is None:  # once the endpoint has the request: the answer is being chosen
+                wait_until(lambda: primary.request_count > seen, 5, "the request upstream")
+                return
+            received = b""
+            while after not in received and (chunk := client.recv(65536)):
+                received += chunk
+
+    def crowd(moments: list[bytes | None]) -> None:
+        threads = [threading.Thread(target=leave, args=(moment,)) for moment in moments]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+
+    text = " ".join(["word"] * 30)
+    for delay in (0.0, 0.005, 0.02):  # how long the endpoint takes to answer
+        primary.behavior = Behavior(kind="ok", text=text, event_delay=0.002, delay=delay)
+        crowd([None] * 20)
+    crowd([b"HTTP/1.1", b"content_block_delta"] * 15)
+    wait_until(lambda: proxy.metric("ccf_active_streams") == 0, 5, "no stream left counted as in flight")
+    outcomes = ("success", "aborted", "client_cancel")
+    counted = lambda: sum(proxy.metric("ccf_requests_total", outcome=o) for o in outcomes)  # noqa: E731
+    # those who saw their answer begin, at least; no one twice (the others may go unseen)
+    wait_until(lambda: 30 <= counted() <= 90, 5, "the requests to be counted")
+    assert proxy.health()["activeStreams"] == 0

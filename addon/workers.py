@@ -1,0 +1,248 @@
+"""Several processes serving one port (`server.workers` > 1), for `ccf start` and `ccf dev`.
+
+One process of this proxy relays about one core's worth of requests: mitmproxy is pure
+Python. With `server.workers: N`, lean.py starts this supervisor instead of a proxy:
+- It holds the port itself, so a port in use fails once and clearly, then starts N
+  workers, each a whole lean master listening on that port with SO_REUSEPORT: the kernel
+  spreads new connections evenly over them.
+- Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
+  when `state.backend` is redis, else through a store the supervisor runs (hub.py).
+- Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
+  mode, in a private directory), so /metrics on the port counts every worker.
+- SIGTERM and SIGINT go to every worker, each drains as a single proxy does, and the
+  supervisor exits when all have. A worker that dies otherwise is started again, unless
+  it keeps dying at once (a port or config problem), which stops them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .config import Config, ConfigError, load_config
+from .hub import Hub, listening_socket
+from .logs import EventLog
+from .modes import listen_on, reverse_target
+
+ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
+ENV_COUNT = "CCF_WORKERS"
+ENV_PORT = "CCF_WORKER_PORT"  # the port the workers share
+ENV_STATE = "CCF_WORKER_STATE_URL"  # the supervisor's hub, when there is no Redis
+ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor is gone stops
+METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+
+QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
+QUICK_DEATHS = 3  # in a row: give up, it would only fail again
+PARENT_CHECK = 1.0
+
+
+def this_worker() -> dict[str, int]:
+    """Which worker this process is, for /health: the only one when there are no workers."""
+    return {
+        "count": int(os.environ.get(ENV_COUNT, 1)),
+        "index": int(os.environ.get(ENV_INDEX, 0)),
+        "pid": os.getpid(),
+    }
+
+
+def unsupervised(config: Config) -> str | None:
+    """Why `server.workers` does nothing here (mitmdump or mitmweb), if it asks for workers."""
+    if config.server.workers > 1 and ENV_COUNT not in os.environ:
+        return "server.workers applies to `ccf start` and `ccf dev`; this process serves alone"
+    return None
+
+
+def log_context() -> dict[str, int]:
+    """What a worker's log lines carry: its number."""
+    return {"worker": int(os.environ[ENV_INDEX])} if ENV_INDEX in os.environ else {}
+
+
+def settings(specs: list[str]) -> dict[str, str]:
+    """`--set` values by option name (the last one wins, as in mitmproxy)."""
+    return dict(spec.split("=", 1) for spec in specs if "=" in spec)
+
+
+def planned_config(specs: list[str]) -> Config | None:
+    """The config the proxy will load, or None when it does not load (the proxy itself
+    then reports why, as it does without workers)."""
+    options = settings(specs)
+    overrides = {}
+    if level := options.get("fallback_log_level"):
+        overrides["logging.level"] = level
+    try:
+        return load_config(
+            options.get("fallback_config") or None,
+            os.environ,
+            overrides,
+            default_base_url=reverse_target(mode_options(specs)),
+        )
+    except ConfigError:
+        return None
+
+
+def mode_options(specs: list[str]) -> list[str]:
+    return [spec.split("=", 1)[1] for spec in specs if spec.startswith("mode=")]
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """The port, held for the workers: bound with SO_REUSEPORT, so that each worker can
+    listen on it too, but not listening, so that the kernel spreads connections over the
+    workers only. A program holding the port fails the bind; another proxy's workers,
+    which the bind would let in, answer the connection tried first."""
+    try:
+        probe = socket.create_connection((connect_host(host), port), timeout=0.5)
+    except OSError:
+        pass
+    else:
+        probe.close()
+        raise OSError(errno.EADDRINUSE, "a server is listening there already")
+    dual_stack = not host and socket.has_dualstack_ipv6()
+    family, address = socket.AF_INET6, ("", port)
+    if not dual_stack:
+        passive = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, address = passive[0][0], (str(passive[0][4][0]), port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if dual_stack:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_host(host: str) -> str:
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def share_port(port: int) -> None:
+    """In a worker: mitmproxy's listener on the proxy's port shares it with the other workers."""
+    start_server = asyncio.start_server
+
+    async def start_shared(client_connected_cb, host=None, port_=None, **kwargs):  # type: ignore[no-untyped-def]
+        if port_ == port:
+            kwargs["reuse_port"] = True
+        return await start_server(client_connected_cb, host, port_, **kwargs)
+
+    asyncio.start_server = start_shared  # type: ignore[assignment]
+
+
+async def watch_supervisor(stop: object) -> None:
+    """In a worker: stops it when its supervisor is gone (killed, not stopped)."""
+    supervisor = int(os.environ[ENV_SUPERVISOR])
+    while os.getppid() == supervisor:
+        await asyncio.sleep(PARENT_CHECK)
+    stop()  # type: ignore[operator]
+
+
+class Supervisor:
+    def __init__(self, specs: list[str], config: Config, script: Path) -> None:
+        self.specs = specs
+        self.count = config.server.workers
+        self.script = script
+        self.state_backend = config.state.backend
+        self.events = EventLog(config.logging.level, config.logging.format)
+        self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.stopping = False
+        self.exit_code = 0
+
+    async def run(self) -> int:
+        where = listen_on(mode_options(self.specs), settings(self.specs).get("listen_host", ""))
+        if where is None:
+            print("claude-code-fallback: server.workers needs a listening mode", file=sys.stderr)
+            return 2
+        host, port = where
+        try:
+            reservation = reserve(host, port)
+        except OSError as e:
+            print(f"claude-code-fallback: cannot listen on {host or '*'}:{port}: {e}", file=sys.stderr)
+            return 1
+        with tempfile.TemporaryDirectory(prefix="ccf-workers-") as private:
+            metrics = Path(private, "metrics")
+            metrics.mkdir()
+            env = {
+                **os.environ,
+                ENV_COUNT: str(self.count),
+                ENV_PORT: str(port),
+                ENV_SUPERVISOR: str(os.getpid()),
+                METRICS_DIR: str(metrics),
+            }
+            hub = None
+            if self.state_backend != "redis":
+                path = str(Path(private, "state.sock"))
+                hub = Hub()
+                await hub.serve(listening_socket(path))
+                env[ENV_STATE] = f"unix://{path}"
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, self.stop, signum)
+            loop.add_signal_handler(signal.SIGHUP, self.tell, signal.SIGHUP)  # reload
+            self.events.event("workers_starting", workers=self.count, address=f"{host or '*'}:{port}")
+            await asyncio.gather(*(self.keep(i, env, metrics) for i in range(self.count)))
+            if hub:
+                await hub.stop()
+        reservation.close()
+        return self.exit_code
+
+    async def keep(self, index: int, env: dict[str, str], metrics: Path) -> None:
+        """Runs worker `index` until the supervisor stops, starting it again when it dies."""
+        from prometheus_client import multiprocess
+
+        quick_deaths = 0
+        while not self.stopping:
+            started = time.monotonic()
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-P",
+                str(self.script),
+                *(arg for spec in self.specs for arg in ("--set", spec)),
+                env={**env, ENV_INDEX: str(index)},
+                start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
+            )
+            self.workers[index] = process
+            code = await process.wait()
+            del self.workers[index]
+            multiprocess.mark_process_dead(process.pid, str(metrics))
+            if self.stopping:
+                self.exit_code = self.exit_code or code
+                return
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
+            if quick_deaths >= QUICK_DEATHS:
+                self.events.event(
+                    "worker_failing", logging.ERROR, worker=index, exit_code=code, effect="stopping"
+                )
+                self.exit_code = code or 1
+                self.stop(signal.SIGTERM)
+                return
+            self.events.event("worker_restarted", logging.WARNING, worker=index, exit_code=code)
+            await asyncio.sleep(0.5 * quick_deaths)
+
+    def stop(self, signum: int) -> None:
+        self.stopping = True
+        self.tell(signum)
+
+    def tell(self, signum: int) -> None:
+        for process in self.workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signum)
+
+
+def supervise(specs: list[str], config: Config, script: Path) -> int:
+    # the supervisor's own lines look like the workers' (mitmproxy's termlog)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
+    logging.getLogger("claude_code_fallback").addHandler(handler)
+    logging.getLogger("claude_code_fallback").setLevel(logging.DEBUG)
+    return asyncio.run(Supervisor(specs, config, script).run())

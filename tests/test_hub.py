@@ -1,0 +1,163 @@
+"""The workers' own store (hub.py), spoken to by the real redis-py client the fleet uses."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+
+import pytest
+from redis import asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from addon.config import Endpoint, RedisSettings
+from addon.endpoints import COOLING, EndpointPool
+from addon.hub import Hub, listening_socket, parse
+from addon.logs import EventLog
+from addon.shared import shared_state
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def served(tmp_path: Path, clock: Clock | None = None) -> tuple[Hub, str]:
+    hub = Hub(clock or Clock())
+    path = str(tmp_path / "state.sock")
+    await hub.serve(listening_socket(path))
+    return hub, f"unix://{path}"
+
+
+def client(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=True, protocol=2)
+
+
+def test_parse_takes_whole_commands_only():
+    buffer = bytearray(b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$4\r\nPI")
+    args, used = parse(buffer)
+    assert args == [b"GET", b"k"] and buffer[used:] == b"*1\r\n$4\r\nPI"
+    assert parse(bytearray(buffer[used:])) is None
+    with pytest.raises(ValueError):
+        parse(bytearray(b"GET k\r\n"))
+
+
+def test_keys_expire_and_nx_holds_a_lock_until_then(tmp_path):
+    async def run() -> None:
+        clock = Clock()
+        hub, url = await served(tmp_path, clock)
+        redis = client(url)
+        assert await redis.ping()
+        assert await redis.set("probe:a", "me", nx=True, px=2000)
+        assert await redis.set("probe:a", "you", nx=True, px=2000) is None
+        assert await redis.get("probe:a") == "me"
+        clock.now += 2.5
+        assert await redis.get("probe:a") is None
+        assert await redis.set("probe:a", "you", nx=True, px=2000)
+        await redis.set("session:1", "backup", ex=3600)
+        assert await redis.mget(["probe:a", "nothing", "session:1"]) == ["you", None, "backup"]
+        assert await redis.delete("probe:a", "nothing") == 1
+        await redis.aclose()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+def test_sets_pipelines_and_errors(tmp_path):
+    async def run() -> None:
+        hub, url = await served(tmp_path)
+        redis = client(url)
+        pipe = redis.pipeline(transaction=False)
+        pipe.set("instance:a", "{}", ex=3)
+        pipe.sadd("instances", "a", "b")
+        pipe.smembers("instances")
+        assert await pipe.execute() == [True, 2, {"a", "b"}]
+        assert await redis.srem("instances", "a") == 1
+        assert await redis.smembers("instances") == {"b"}
+        with pytest.raises(ResponseError, match="unknown command"):
+            await redis.execute_command("FLUSHALL")
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await redis.get("instances")
+        await redis.aclose()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+def test_published_messages_reach_subscribers_only(tmp_path):
+    async def run() -> None:
+        hub, url = await served(tmp_path)
+        redis, listener = client(url), client(url)
+        async with listener.pubsub() as pubsub:
+            await pubsub.subscribe("events")
+            assert await redis.publish("events", "cool primary") == 1
+            assert await redis.publish("elsewhere", "nobody") == 0
+            message = None
+            for _ in range(5):
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message:
+                    break
+            assert message and message["channel"] == "events" and message["data"] == "cool primary"
+        await asyncio.sleep(0.05)
+        assert await redis.publish("events", "after") == 0  # the listener left
+        await redis.aclose()
+        await listener.aclose()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+def test_a_garbled_client_is_answered_and_closed(tmp_path):
+    async def run() -> None:
+        hub, url = await served(tmp_path)
+        reader, writer = await asyncio.open_unix_connection(url.removeprefix("unix://"))
+        writer.write(b"GET k\r\n")
+        assert (await reader.readline()).startswith(b"-ERR Protocol error")
+        assert await reader.read() == b""
+        writer.close()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+def test_two_workers_share_a_cooldown_through_the_hub(tmp_path):
+    """The fleet's own code (RedisState), between two workers, over the hub."""
+
+    async def run() -> None:
+        hub, url = await served(tmp_path, Clock())
+        endpoints = (Endpoint(name="primary", base_url="http://127.0.0.1:9"),)
+        pools = [EndpointPool.build(endpoints), EndpointPool.build(endpoints)]
+        states = [shared_state("memory", RedisSettings(), EventLog, 1.0, workers_store=url) for _ in pools]
+        for state, pool in zip(states, pools, strict=True):
+            await state.start(lambda pool=pool: pool, dict)
+            await asyncio.wait_for(state.connected.wait(), 5)
+        assert [state.mode for state in states] == ["workers", "workers"]
+        first = pools[0].get("primary")
+        first.cool(first.clock() + 60, "status")
+        states[0].cooled(first)
+        for _ in range(100):
+            if pools[1].get("primary").status == COOLING:
+                break
+            await asyncio.sleep(0.02)
+        assert pools[1].get("primary").status == COOLING
+        assert await states[0].claim_probe("primary")
+        assert not await states[1].claim_probe("primary")
+        assert await states[0].claim_probe("primary")  # its own lock, not yet released
+        for state in states:
+            await state.stop()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+def test_the_socket_listens_before_anyone_serves_it(tmp_path):
+    path = str(tmp_path / "s.sock")
+    sock = listening_socket(path)
+    early = socket.socket(socket.AF_UNIX)
+    early.connect(path)  # waits in the backlog until the supervisor's loop serves it
+    early.close()
+    sock.close()
+    assert listening_socket(path).fileno() > 0  # a stale path is replaced

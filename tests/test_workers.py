@@ -1,0 +1,198 @@
+"""Several worker processes on one port (`server.workers`), with `ccf dev` as users run it.
+
+Real processes throughout: the supervisor, its workers, fake upstreams on loopback, and
+clients that open a new connection for each request, so the kernel spreads them over the
+workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from addon.fakeapi import Behavior
+
+from .conftest import ROOT, endpoints_config, free_port, wait_until
+from .test_failover import MESSAGE
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="workers share a socket the Linux way")
+
+
+def ask(proxy, stream: bool = False) -> httpx.Response:
+    """One request on a connection of its own."""
+    return httpx.post(
+        proxy.url + "/v1/messages",
+        json=dict(MESSAGE, stream=stream),
+        headers={"x-api-key": "sk-ant-client-key-0000", "connection": "close"},
+        timeout=30,
+    )
+
+
+def every_worker(proxy, count: int = 2, seen_as=lambda health: True) -> dict[int, dict]:
+    """/health from each worker (new connections until every index answered) once `seen_as` holds."""
+    seen: dict[int, dict] = {}
+
+    def all_seen() -> bool:
+        health = proxy.health()
+        if seen_as(health):
+            seen[health["workers"]["index"]] = health
+        return len(seen) == count
+
+    wait_until(all_seen, 10, f"every one of {count} workers to answer /health")
+    return seen
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def run_dev(tmp_path: Path, config: Path, port: int) -> subprocess.CompletedProcess[str]:
+    """`ccf dev` to its end, for a start that should fail."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
+    env.update(CLAUDE_FALLBACK_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "addon.cli", "-c", str(config), "-p", str(port), "dev"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+
+
+def test_workers_share_the_port_and_each_serves(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    workers = every_worker(proxy)
+    assert {w["workers"]["count"] for w in workers.values()} == {2}
+    assert len({w["workers"]["pid"] for w in workers.values()}) == 2
+    assert all(w["state"] == "workers" for w in workers.values())
+    replies = [ask(proxy, stream=i % 2 == 0) for i in range(20)]
+    assert [r.status_code for r in replies] == [200] * 20
+    assert all(r.headers["x-fake-name"] == "primary" for r in replies)
+    assert "message_stop" in replies[0].text
+
+
+def test_connections_opened_at_once_are_spread_over_the_workers(proxy_factory, primary, backup):
+    # 16 connections at once, as a load generator or a busy gateway opens them: the kernel
+    # spreads them (SO_REUSEPORT), rather than the first worker to wake taking them all.
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    clients = [httpx.Client(base_url=proxy.url, timeout=10) for _ in range(16)]
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            indexes = list(pool.map(lambda c: c.get("/health").json()["workers"]["index"], clients))
+        assert 1 <= indexes.count(0) <= 15, indexes  # all on one worker: 1 in 30,000 if fair
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_a_429_seen_by_one_worker_keeps_every_worker_off_the_primary(proxy_factory, primary, backup):
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    assert ask(proxy).headers["x-fake-name"] == "backup"
+    cooling = every_worker(proxy, seen_as=lambda h: h["endpoints"][0]["status"] == "cooling")
+    assert all(w["endpoints"][0]["cooldownSecondsLeft"] > 55 for w in cooling.values())
+    for i in range(20):
+        assert ask(proxy, stream=i % 2 == 0).headers["x-fake-name"] == "backup"
+    assert primary.request_count == 1  # in total, across the workers
+
+
+def test_metrics_count_every_workers_requests(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    for i in range(24):
+        assert ask(proxy, stream=i % 2 == 0).status_code == 200
+    served = primary.request_count
+    assert served == 24
+    for _ in range(6):  # whichever worker answers /metrics gives the sum
+        assert proxy.metric("ccf_requests_total", outcome="success") == 24
+        assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="ok") == 24
+        assert proxy.metric("ccf_active_streams") == 0
+    clients = every_worker(proxy)
+    assert {w["clients"].get("anonymous") for w in clients.values()} == {24}
+
+
+def test_a_worker_that_dies_is_started_again_and_the_others_serve_meanwhile(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    before = every_worker(proxy)
+    victim = before[1]["workers"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not alive(victim), 5, "the killed worker to be gone")
+    for i in range(10):
+        assert ask(proxy, stream=i % 2 == 0).status_code == 200
+    after = every_worker(proxy, seen_as=lambda h: h["workers"]["pid"] != victim)
+    assert after[1]["workers"]["pid"] != victim
+    assert after[0]["workers"]["pid"] == before[0]["workers"]["pid"]
+    wait_until(lambda: "worker_restarted" in proxy.logs(), 5, "the restart to be logged")
+
+
+def test_stopping_the_supervisor_stops_every_worker(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    pids = [w["workers"]["pid"] for w in every_worker(proxy).values()]
+    proxy.process.terminate()
+    assert proxy.process.wait(15) == 0
+    wait_until(lambda: not any(alive(pid) for pid in pids), 5, "every worker to exit")
+
+
+def test_a_second_proxy_with_workers_on_the_same_port_is_refused(proxy_factory, primary, backup, tmp_path):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    config = tmp_path / "second.yaml"
+    config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
+    result = run_dev(tmp_path, config, proxy.port)
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{proxy.port}" in result.stderr
+    for _ in range(6):  # and the first one's workers still serve alone
+        assert ask(proxy).status_code == 200
+
+
+def test_workers_whose_supervisor_was_killed_stop_by_themselves(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    pids = [w["workers"]["pid"] for w in every_worker(proxy).values()]
+    proxy.process.kill()
+    proxy.process.wait(5)
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, "the orphaned workers to exit")
+
+
+@pytest.mark.parametrize("holder", ["listening", "bound"])
+def test_a_port_in_use_fails_once_and_says_so(tmp_path, primary, holder):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    if holder == "listening":
+        taken.listen()
+    port = taken.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
+    started = time.monotonic()
+    result = run_dev(tmp_path, config, port)
+    taken.close()
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.count("cannot listen") == 1
+    assert time.monotonic() - started < 10
+
+
+def test_the_metrics_port_serves_every_workers_counts(proxy_factory, primary, backup):
+    port = free_port()
+    config = endpoints_config(primary, backup, server={"workers": 2, "metricsPort": port})
+    proxy = proxy_factory(config, ccf=True)
+    every_worker(proxy)
+    for _ in range(10):
+        assert ask(proxy).status_code == 200
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    assert 'ccf_requests_total{client="anonymous",outcome="success"} 10.0' in text
+    assert "cannot" not in proxy.logs().lower()
