@@ -41,9 +41,10 @@ async def serve(specs: list[str], *ours: object) -> None:
     """Runs mitmproxy's proxy core with `ours` (the fallback addon unless given) until shut down."""
     # Imported here: a supervisor of workers needs none of it (about 45 MB less).
     from mitmproxy import exceptions, master, options
-    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, tlsconfig
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 
     from . import direct
+    from .hooks import HookedAddons
     from .proxy import Fallback
 
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
@@ -51,9 +52,11 @@ async def serve(specs: list[str], *ours: object) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     direct.install()
     opts = options.Options()
-    lean = master.Master(opts, with_termlog=True)
+    lean = master.Master(opts)
+    lean.addons = HookedAddons(lean)
     tls = tlsconfig.TlsConfig()
     lean.addons.add(
+        termlog.TermLog(),
         core.Core(),
         proxyserver.Proxyserver(),
         next_layer.NextLayer(),
@@ -88,8 +91,8 @@ def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # the log file of `ccf start` should be current
         stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     specs = parse(sys.argv[1:])
-    if port := os.environ.get(workers.ENV_PORT):
-        workers.share_port(int(port))  # a worker of a supervisor
+    if listen := os.environ.get(workers.ENV_LISTEN):
+        workers.listen_on_inherited(listen)  # a worker of a supervisor
     elif (config := workers.planned_config(specs)) and config.server.workers > 1:
         raise SystemExit(workers.supervise(specs, config, Path(__file__).resolve()))
     asyncio.run(serve(specs))

@@ -2,9 +2,9 @@
 
 One process of this proxy relays about one core's worth of requests: mitmproxy is pure
 Python. With `server.workers: N`, lean.py starts this supervisor instead of a proxy:
-- It holds the port itself, so a port in use fails once and clearly, then starts N
-  workers, each a whole lean master listening on that port with SO_REUSEPORT: the kernel
-  spreads new connections evenly over them.
+- It binds the listening socket itself, so a port in use fails once and clearly, then
+  starts N workers, each a whole lean master accepting connections from that socket,
+  one at a time, so that idle workers take more of them than busy ones.
 - Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
   when `state.backend` is redis, else through a store the supervisor runs (hub.py).
 - Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -35,7 +34,7 @@ from .modes import listen_on, reverse_target
 
 ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
 ENV_COUNT = "CCF_WORKERS"
-ENV_PORT = "CCF_WORKER_PORT"  # the port the workers share
+ENV_LISTEN = "CCF_WORKER_LISTEN"  # port:fd of the listening socket the workers share
 ENV_STATE = "CCF_WORKER_STATE_URL"  # the supervisor's hub, when there is no Redis
 ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor is gone stops
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -43,6 +42,7 @@ METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
 QUICK_DEATHS = 3  # in a row: give up, it would only fail again
 PARENT_CHECK = 1.0
+BACKLOG = 1024
 
 
 def this_worker() -> dict[str, int]:
@@ -93,48 +93,32 @@ def mode_options(specs: list[str]) -> list[str]:
     return [spec.split("=", 1)[1] for spec in specs if spec.startswith("mode=")]
 
 
-def reserve(host: str, port: int) -> socket.socket:
-    """The port, held for the workers: bound with SO_REUSEPORT, so that each worker can
-    listen on it too, but not listening, so that the kernel spreads connections over the
-    workers only. A program holding the port fails the bind; another proxy's workers,
-    which the bind would let in, answer the connection tried first."""
-    try:
-        probe = socket.create_connection((connect_host(host), port), timeout=0.5)
-    except OSError:
-        pass
-    else:
-        probe.close()
-        raise OSError(errno.EADDRINUSE, "a server is listening there already")
-    dual_stack = not host and socket.has_dualstack_ipv6()
-    family, address = socket.AF_INET6, ("", port)
-    if not dual_stack:
-        passive = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, address = passive[0][0], (str(passive[0][4][0]), port)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    if dual_stack:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind(address)
-    except OSError:
-        sock.close()
-        raise
-    return sock
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, as mitmproxy would open it: every interface when `host` is empty."""
+    if not host and socket.has_dualstack_ipv6():
+        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=BACKLOG)
+    passive = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    return socket.create_server((str(passive[0][4][0]), port), family=passive[0][0], backlog=BACKLOG)
 
 
-def connect_host(host: str) -> str:
-    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+def listen_on_inherited(listen: str) -> None:
+    """In a worker: mitmproxy's listener on the proxy's port is the socket all workers share.
 
-
-def share_port(port: int) -> None:
-    """In a worker: mitmproxy's listener on the proxy's port shares it with the other workers."""
+    asyncio accepts as many waiting connections per wake-up as its backlog says, so with a
+    shared socket the first worker to wake would take a whole burst. Told a backlog of 1,
+    each worker takes one connection a wake-up, and a busy worker wakes less; the socket's
+    real backlog is then put back.
+    """
+    port, fd = (int(part) for part in listen.split(":"))
+    shared = socket.socket(fileno=fd)
     start_server = asyncio.start_server
 
     async def start_shared(client_connected_cb, host=None, port_=None, **kwargs):  # type: ignore[no-untyped-def]
-        if port_ == port:
-            kwargs["reuse_port"] = True
-        return await start_server(client_connected_cb, host, port_, **kwargs)
+        if port_ != port:
+            return await start_server(client_connected_cb, host, port_, **kwargs)
+        server = await start_server(client_connected_cb, sock=shared, **{**kwargs, "backlog": 1})
+        shared.listen(BACKLOG)
+        return server
 
     asyncio.start_server = start_shared  # type: ignore[assignment]
 
@@ -165,7 +149,7 @@ class Supervisor:
             return 2
         host, port = where
         try:
-            reservation = reserve(host, port)
+            listener = bind(host, port)
         except OSError as e:
             print(f"claude-code-fallback: cannot listen on {host or '*'}:{port}: {e}", file=sys.stderr)
             return 1
@@ -175,7 +159,7 @@ class Supervisor:
             env = {
                 **os.environ,
                 ENV_COUNT: str(self.count),
-                ENV_PORT: str(port),
+                ENV_LISTEN: f"{port}:{listener.fileno()}",
                 ENV_SUPERVISOR: str(os.getpid()),
                 METRICS_DIR: str(metrics),
             }
@@ -190,13 +174,13 @@ class Supervisor:
                 loop.add_signal_handler(signum, self.stop, signum)
             loop.add_signal_handler(signal.SIGHUP, self.tell, signal.SIGHUP)  # reload
             self.events.event("workers_starting", workers=self.count, address=f"{host or '*'}:{port}")
-            await asyncio.gather(*(self.keep(i, env, metrics) for i in range(self.count)))
+            await asyncio.gather(*(self.keep(i, env, listener.fileno(), metrics) for i in range(self.count)))
             if hub:
                 await hub.stop()
-        reservation.close()
+        listener.close()
         return self.exit_code
 
-    async def keep(self, index: int, env: dict[str, str], metrics: Path) -> None:
+    async def keep(self, index: int, env: dict[str, str], listen_fd: int, metrics: Path) -> None:
         """Runs worker `index` until the supervisor stops, starting it again when it dies."""
         from prometheus_client import multiprocess
 
@@ -209,6 +193,7 @@ class Supervisor:
                 str(self.script),
                 *(arg for spec in self.specs for arg in ("--set", spec)),
                 env={**env, ENV_INDEX: str(index)},
+                pass_fds=(listen_fd,),
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
             )
             self.workers[index] = process

@@ -196,3 +196,17 @@ def test_the_metrics_port_serves_every_workers_counts(proxy_factory, primary, ba
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     assert 'ccf_requests_total{client="anonymous",outcome="success"} 10.0' in text
     assert "cannot" not in proxy.logs().lower()
+
+
+def test_sighup_reloads_every_worker(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    proxy.process.send_signal(signal.SIGHUP)
+    for index in (0, 1):
+        wait_until(
+            lambda i=index: f'"event": "config_reloaded", "worker": {i}' in proxy.logs(),
+            5,
+            f"worker {index} to reload",
+        )
+    assert proxy.process.poll() is None
+    assert ask(proxy).status_code == 200
