@@ -3,11 +3,12 @@
 Run from the repository root:
 
     .venv/bin/python scripts/bench.py [--quick] [--duration S] [--json out.json] [--ccr DIR]
+                                      [--runner lean|mitmdump] [--workers N]
 
 The proxies run with the interpreter that runs this script (and its mitmproxy; the header
 prints both), so running it with another venv's python measures that one. Every server is
 its own process, so the load generator, the proxies and the fake upstreams
-(`python -m addon.fakeapi`) never share a GIL. Six paths are compared:
+(`python -m addon.fakeapi`) never share a GIL. Eight paths are compared:
 
   (1) direct     the client talks to the fake upstream: the limit;
   ccr            claude-code-router (`@musistudio/claude-code-router`), a peer: `ccr start`
@@ -24,7 +25,17 @@ its own process, so the load generator, the proxies and the fake upstreams
                  endpoint answering;
   (4) failover   the same with a primary that answers every request with 429
                  (`retry-after: 1`) and `cooldownSeconds: 3600`, so once the first request
-                 has failed over, the primary is skipped and the backup serves everything.
+                 has failed over, the primary is skipped and the backup serves everything;
+  (5) workers    (3) with `server: {workers: N}` (`--workers N`, default 2): the lean master
+                 started is a supervisor that binds the port and runs N worker processes on
+                 it, which share endpoint state through it;
+  (6) failover w (4) with the same workers (the primary's cooldown is shared, so once one
+                 worker has failed over, every worker skips it).
+
+(5) and (6) only run on the lean master: with `--runner mitmdump` they are left out
+(mitmdump ignores server.workers). The CPU time and RSS of a proxy are those of its process
+tree, the started process and its descendants summed (for (5) and (6) the supervisor and
+its workers; for the others, one process).
 
 The mitmproxy processes run with `connection_strategy=lazy` and `termlog_verbosity=warn`
 (mitmdump also with `-q` and `flow_detail=0`). claude-code-router is installed as its
@@ -53,40 +64,47 @@ fallback only answers 429, so a 200 is its primary's. What is measured, and how:
   bunches those events). Jitter is the p99 over all those gaps of |gap - 20 ms|; "added
   jitter" is a variant's p99 minus the direct p99, so the fake's and the client's own
   timer noise cancel out.
-* Failover (the proxy only): the first request through a fresh (4) (the one that actually
-  fails over, cold connections included) is timed on its own. For a distribution, another
-  instance of (4) has a primary answering 429 without retry-after and `cooldownSeconds: 0`,
-  so every request tries the primary (as the half-open probe), gets the 429 and fails
-  over; the proxy's failover counter must agree. Its requests are interleaved with direct
-  ones to the primary and to the backup. Time from the primary's 429 to the backup's first
-  byte = the proxy's time to first byte minus the primary's own direct time to its 429;
-  the reference is the backup's own direct time to first byte.
+* Failover (the proxy only): the first request through a fresh (4), and one through a
+  fresh (6) (the one that actually fails over, cold connections included), is timed on its
+  own. For a distribution, another instance of (4) and one of (6) have a primary answering
+  429 without retry-after and `cooldownSeconds: 0`, so every request tries the primary (as
+  the half-open probe), gets the 429 and fails over; each proxy's failover counter must
+  agree. Their requests are interleaved with
+  direct ones to the primary and to the backup. Time from the primary's 429 to the
+  backup's first byte = the proxy's time to first byte minus the primary's own direct time
+  to its 429; the reference is the backup's own direct time to first byte.
 * CPU per event: 8 streams at once, each 1,500 text deltas 2 ms apart (a long answer), through
-  every variant but (1) in turn, a warm-up round and then three; the proxy process's user +
-  system CPU time (from /proc) per 1,000 events delivered, the median of the rounds.
+  every variant but (1) in turn, a warm-up round and then three; the user + system CPU time
+  (from /proc) of the proxy's process tree per 1,000 events delivered, the median of the
+  rounds. A descendant that ended counts once its parent has reaped it.
 * Memory: 500 SSE streams opened at once through fresh instances of every variant but (1);
   the fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until
   the client leaves. Once all 500 have delivered a first byte they are held a few seconds
-  more while the proxy's VmRSS (for ccr, the node process's) is sampled from /proc; peak =
-  max(samples, VmHWM). How many streams were open at the same moment is printed, so a
-  short count shows.
+  more while the VmRSS of the proxy's process tree (for ccr, the node process's), summed
+  over its processes, is sampled from /proc; peak = the largest sampled sum, and for a
+  single process max(that, its VmHWM) (a sum of VmHWMs would add peaks of different
+  moments). How many streams were open at the same moment is printed, so a short count
+  shows.
 * Noise: the CPU time that processes outside the benchmark used during each phase (from
   /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
 
 The table has a line per figure; under req/s, p99 at 16 connections, p50 latency, first
 content event, CPU per event and peak RSS, lines "x floor" and "x ccr" give every
-variant's ratio to the floor and to ccr from the same run. Targets, judged for (3) and (4)
-(PASS/FAIL, h: (3), f: (4)):
+variant's ratio to the floor and to ccr from the same run. Targets (PASS/FAIL, h: (3),
+f: (4), w: (5), fw: (6)):
 
-* against ccr: req/s >= ccr's, JSON and SSE; p99 at 16 connections <= ccr's, JSON and SSE;
-* against the floor: JSON req/s >= 0.90 x the floor's; p50 latency at 1 connection <= the
-  floor's + 1 ms; time to first content event <= the floor's + 1 ms (the preamble hold
-  adds nothing measurable);
-* (4) against (3): req/s >= 0.95 x (3)'s, JSON and SSE;
-* fixed: added jitter p99 <= 1 ms; 429 -> backup first byte (p50) <= the backup's own time
-  to first byte + 5 ms; peak RSS <= 115 MB with 500 streams.
+* against ccr, for (3) to (6): req/s >= ccr's, JSON and SSE; p99 at 16 connections <= ccr's,
+  JSON and SSE;
+* against the floor, for (3) and (4): JSON req/s >= 0.90 x the floor's; p50 latency at 1
+  connection <= the floor's + 1 ms; time to first content event <= the floor's + 1 ms (the
+  preamble hold adds nothing measurable);
+* (4) against (3) and (6) against (5): req/s >= 0.95 x, JSON and SSE;
+* fixed, for (3) and (4) (the failover one for (4)): added jitter p99 <= 1 ms; 429 ->
+  backup first byte (p50) <= the backup's own time to first byte + 5 ms; peak RSS <= 115 MB
+  with 500 streams (one process, as the proxy runs by default: (5) and (6) show theirs
+  without a target).
 
-`--quick` shortens everything (under two minutes) for smoke runs; `--json` writes every
+`--quick` shortens everything (a few minutes) for smoke runs; `--json` writes every
 figure. The exit status is 0 when every figure was measured, 1 when a measurement broke.
 """
 
@@ -96,6 +114,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import itertools
 import json
 import math
 import os
@@ -123,15 +142,19 @@ REPO = Path(__file__).resolve().parent.parent
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 FALLBACK_ADDON = REPO / "addon" / "fallback.py"
 LEAN_RUNNER = REPO / "addon" / "lean.py"
-RUNNER = "lean"  # how (3) and (4) run: "lean" (ccf's master) or "mitmdump" (-s addon/fallback.py)
+RUNNER = "lean"  # how (3) to (6) run: "lean" (ccf's master) or "mitmdump" (-s addon/fallback.py)
+WORKERS = 2  # server.workers of (5) and (6): --workers
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
 CCR_PACKAGE = "@musistudio/claude-code-router"
 CCR_CACHE = Path.home() / ".cache" / "claude-code-fallback" / "bench" / "ccr"
 CCR_MODEL = "claude-sonnet-4-5"
 
-VARIANTS = ("direct", "ccr", "mitmdump", "floor", "healthy", "failover")
-MITM_VARIANTS = ("mitmdump", "floor", "healthy", "failover")  # started by `start_proxies`
-PROXIES = ("healthy", "failover")
+VARIANTS = ("direct", "ccr", "mitmdump", "floor", "healthy", "failover", "workers", "failover-w")
+MITM_VARIANTS = VARIANTS[2:]  # started by `start_proxies`
+WORKER_VARIANTS = ("workers", "failover-w")  # (3) and (4) with server.workers: only on the lean master
+SINGLE = ("healthy", "failover")  # the proxy as it runs by default, one process
+FAILOVERS = frozenset(("failover", "failover-w"))  # a primary that answers 429
+PROXIES = (*SINGLE, *WORKER_VARIANTS)
 COLUMNS = {
     "direct": "(1) direct",
     "ccr": "ccr",
@@ -139,7 +162,10 @@ COLUMNS = {
     "floor": "floor",
     "healthy": "(3) proxy",
     "failover": "(4) failover",
+    "workers": "(5) workers",
+    "failover-w": "(6) failover w",
 }
+LABELS = {"healthy": "h", "failover": "f", "workers": "w", "failover-w": "fw"}  # in a target's result
 BODY = json.dumps(
     {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 )
@@ -283,9 +309,14 @@ class Services:
         return service
 
     def stop(self, services: list[Service] | None = None) -> None:
+        """Ends `services` (default: all), and what they started (a supervisor's workers)
+        should it outlive them."""
         targets = list(self.running if services is None else services)
+        started: dict[int, tuple[str, str | None]] = {}  # descendant: its service, its start time
         for service in targets:
             if service.proc.poll() is None:
+                for pid in process_tree(service.pid)[1:]:
+                    started[pid] = (service.name, start_time(pid))
                 service.proc.terminate()
         for service in targets:
             try:
@@ -297,6 +328,11 @@ class Services:
                 service.proc.stdout.close()
             if service in self.running:
                 self.running.remove(service)
+        for pid, (name, at) in started.items():
+            if at is not None and start_time(pid) == at:  # the same process, still running
+                print(f"bench: process {pid}, started by {name}, outlived it: killed", flush=True)
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def wait_for_line(service: Service, prefix: bytes, timeout: float = 15.0) -> bytes:
@@ -341,6 +377,7 @@ class ProxySpec:
     endpoints: tuple[tuple[str, str], ...] = ()  # (name, baseUrl); empty: the stream-only addon
     cooldown: float = 3600.0
     lean: bool = False  # the stream-only addon in the lean master (the floor), not in mitmdump
+    workers: int = 1  # server.workers: > 1, a supervisor and that many worker processes
 
     @property
     def is_fallback(self) -> bool:
@@ -352,6 +389,8 @@ def write_config(spec: ProxySpec, path: Path) -> None:
     for name, url in spec.endpoints:
         lines.append(f'  - {{name: {name}, baseUrl: "{url}", apiKey: ""}}')
     lines.append(f"retry: {{cooldownSeconds: {spec.cooldown:g}}}")
+    if spec.workers > 1:
+        lines.append(f"server: {{workers: {spec.workers}}}")
     lines.append("logging: {level: warn}")
     path.write_text("\n".join(lines) + "\n")
 
@@ -393,6 +432,29 @@ def listening_ports(pid: int) -> set[int]:
     return ports
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers), from the parent pids in /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    tree = [pid]
+    for parent in tree:  # grows as it goes: breadth first
+        tree.extend(children.get(parent, ()))
+    return tree
+
+
+def start_time(pid: int) -> str | None:
+    """When process `pid` started (in clock ticks since boot), None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields[19]
+
+
 def http_answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -404,17 +466,23 @@ def http_answers(url: str) -> bool:
         return False
 
 
-def proxy_ready(service: Service, port: int, fallback: bool) -> bool:
+def proxy_ready(service: Service, port: int, spec: ProxySpec) -> bool:
     """Serving HTTP, and for the fallback addon, its `running` hook done (the bridge listens).
 
     mitmproxy opens its listener before addons' `running` hooks run; the addon starts its
     bridge and upstream client there, so a request in between would find no client.
     /health is answered locally by the fallback addon (forwarded to the fake by the floor),
-    so polling it never touches the failing primary.
+    so polling it never touches the failing primary. With workers, the supervisor binds the
+    port before it starts them and has no bridge; each worker has one, and until then the
+    port accepts connections that no one serves, so /health alone would say too little.
     """
+    if spec.workers > 1:
+        workers = process_tree(service.pid)[1:]
+        bridged = len(workers) >= spec.workers and all(listening_ports(w) - {port} for w in workers)
+        return bridged and http_answers(f"{service.url}/health")
     if not http_answers(f"{service.url}/health"):
         return False
-    return not fallback or bool(listening_ports(service.pid) - {port})
+    return not spec.is_fallback or bool(listening_ports(service.pid) - {port})
 
 
 def start_proxies(services: Services, specs: list[ProxySpec], attempts: int = 3) -> dict[str, Service]:
@@ -435,7 +503,7 @@ def start_proxies(services: Services, specs: list[ProxySpec], attempts: int = 3)
         for name, (service, port) in launched.items():
             deadline = time.monotonic() + 30
             while service.proc.poll() is None and time.monotonic() < deadline:
-                if proxy_ready(service, port, pending[name].is_fallback):
+                if proxy_ready(service, port, pending[name]):
                     started[name] = service
                     break
                 time.sleep(0.02)
@@ -603,7 +671,8 @@ def busy_cpu_seconds() -> float:
 
 
 def own_cpu_seconds(services: Services) -> float:
-    """CPU time of the bench, its reaped children (wrk, stopped proxies) and live services."""
+    """CPU time of the bench, its reaped children (wrk, stopped proxies) and live services
+    (each with its descendants: a supervisor's workers)."""
     mine = resource.getrusage(resource.RUSAGE_SELF)
     reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = mine.ru_utime + mine.ru_stime + reaped.ru_utime + reaped.ru_stime
@@ -613,14 +682,34 @@ def own_cpu_seconds(services: Services) -> float:
     return total
 
 
-def memory_kb(pid: int, field_name: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` and its descendants have used so far (from /proc).
+
+    A descendant that has ended counts once its parent has reaped it (a supervisor reaps its
+    workers), through the parent's cutime and cstime.
+    """
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            if member == pid:
+                raise
+            continue  # a descendant that ended meanwhile
+        ticks += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def memory_kb(pids: list[int], field_name: str) -> int:
+    """The sum of a /proc/<pid>/status figure (VmRSS, VmHWM) over processes `pids`."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith(field_name + ":"):
+                    total += int(line.split()[1])
+                    break
+    return total
 
 
 # -- HTTP client helpers ------------------------------------------------------------------
@@ -877,7 +966,7 @@ def stream_figures(samples: list[StreamSample]) -> dict[str, float]:
 
 
 async def first_failover(url: str) -> float:
-    """Time to first byte of the first request through a fresh (4): it really fails over."""
+    """Time to first byte of the first request through a fresh (4) or (6): it really fails over."""
     async with session() as client:
         reply = await post(client, url)
     check(reply, 200, FAST_NAME, "first failover")
@@ -888,37 +977,46 @@ async def first_failover(url: str) -> float:
 class FailoverSamples:
     primary_429: list[float] = field(default_factory=list)  # direct to the failing primary
     backup: list[float] = field(default_factory=list)  # direct to the backup
-    failover: list[float] = field(default_factory=list)  # via the proxy, 429 then the backup
+    failover: dict[str, list[float]] = field(default_factory=dict)  # via each proxy, 429 then the backup
 
 
-async def measure_failover(failing: str, backup: str, proxy: str, n: int) -> FailoverSamples:
-    """Times to first byte, the three kinds interleaved; every proxied request fails over.
+async def measure_failover(failing: str, backup: str, proxies: dict[str, str], n: int) -> FailoverSamples:
+    """Times to first byte, the kinds interleaved; every request through `proxies` (by variant)
+    fails over.
 
-    The proxy's primary answers 429 without retry-after and `cooldownSeconds` is 0, so the
+    A proxy's primary answers 429 without retry-after and `cooldownSeconds` is 0, so the
     primary is usable again at once and each request tries it (as the half-open probe),
-    gets the 429 and fails over; the proxy's failover counter confirms it.
+    gets the 429 and fails over; the proxy's failover counter confirms it (with workers,
+    /metrics sums theirs).
     """
-    samples = FailoverSamples()
+    samples = FailoverSamples(failover={v: [] for v in proxies})
     warmup = 10
-    async with session() as a, session() as b, session() as c:
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = [await stack.enter_async_context(session()) for _ in range(2)]
+        clients = {v: await stack.enter_async_context(session()) for v in proxies}
         for i in range(warmup + n):
             r429 = await post(a, failing)
             check(r429, 429, FAIL_NOW_NAME, "primary direct")
             ok = await post(b, backup)
             check(ok, 200, FAST_NAME, "backup direct")
-            moved = await post(c, proxy)
-            check(moved, 200, FAST_NAME, "failover via the proxy")
+            moved = {}
+            for variant, url in proxies.items():
+                moved[variant] = await post(clients[variant], url)
+            for variant, reply in moved.items():
+                check(reply, 200, FAST_NAME, f"failover via {variant}")
             if i >= warmup:
                 samples.primary_429.append(r429.ttfb)
                 samples.backup.append(ok.ttfb)
-                samples.failover.append(moved.ttfb)
-        metrics = await get_text(c, f"{proxy}/metrics")
-    counted = sum(
-        float(m.group(1))
-        for m in re.finditer(r"^ccf_failovers_total\{[^}]*\}\s+(\S+)$", metrics, re.MULTILINE)
-    )
-    if counted != warmup + n:
-        raise BenchError(f"expected {warmup + n} failovers, the proxy counted {counted:g}")
+                for variant, reply in moved.items():
+                    samples.failover[variant].append(reply.ttfb)
+        for variant, url in proxies.items():
+            metrics = await get_text(clients[variant], f"{url}/metrics")
+            counted = sum(
+                float(m.group(1))
+                for m in re.finditer(r"^ccf_failovers_total\{[^}]*\}\s+(\S+)$", metrics, re.MULTILINE)
+            )
+            if counted != warmup + n:
+                raise BenchError(f"expected {warmup + n} failovers, {variant} counted {counted:g}")
     return samples
 
 
@@ -939,11 +1037,15 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
 
     A stream counts as open from its first body byte (through the fallback addon, that is
     after its first content event). The fake keeps sending events and then stalls, so the
-    streams stay open until this client closes them.
+    streams stay open until this client closes them. RSS is that of `pid` and its
+    descendants summed; the peak is the largest sum sampled, and for a single process also
+    its VmHWM (which catches a peak between samples; summed over several processes, it
+    would add peaks of different moments).
     """
     opened = asyncio.Event()
     count = [0, 0, 0]  # open now, most open at once, failed
-    peak_kb = [memory_kb(pid, "VmRSS")]
+    tree = process_tree(pid)
+    peak_kb = [memory_kb(tree, "VmRSS")]
     idle_mb = peak_kb[0] / 1024
 
     async def stream(client: aiohttp.ClientSession) -> None:
@@ -967,9 +1069,12 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
                 count[0] -= 1
 
     async def sample() -> None:
-        while True:
-            peak_kb[0] = max(peak_kb[0], memory_kb(pid, "VmRSS"))
+        nonlocal tree
+        for i in itertools.count(1):
+            peak_kb[0] = max(peak_kb[0], memory_kb(tree, "VmRSS"))
             await asyncio.sleep(0.05)
+            if i % 10 == 0:  # a worker may have been started again; /proc takes ms to scan
+                tree = process_tree(pid)
 
     async with session(connections=0, total_timeout=300) as client:
         started = time.perf_counter()
@@ -982,7 +1087,8 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
         for task in (*tasks, sampler):
             task.cancel()
         await asyncio.gather(*tasks, sampler, return_exceptions=True)
-    peak_kb[0] = max(peak_kb[0], memory_kb(pid, "VmHWM"))
+    if len(tree) == 1:
+        peak_kb[0] = max(peak_kb[0], memory_kb(tree, "VmHWM"))
     return Memory(idle_mb, peak_kb[0] / 1024, count[1], count[2], ramp)
 
 
@@ -1023,18 +1129,25 @@ def fake_specs(settings: Settings) -> dict[str, list[str]]:
     }
 
 
+def mitm_variants() -> tuple[str, ...]:
+    """The variants `start_proxies` runs: (5) and (6) only on the lean master (mitmdump
+    ignores server.workers)."""
+    return tuple(v for v in MITM_VARIANTS if RUNNER == "lean" or v not in WORKER_VARIANTS)
+
+
 def proxy_specs(prefix: str, upstream: Service, failing: Service) -> list[ProxySpec]:
-    """mitmdump, the floor, (3) and (4) in front of one upstream."""
-    return [
-        ProxySpec(f"mitmdump-{prefix}", upstream.url),
-        ProxySpec(f"floor-{prefix}", upstream.url, lean=True),
-        ProxySpec(f"healthy-{prefix}", upstream.url, (("primary", upstream.url),)),
-        ProxySpec(
-            f"failover-{prefix}",
-            failing.url,
-            (("primary", failing.url), ("backup", upstream.url)),
-        ),
-    ]
+    """mitmdump, the floor, (3) and (4), and on the lean master (5) and (6), in front of one upstream."""
+    healthy = (("primary", upstream.url),)
+    failover = (("primary", failing.url), ("backup", upstream.url))
+    specs = {
+        "mitmdump": ProxySpec(f"mitmdump-{prefix}", upstream.url),
+        "floor": ProxySpec(f"floor-{prefix}", upstream.url, lean=True),
+        "healthy": ProxySpec(f"healthy-{prefix}", upstream.url, healthy),
+        "failover": ProxySpec(f"failover-{prefix}", failing.url, failover),
+        "workers": ProxySpec(f"workers-{prefix}", upstream.url, healthy, workers=WORKERS),
+        "failover-w": ProxySpec(f"failover-w-{prefix}", failing.url, failover, workers=WORKERS),
+    }
+    return [specs[v] for v in mitm_variants()]
 
 
 def variant_urls(
@@ -1042,13 +1155,13 @@ def variant_urls(
 ) -> dict[str, str]:
     """Every variant's URL, in the table's order; no ccr when it is absent."""
     urls = {"direct": direct, **({"ccr": ccr.url} if ccr else {})}
-    urls.update({v: proxies[f"{v}-{prefix}"].url for v in MITM_VARIANTS})
+    urls.update({v: proxies[f"{v}-{prefix}"].url for v in mitm_variants()})
     return urls
 
 
 def proxy_services(proxies: dict[str, Service], prefix: str, ccr: Service | None) -> dict[str, Service]:
     """The processes measured in a phase, by variant: ccr when present, then mitmproxy's."""
-    return {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-{prefix}"] for v in MITM_VARIANTS}}
+    return {**({"ccr": ccr} if ccr else {}), **{v: proxies[f"{v}-{prefix}"] for v in mitm_variants()}}
 
 
 @contextlib.contextmanager
@@ -1071,18 +1184,22 @@ def serving(
 
 
 def phase_requests(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
-    failing_now = fakes[FAIL_NOW_NAME].url
-    probe_spec = ProxySpec(
-        "failover-probe", failing_now, (("primary", failing_now), ("backup", fakes[FAST_NAME].url)), 0
-    )
+    failing_now, backup = fakes[FAIL_NOW_NAME].url, fakes[FAST_NAME].url
+    endpoints = (("primary", failing_now), ("backup", backup))
+    probes = {  # for the failover distribution of (4) and (6)
+        "failover": ProxySpec("failover-probe", failing_now, endpoints, cooldown=0),
+        "failover-w": ProxySpec("failover-w-probe", failing_now, endpoints, cooldown=0, workers=WORKERS),
+    }
+    probes = {v: spec for v, spec in probes.items() if v in mitm_variants()}
     upstreams = (fakes[FAST_NAME], fakes[FAIL_NAME])
-    with serving(results, services, tools, upstreams, "fast", (probe_spec,)) as (proxies, ccr):
+    with serving(results, services, tools, upstreams, "fast", tuple(probes.values())) as (proxies, ccr):
         urls = variant_urls(fakes[FAST_NAME].url, proxies, "fast", ccr)
         print("failover ...", flush=True)
-        # The first request through (4) must be the first one it ever forwards.
-        results.put("failover_first_ms", "failover", ms(asyncio.run(first_failover(urls["failover"]))))
-        probe = proxies["failover-probe"].url
-        failover_figures(results, failing_now, fakes[FAST_NAME].url, probe)
+        # The first request through (4) and (6) must be the first one each ever forwards.
+        for variant in probes:
+            results.put("failover_first_ms", variant, ms(asyncio.run(first_failover(urls[variant]))))
+        probe_urls = {v: proxies[spec.name].url for v, spec in probes.items()}
+        failover_figures(results, failing_now, backup, probe_urls)
         print("latency at 1 connection ...", flush=True)
         latency_figures(results, urls)
         print(f"throughput at 16 connections, JSON and SSE ({results.tools['throughput']}) ...", flush=True)
@@ -1103,17 +1220,19 @@ def throughput_figures(results: Results, urls: dict[str, str], wrk: str | None, 
             results.notes.append(f"throughput {key}: {t.errors} of {t.requests} failed")
 
 
-def failover_figures(results: Results, failing: str, backup: str, proxy: str) -> None:
-    samples = asyncio.run(measure_failover(failing, backup, proxy, results.settings.failover_samples))
+def failover_figures(results: Results, failing: str, backup: str, proxies: dict[str, str]) -> None:
+    n = results.settings.failover_samples
+    samples = asyncio.run(measure_failover(failing, backup, proxies, n))
     for p in (50, 99):
         primary_429 = ms(percentile(samples.primary_429, p))
         backup_ttfb = ms(percentile(samples.backup, p))
-        failover = ms(percentile(samples.failover, p))
         results.put(f"primary_429_p{p}_ms", "direct", primary_429)
         results.put(f"failover_ttfb_p{p}_ms", "direct", backup_ttfb)
-        results.put(f"failover_ttfb_p{p}_ms", "failover", failover)
         results.put(f"failover_gap_p{p}_ms", "direct", backup_ttfb)
-        results.put(f"failover_gap_p{p}_ms", "failover", failover - primary_429)
+        for variant, values in samples.failover.items():
+            failover = ms(percentile(values, p))
+            results.put(f"failover_ttfb_p{p}_ms", variant, failover)
+            results.put(f"failover_gap_p{p}_ms", variant, failover - primary_429)
 
 
 def latency_figures(results: Results, urls: dict[str, str]) -> None:
@@ -1132,7 +1251,8 @@ def phase_streams(results: Results, services: Services, fakes: dict[str, Service
     with serving(results, services, tools, upstreams, "stream") as (proxies, ccr):
         urls = variant_urls(fakes[STREAM_NAME].url, proxies, "stream", ccr)
         print("streaming ...", flush=True)
-        asyncio.run(_trip_primary(urls["failover"], STREAM_NAME))
+        for variant in [v for v in urls if v in FAILOVERS]:
+            asyncio.run(_trip_primary(urls[variant], STREAM_NAME))
         samples = asyncio.run(measure_streams(urls, results.settings, served(urls, STREAM_NAME)))
         for variant, values in samples.items():
             for figure, value in stream_figures(values).items():
@@ -1172,7 +1292,8 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
     with serving(results, services, tools, upstreams, "long") as (proxies, ccr):
         measured = proxy_services(proxies, "long", ccr)
         print(f"CPU per event, {LONG_STREAMS} streams of {LONG_WORDS} events at once ...", flush=True)
-        asyncio.run(_trip_primary(measured["failover"].url, LONG_NAME))
+        for variant in [v for v in measured if v in FAILOVERS]:
+            asyncio.run(_trip_primary(measured[variant].url, LONG_NAME))
         costs: dict[str, list[float]] = {v: [] for v in measured}
         for round_ in range(results.settings.relay_rounds + 1):
             for variant, proxy in measured.items():
@@ -1182,12 +1303,6 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
                     costs[variant].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
         for variant, values in costs.items():
             results.put("cpu_per_1k_events_ms", variant, percentile(values, 50))
-
-
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU time process `pid` has used so far (from /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def relay_streams(url: str, n: int) -> int:
@@ -1207,7 +1322,8 @@ async def relay_streams(url: str, n: int) -> int:
 
 
 async def _trip_primary(url: str, served_by: str) -> None:
-    """GET /v1/models once: through (4) it fails over and puts the primary in cooldown.
+    """GET /v1/models once: through (4) or (6) it fails over and puts the primary in cooldown
+    (with workers, for all of them: they share endpoint state).
 
     (Not a POST /v1/messages: the stalling fake would answer that with an endless stream.)
     """
@@ -1244,23 +1360,25 @@ class Target:
 
 RSS_LIMIT_MB = 115.0
 TARGETS = (
-    Target("rps", ">=0.90 x floor", ">=", "floor", 0.9),
+    Target("rps", ">=0.90 x floor", ">=", "floor", 0.9, columns=SINGLE),
     Target("rps", ">=ccr", ">=", "ccr"),
     Target("rps", ">=0.95 x (3)", ">=", "healthy", 0.95, columns=("failover",)),
+    Target("rps", ">=0.95 x (5)", ">=", "workers", 0.95, columns=("failover-w",)),
     Target("rps_sse", ">=ccr", ">=", "ccr"),
     Target("rps_sse", ">=0.95 x (3)", ">=", "healthy", 0.95, columns=("failover",)),
+    Target("rps_sse", ">=0.95 x (5)", ">=", "workers", 0.95, columns=("failover-w",)),
     Target("c16_p99_ms", "<=ccr", "<=", "ccr"),
     Target("c16_sse_p99_ms", "<=ccr", "<=", "ccr"),
-    Target("lat_p50_ms", "<=floor+1 ms", "<=", "floor", offset=1.0),
-    Target("ttfc_ms", "<=floor+1 ms", "<=", "floor", offset=1.0),
-    Target("jitter_p99_added_ms", "<=1 ms", "<=", offset=1.0),
+    Target("lat_p50_ms", "<=floor+1 ms", "<=", "floor", offset=1.0, columns=SINGLE),
+    Target("ttfc_ms", "<=floor+1 ms", "<=", "floor", offset=1.0, columns=SINGLE),
+    Target("jitter_p99_added_ms", "<=1 ms", "<=", offset=1.0, columns=SINGLE),
     Target("failover_gap_p50_ms", "<=backup TTFB+5", "<=", "direct", offset=5.0, columns=("failover",)),
-    Target("rss_peak_mb", f"<={RSS_LIMIT_MB:g} MB", "<=", offset=RSS_LIMIT_MB),
+    Target("rss_peak_mb", f"<={RSS_LIMIT_MB:g} MB", "<=", offset=RSS_LIMIT_MB, columns=SINGLE),
 )
 
 
 def evaluate(results: Results) -> None:
-    """PASS/FAIL per target for (3) and (4); the limits come from the same run."""
+    """PASS/FAIL per target for its columns (of (3) to (6)); the limits come from the same run."""
     for target in TARGETS:
         row = results.figures.get(target.figure, {})
         base = 0.0 if target.base is None else row.get(target.base)
@@ -1338,20 +1456,21 @@ def _verdict(results: Results, target: Target) -> str:
     verdicts = results.targets.get(target.key)
     if verdicts is None:
         return "no ccr" if target.base == "ccr" else ""
-    return " ".join(f"{v[0]}:{'PASS' if ok else 'FAIL'}" for v, ok in verdicts.items())
+    return " ".join(f"{LABELS[v]}:{'PASS' if ok else 'FAIL'}" for v, ok in verdicts.items())
 
 
-def _line(label: str, cells: list[str], target: str = "", result: str = "") -> str:
-    text = f"{label:{LABEL}s}" + "".join(f"{c:>{CELL}s}" for c in cells)
+def _line(label: str, cells: list[str], widths: list[int], target: str = "", result: str = "") -> str:
+    text = f"{label:{LABEL}s}" + "".join(f"{c:>{w}s}" for c, w in zip(cells, widths, strict=True))
     return f"{text}  {target:{TARGET}s} {result}".rstrip()
 
 
 def table(results: Results) -> str:
     """One line per figure, then its ratios to the floor and to ccr; targets to the right."""
-    shown = [v for v in VARIANTS if v != "ccr" or measured(results, "ccr")]
+    shown = [v for v in VARIANTS if v not in ("ccr", *WORKER_VARIANTS) or measured(results, v)]
     heads = [COLUMNS[v].split(" ", 1) if COLUMNS[v].startswith("(") else ["", COLUMNS[v]] for v in shown]
-    head = _line("figure", [name for _, name in heads], "target", "result")
-    lines = [_line("", [number for number, _ in heads]), head, "-" * len(head)]
+    widths = [max(CELL, len(name) + 2) for _, name in heads]
+    head = _line("figure", [name for _, name in heads], widths, "target", "result")
+    lines = [_line("", [number for number, _ in heads], widths), head, "-" * len(head)]
     for row in ROWS:
         values = results.figures.get(row.figure)
         if values is None:
@@ -1360,11 +1479,12 @@ def table(results: Results) -> str:
         if row.ratios:
             bases = [b for b in ("floor", "ccr") if b in shown]
             body += [(f"  x {b}", [_ratio(values[v], values[b]) for v in shown]) for b in bases]
-        judged = [(t.text, _verdict(results, t)) for t in TARGETS if t.figure == row.figure]
+        targets = [t for t in TARGETS if t.figure == row.figure and set(t.columns) & set(shown)]
+        judged = [(t.text, _verdict(results, t)) for t in targets]
         judged = judged or [(row.note, "")]
         body += [("", [""] * len(shown))] * (len(judged) - len(body))
         for i, (label, cells) in enumerate(body):
-            lines.append(_line(label, cells, *(judged[i] if i < len(judged) else ("", ""))))
+            lines.append(_line(label, cells, widths, *(judged[i] if i < len(judged) else ("", ""))))
     return "\n".join(lines)
 
 
@@ -1381,9 +1501,10 @@ def describe(results: Results) -> str:
         "ccr: claude-code-router, primary healthy, fallback a 429 fake; (2) mitmdump + stream-only "
         "addon; floor: that addon in the lean master;\n(3) fallback addon healthy, (4) fallback "
         "addon with a 429 primary in cooldown; x floor, x ccr: ratio to that column;\n"
-        "a figure's targets are listed on its lines, result h: (3), f: (4)\n"
-        "failover rows: (1) is the backup's own time to first byte, (4) a proxy that tries its "
-        "429 primary on every request; 429->backup = (4) minus the primary's own 429 time\n"
+        f"{tools['workers']}\n"
+        "a figure's targets are listed on its lines, result h: (3), f: (4), w: (5), fw: (6)\n"
+        "failover rows: (1) is the backup's own time to first byte, (4) and (6) a proxy that tries "
+        "its 429 primary on every request; 429->backup = (4) or (6) minus the primary's own 429 time\n"
         f"load average before the run: {results.load_before:.2f}; phases (wall s / CPU-s used "
         "by other processes): "
         + ", ".join(f"{k} {v:.0f}/{results.other_cpu.get(k, 0):.1f}" for k, v in results.timings.items())
@@ -1415,6 +1536,12 @@ def run(settings: Settings, tools: Tools, found: dict[str, str]) -> Results:
         "throughput": "wrk -t2 -c16" if tools.wrk else "asyncio+aiohttp client, 16 connections",
         "latency": "aiohttp, sequential on one keep-alive connection",
         "cpus": str(os.cpu_count()),
+        "workers": (
+            f"(5), (6): (3), (4) with server.workers: {WORKERS}; their CPU and RSS are the "
+            "supervisor's and its workers' summed"
+            if RUNNER == "lean"
+            else "(5), (6) left out: mitmdump ignores server.workers"
+        ),
         **found,
     }
     results = Results(settings, described, load_before=os.getloadavg()[0])
@@ -1443,7 +1570,7 @@ def run(settings: Settings, tools: Tools, found: dict[str, str]) -> Results:
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="short smoke run (under two minutes)")
+    parser.add_argument("--quick", action="store_true", help="short smoke run (a few minutes)")
     parser.add_argument(
         "--duration", type=_positive, help="seconds of load per throughput variant (default 10, quick 2)"
     )
@@ -1453,7 +1580,14 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         choices=("lean", "mitmdump"),
         default="lean",
         help="run (3) and (4) as `ccf` does, on the lean master (default), "
-        "or as `mitmdump -s addon/fallback.py`",
+        "or as `mitmdump -s addon/fallback.py` (then without (5) and (6))",
+    )
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="server.workers of (5) and (6), (3) and (4) with worker processes (default 2)",
     )
     parser.add_argument(
         "--ccr",
@@ -1479,12 +1613,16 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in finally
     settings = Settings.make(args.quick, args.duration)
-    global RUNNER
-    RUNNER = args.runner
+    global RUNNER, WORKERS
+    RUNNER, WORKERS = args.runner, args.workers
     ccr, why = find_ccr(args.ccr)
     found = versions(ccr, why)
     runner = "the lean master (addon/lean.py), as ccf runs them" if RUNNER == "lean" else "mitmdump -s"
     print(f"proxies: {found['proxies']}; (3) and (4) run on {runner}")
+    if RUNNER == "lean":
+        print(f"(5) and (6): (3) and (4) with server.workers: {WORKERS}")
+    else:
+        print("(5) and (6) are left out: mitmdump ignores server.workers")
     if ccr:
         print(f"ccr: {found['ccr']}, {ccr.cli.parent.parent}")
     else:
