@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mitmproxy.proxy import mode_specs
+
 from .config import Config, ConfigError, load_config
 from .hub import Hub, listening_socket
 from .logs import EventLog
@@ -121,6 +123,22 @@ def listen_on_inherited(listen: str) -> None:
         return server
 
     asyncio.start_server = start_shared  # type: ignore[assignment]
+    if int(os.environ.get(ENV_INDEX, 0)) > 0:
+        tcp_only()
+
+
+def tcp_only() -> None:
+    """In every worker but the first: a reverse mode to https listens on TCP only. It would
+    also listen on UDP (HTTP/3), and a UDP port cannot be shared like this; the first worker
+    keeps it."""
+    post_init = mode_specs.ReverseMode.__post_init__
+
+    def tcp(mode: mode_specs.ReverseMode) -> None:
+        post_init(mode)
+        if mode.transport_protocol == mode_specs.BOTH:
+            object.__setattr__(mode, "transport_protocol", mode_specs.TCP)
+
+    mode_specs.ReverseMode.__post_init__ = tcp  # type: ignore[method-assign, assignment]
 
 
 async def watch_supervisor(stop: object) -> None:

@@ -99,6 +99,15 @@ def test_connections_opened_at_once_are_spread_over_the_workers(proxy_factory, p
             client.close()
 
 
+def test_workers_start_for_an_https_target_whose_mode_also_wants_udp(proxy_factory):
+    # mitmproxy's reverse mode to https listens on UDP too (HTTP/3); only one worker can.
+    config = {"endpoints": [{"name": "remote", "baseUrl": "https://127.0.0.1:9"}], "server": {"workers": 2}}
+    proxy = proxy_factory(config, ccf=True)
+    every_worker(proxy)
+    assert "worker_restarted" not in proxy.logs()
+    assert "Address already in use" not in proxy.logs()
+
+
 def test_a_429_seen_by_one_worker_keeps_every_worker_off_the_primary(proxy_factory, primary, backup):
     primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
     proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
