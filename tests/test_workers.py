@@ -219,3 +219,25 @@ def test_sighup_reloads_every_worker(proxy_factory, primary, backup):
         )
     assert proxy.process.poll() is None
     assert ask(proxy).status_code == 200
+
+
+def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary):
+    config = tmp_path / "config.yaml"
+    config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
+    env["CLAUDE_FALLBACK_HOME"] = str(tmp_path / "home")
+    lean = ROOT / "addon" / "lean.py"
+    # the supervisor takes this option as it comes; every worker's mitmproxy refuses it
+    sets = [f"mode=reverse:{primary.url}@{port}", f"fallback_config={config}", "no_such_option=1"]
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-P", str(lean), *(a for s in sets for a in ("--set", s))],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2  # the workers' own exit status
+    assert result.stdout.count('"event": "worker_failing"') >= 1
+    assert time.monotonic() - started < 30
