@@ -1,11 +1,14 @@
-"""What mitmproxy's `mode` and `listen_host` options say: where the proxy listens, and
-the URL its reverse mode names."""
+"""What mitmproxy's options say: where the proxy listens, the URL its reverse mode names,
+and the config the addon's options name."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
 from mitmproxy.proxy.mode_specs import ProxyMode
+
+from .config import Config, load_config
 
 
 def listen_on(modes: Iterable[str] | None, listen_host: str) -> tuple[str, int] | None:
@@ -34,3 +37,10 @@ def reverse_target(modes: Iterable[str] | None) -> str:
                 target = target.rsplit("@", 1)[0]
             return target.rstrip("/")
     return "https://api.anthropic.com"
+
+
+def named_config(path: str | None, log_level: str | None, modes: Iterable[str] | None) -> Config:
+    """The config `fallback_config` and `fallback_log_level` name, for the proxy as its modes
+    describe it (the reverse target is the default endpoint); ConfigError when it is bad."""
+    overrides: dict[str, object] = {"logging.level": log_level} if log_level else {}
+    return load_config(path or None, os.environ, overrides, default_base_url=reverse_target(modes))

@@ -30,7 +30,7 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from . import __version__, workers
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
-from .config import Config, ConfigError, Server, is_anthropic_host, load_config, mask_secret
+from .config import Config, ConfigError, Server, is_anthropic_host, mask_secret
 from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
 from .direct import DirectRelays, installed
@@ -38,7 +38,7 @@ from .endpoints import COOLING, EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
-from .modes import listen_address, reverse_target
+from .modes import listen_address, named_config
 from .policy import AttemptFailed, RetryBudget
 from .resume import ResumingResponse, can_resume
 from .routing import Router
@@ -372,15 +372,8 @@ class Fallback:
     # -- config ---------------------------------------------------------------------
 
     def read_config(self) -> Config:
-        overrides: dict[str, object] = {}
-        if ctx.options.fallback_log_level:
-            overrides["logging.level"] = ctx.options.fallback_log_level
-        return load_config(
-            ctx.options.fallback_config or None,
-            os.environ,
-            overrides,
-            default_base_url=reverse_target(ctx.options.mode),
-        )
+        options = ctx.options
+        return named_config(options.fallback_config, options.fallback_log_level, options.mode)
 
     def apply(self, config: Config) -> None:
         self.config = config

@@ -29,10 +29,10 @@ from pathlib import Path
 
 from mitmproxy.proxy import mode_specs
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError
 from .hub import Hub, listening_socket
 from .logs import EventLog
-from .modes import listen_on, reverse_target
+from .modes import listen_on, named_config
 
 ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
 ENV_COUNT = "CCF_WORKERS"
@@ -77,15 +77,9 @@ def planned_config(specs: list[str]) -> Config | None:
     """The config the proxy will load, or None when it does not load (the proxy itself
     then reports why, as it does without workers)."""
     options = settings(specs)
-    overrides = {}
-    if level := options.get("fallback_log_level"):
-        overrides["logging.level"] = level
     try:
-        return load_config(
-            options.get("fallback_config") or None,
-            os.environ,
-            overrides,
-            default_base_url=reverse_target(mode_options(specs)),
+        return named_config(
+            options.get("fallback_config"), options.get("fallback_log_level"), mode_options(specs)
         )
     except ConfigError:
         return None
