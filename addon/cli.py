@@ -35,7 +35,7 @@ from urllib.parse import urlencode, urlsplit
 
 import yaml
 
-from . import __version__
+from . import __version__, lean
 from .config import (
     OAUTH_BETA,
     Config,
@@ -49,7 +49,6 @@ from .limits import parse_time
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent / "fallback.py"
-LEAN_SCRIPT = Path(__file__).parent / "lean.py"
 EXAMPLE_CONFIG = Path(__file__).parent / "config.example.yaml"
 START_DEADLINE = 30.0
 POLL_INTERVAL = 0.05
@@ -155,9 +154,9 @@ def proxy_command(
         settings.append(f"fallback_config={config_path}")
     if log_level is not None:
         settings.append(f"fallback_log_level={log_level}")
-    # -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module
     if not web:
-        return [sys.executable, "-P", str(LEAN_SCRIPT), *_sets(settings)]
+        return lean.command(settings)
+    # -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module
     return [
         sys.executable,
         "-P",
@@ -233,7 +232,7 @@ def is_running(pid: int) -> bool:
         command = (proc / "cmdline").read_bytes()
     except (OSError, IndexError):
         return True  # no /proc here: trust the signal check
-    return state != "Z" and (str(LEAN_SCRIPT).encode() in command or b"mitmproxy" in command)
+    return state != "Z" and (str(lean.SCRIPT).encode() in command or b"mitmproxy" in command)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:

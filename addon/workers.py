@@ -144,10 +144,10 @@ async def watch_supervisor(stop: object) -> None:
 
 
 class Supervisor:
-    def __init__(self, specs: list[str], config: Config, script: Path) -> None:
+    def __init__(self, specs: list[str], config: Config, command: list[str]) -> None:
         self.specs = specs
         self.count = config.server.workers
-        self.script = script
+        self.command = command  # a worker's: the lean master's own, with the same specs
         self.state_backend = config.state.backend
         self.events = EventLog(config.logging.level, config.logging.format)
         self.workers: dict[int, asyncio.subprocess.Process] = {}
@@ -200,10 +200,7 @@ class Supervisor:
         while not self.stopping:
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-P",
-                str(self.script),
-                *(arg for spec in self.specs for arg in ("--set", spec)),
+                *self.command,
                 env={**env, ENV_INDEX: str(index)},
                 pass_fds=(listen_fd,),
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
@@ -236,10 +233,10 @@ class Supervisor:
                 process.send_signal(signum)
 
 
-def supervise(specs: list[str], config: Config, script: Path) -> int:
+def supervise(specs: list[str], config: Config, command: list[str]) -> int:
     # the supervisor's own lines look like the workers' (mitmproxy's termlog)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[%(asctime)s.%(msecs)03d] %(message)s", "%H:%M:%S"))
     logging.getLogger("claude_code_fallback").addHandler(handler)
     logging.getLogger("claude_code_fallback").setLevel(logging.DEBUG)
-    return asyncio.run(Supervisor(specs, config, script).run())
+    return asyncio.run(Supervisor(specs, config, command).run())

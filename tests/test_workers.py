@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from addon import lean
 from addon.fakeapi import Behavior
 
 from .conftest import ROOT, endpoints_config, free_port, wait_until
@@ -227,12 +228,11 @@ def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
     env["CLAUDE_FALLBACK_HOME"] = str(tmp_path / "home")
-    lean = ROOT / "addon" / "lean.py"
     # the supervisor takes this option as it comes; every worker's mitmproxy refuses it
     sets = [f"mode=reverse:{primary.url}@{port}", f"fallback_config={config}", "no_such_option=1"]
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-P", str(lean), *(a for s in sets for a in ("--set", s))],
+        lean.command(sets),
         capture_output=True,
         text=True,
         env=env,
