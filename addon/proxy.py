@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import json
 import logging
 import os
@@ -25,12 +24,11 @@ from urllib.parse import urlsplit
 
 from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.net.http import status_codes
-from mitmproxy.proxy.mode_specs import ProxyMode
 
-from . import __version__, workers
+from . import __version__, advice, workers
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
-from .config import Config, ConfigError, Server, is_anthropic_host, mask_secret
+from .config import Config, ConfigError, Server, mask_secret
 from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
 from .direct import DirectRelays, installed
@@ -173,10 +171,8 @@ class Fallback:
         self.watch()
         self.spawn(self.timeline.run(self.metrics))
         assert self.config is not None
-        self.warn_if_exposed()
-        self.warn_env_key_withheld()
-        if warning := workers.unsupervised(self.config):
-            self.events.event("workers_ignored", logging.WARNING, warning=warning)
+        options = ctx.options
+        self.warn(advice.at_start(self.config, self.access, options.mode, options.listen_host, os.environ))
         self.ready.set()
         self.events.event(
             "started",
@@ -390,13 +386,7 @@ class Fallback:
         # sessions stay where they are across reloads
         self.router = Router(config.routing, self.router.sessions if self.router else None)
         self.config_mtime = _mtime(config.source)
-        if config.source and _readable_by_others(config.source):
-            self.events.event(
-                "config_permissions",
-                logging.WARNING,
-                warning=f"{config.source} is readable by others and may hold API keys; "
-                f"run: chmod 600 {config.source}",
-            )
+        self.warn(advice.config_readable(config))
         if self.client is not None:
             self.client.config = config
             self.build_failover()
@@ -501,36 +491,9 @@ class Fallback:
                 self.config_mtime = mtime
                 self.reload()
 
-    def warn_if_exposed(self) -> None:
-        """Anyone who can reach a non-loopback address could spend the configured keys."""
-        assert self.config is not None
-        if self.config.server.access_key:
-            return
-        for spec in ctx.options.mode:
-            host = ProxyMode.parse(spec).listen_host(ctx.options.listen_host)
-            if not _is_loopback(host):
-                self.events.event(
-                    "exposed",
-                    logging.WARNING,
-                    warning=f"listening on {host or 'all interfaces'} without server.accessKey: "
-                    "anyone who reaches this address can use the configured endpoints",
-                )
-
-    def warn_env_key_withheld(self) -> None:
-        """ANTHROPIC_API_KEY goes only to anthropic.com; say where the client's credentials go instead."""
-        assert self.config is not None
-        if not (key := os.environ.get("ANTHROPIC_API_KEY")):
-            return
-        for endpoint in self.config.active_endpoints:
-            if not endpoint.api_key and not is_anthropic_host(endpoint.base_url):
-                self.events.event(
-                    "env_key_withheld",
-                    logging.WARNING,
-                    endpoint=endpoint.name,
-                    warning=f"ANTHROPIC_API_KEY ({mask_secret(key)}) is not sent to "
-                    f"{urlsplit(endpoint.base_url).hostname}, which is not an anthropic.com host; "
-                    "the client's own credentials pass through",
-                )
+    def warn(self, advices: Iterable[advice.Advice]) -> None:
+        for event, fields in advices:
+            self.events.event(event, logging.WARNING, **fields)
 
     def start_metrics_server(self) -> None:
         assert self.config is not None
@@ -797,22 +760,6 @@ def whole_response(
         reason = status_codes.RESPONSES.get(status, "").encode()
     now = time.time()
     return http.Response(b"HTTP/1.1", status, reason, http.Headers(kept), body, None, now, now)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _readable_by_others(path: str) -> bool:
-    try:
-        return bool(os.stat(path).st_mode & 0o044)
-    except OSError:
-        return False
 
 
 def _mtime(path: str | None) -> float | None:

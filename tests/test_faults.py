@@ -427,7 +427,7 @@ def test_body_under_the_limit_passes_intact(limited_proxy, primary):
     ("content_type", "body"),
     [
         ("application/octet-stream", b"\x00\xff\xfe binary \x80\x81"),
-        ("text/plain", b'{"model": "claude-sonnet-4-5"'),
+        ("text/plain", b'{"model": "claude-sonnet-4-6"'),
         ("application/json", b"[1, 2, 3]"),
     ],
     ids=["binary", "text", "json-array"],
@@ -623,6 +623,11 @@ def test_listening_beyond_loopback_without_access_key_warns(proxy_factory, prima
         endpoints_config(primary, server={"accessKey": "sk-proxy-access-0002"}), listen_host="0.0.0.0"
     )
     assert "without server.accessKey" not in guarded.logs()
+    named = proxy_factory(
+        endpoints_config(primary, server={"accessKeys": [{"name": "ci", "key": "sk-proxy-access-0003"}]}),
+        listen_host="0.0.0.0",
+    )
+    assert "without server.accessKey" not in named.logs()
     local = proxy_factory(endpoints_config(primary))
     assert "without server.accessKey" not in local.logs()
 
