@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -175,19 +175,26 @@ class Metrics:
     def render(self) -> bytes:
         return generate_latest(self.exposition)
 
-    def collect(self, metric: MetricWrapperBase) -> Iterable[Metric]:
-        """`metric`'s samples as /metrics serves them: with workers, summed over all."""
+    def collect(self, *metrics: MetricWrapperBase) -> list[list[Metric]]:
+        """Each metric's families as /metrics serves them: with workers, summed over all.
+
+        One pass over the exposition for all of them: with workers that reads every
+        worker's file.
+        """
         if self.exposition is self.registry:
-            return metric.collect()
-        name = metric._name  # type: ignore[attr-defined]
-        return [family for family in self.exposition.collect() if family.name == name]
+            return [list(metric.collect()) for metric in metrics]
+        families = list(self.exposition.collect())
+        names = [metric._name for metric in metrics]  # type: ignore[attr-defined]
+        return [[family for family in families if family.name == name] for name in names]
 
     def streams_now(self) -> int:
-        return int(sum(s.value for family in self.collect(self.active_streams) for s in family.samples))
+        (streams,) = self.collect(self.active_streams)
+        return int(sum(s.value for family in streams for s in family.samples))
 
     def requests_by_client(self) -> dict[str, int]:
         counts: Tally[str] = Tally()
-        for family in self.collect(self.requests):
+        (requests,) = self.collect(self.requests)
+        for family in requests:
             for sample in family.samples:
                 if sample.name.endswith("_total"):
                     counts[sample.labels["client"]] += int(sample.value)

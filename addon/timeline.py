@@ -16,7 +16,7 @@ from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.core import Metric
 
 from .endpoints import iso_time
 from .metrics import Metrics
@@ -85,25 +85,26 @@ class Timeline:
     def sample(self, metrics: Metrics) -> None:
         """Adds what each counter grew by since the last sample to the current minute."""
         minute = self.current()
-        for labels, grew in self.growth(metrics, metrics.attempts, "_total"):
+        attempts, failovers, tokens, headers = metrics.collect(
+            metrics.attempts, metrics.failovers, metrics.tokens, metrics.time_to_headers
+        )
+        for labels, grew in self.growth(attempts, "_total"):
             minute.requests[labels["endpoint"]] += grew
             if labels["outcome"] not in ANSWERED:
                 minute.errors[labels["endpoint"]] += grew
-        for labels, grew in self.growth(metrics, metrics.failovers, "_total"):
+        for labels, grew in self.growth(failovers, "_total"):
             minute.failovers[labels["from_endpoint"]] += grew
-        for labels, grew in self.growth(metrics, metrics.tokens, "_total"):
+        for labels, grew in self.growth(tokens, "_total"):
             minute.tokens[labels["endpoint"]] += grew
         # cumulative buckets: what each `le` grew by, less what the bucket below it grew by
         below: dict[str, float] = {}
-        for labels, grew in self.growth(metrics, metrics.time_to_headers, "_bucket"):
+        for labels, grew in self.growth(headers, "_bucket"):
             endpoint = labels["endpoint"]
             minute.headers[endpoint][float(labels["le"])] += grew - below.get(endpoint, 0.0)
             below[endpoint] = grew
 
-    def growth(
-        self, metrics: Metrics, metric: MetricWrapperBase, suffix: str
-    ) -> Iterable[tuple[dict[str, str], float]]:
-        for family in metrics.collect(metric):
+    def growth(self, families: Iterable[Metric], suffix: str) -> Iterable[tuple[dict[str, str], float]]:
+        for family in families:
             for sample in family.samples:
                 if not sample.name.endswith(suffix):
                     continue
