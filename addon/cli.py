@@ -680,7 +680,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 DEMO_TEXT = "Hello! The primary was rate limited, so the backup is answering you instead."
 DEMO_REQUEST = {
-    "model": "claude-sonnet-4-5",
+    "model": "claude-sonnet-4-6",
     "max_tokens": 256,
     "stream": True,
     "messages": [{"role": "user", "content": "Say hello."}],

@@ -119,9 +119,9 @@ _MODELS = json.dumps(
         "data": [
             {
                 "type": "model",
-                "id": "claude-sonnet-4-5-20250929",
-                "display_name": "Claude Sonnet 4.5",
-                "created_at": "2025-09-29T00:00:00Z",
+                "id": "claude-sonnet-4-6",
+                "display_name": "Claude Sonnet 4.6",
+                "created_at": "2026-02-17T00:00:00Z",
             },
             {
                 "type": "model",
@@ -131,7 +131,7 @@ _MODELS = json.dumps(
             },
         ],
         "has_more": False,
-        "first_id": "claude-sonnet-4-5-20250929",
+        "first_id": "claude-sonnet-4-6",
         "last_id": "claude-haiku-4-5-20251001",
     },
     separators=(",", ":"),

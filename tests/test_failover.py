@@ -24,7 +24,7 @@ from addon.fakeapi import Behavior, blackhole_listener
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 
 MESSAGE = {
-    "model": "claude-sonnet-4-5",
+    "model": "claude-sonnet-4-6",
     "max_tokens": 64,
     "messages": [{"role": "user", "content": "hi"}],
 }

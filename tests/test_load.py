@@ -26,7 +26,7 @@ DURATION = 30.0
 TEXT = " ".join(f"w{i}" for i in range(12))
 BODY = json.dumps(
     {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 64,
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],

@@ -39,7 +39,7 @@ def test_path_prefix_bearer_auth_extra_headers_and_model_map(proxy_factory, prim
         baseUrl=backup.url + "/api/anthropic",
         authHeader="bearer",
         headers={"x-provider": "yes"},
-        models={"claude-sonnet-4-5": "glm-4.6", "*": "glm-4.5-air"},
+        models={"claude-sonnet-4-6": "glm-4.6", "*": "glm-4.5-air"},
     )
     proxy = proxy_factory(config)
     primary.behavior = Behavior(kind="status", status=529)
@@ -53,7 +53,7 @@ def test_path_prefix_bearer_auth_extra_headers_and_model_map(proxy_factory, prim
     assert seen.json()["messages"] == MESSAGE["messages"]
     post(proxy, body=dict(MESSAGE, model="claude-haiku-4-5"))
     assert backup.wait_for_requests(2)[1].json()["model"] == "glm-4.5-air"
-    assert primary.requests[0].json()["model"] == "claude-sonnet-4-5"  # primary has no map
+    assert primary.requests[0].json()["model"] == "claude-sonnet-4-6"  # primary has no map
 
 
 def test_endpoint_without_key_passes_the_clients_key(proxy_factory, primary):
