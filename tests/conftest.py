@@ -75,6 +75,14 @@ def mitmdump_command() -> list[str]:
     return [sys.executable, "-c", "from mitmproxy.tools.main import mitmdump; mitmdump()"]
 
 
+def clean_env(home: Path) -> dict[str, str]:
+    """This environment less the caller's own settings, with its own CLAUDE_FALLBACK_HOME."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
+    env["CLAUDE_FALLBACK_HOME"] = str(home)
+    env["PYTHONPATH"] = str(ROOT)  # for `python -m addon.cli`
+    return env
+
+
 class Proxy:
     """A real mitmdump running the addon against a config written for the test (or `ccf dev`)."""
 
@@ -98,12 +106,7 @@ class Proxy:
             text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
             self.config_path.write_text(text)
         self.log_path = workdir / "proxy.log"
-        self.env = {
-            k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))
-        }
-        self.env["CLAUDE_FALLBACK_HOME"] = str(workdir / "home")
-        self.env["PYTHONPATH"] = str(ROOT)  # for `python -m addon.cli`
-        self.env.update(env or {})
+        self.env = {**clean_env(workdir / "home"), **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self, *extra: str) -> list[str]:

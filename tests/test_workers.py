@@ -22,7 +22,7 @@ import pytest
 from addon import lean
 from addon.fakeapi import Behavior
 
-from .conftest import ROOT, endpoints_config, free_port, wait_until
+from .conftest import clean_env, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="workers share a socket the Linux way")
@@ -62,13 +62,11 @@ def alive(pid: int) -> bool:
 
 def run_dev(tmp_path: Path, config: Path, port: int) -> subprocess.CompletedProcess[str]:
     """`ccf dev` to its end, for a start that should fail."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
-    env.update(CLAUDE_FALLBACK_HOME=str(tmp_path / "home"), PYTHONPATH=str(ROOT))
     return subprocess.run(
         [sys.executable, "-m", "addon.cli", "-c", str(config), "-p", str(port), "dev"],
         capture_output=True,
         text=True,
-        env=env,
+        env=clean_env(tmp_path / "home"),
         timeout=30,
     )
 
@@ -226,8 +224,6 @@ def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary)
     config = tmp_path / "config.yaml"
     config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_"))}
-    env["CLAUDE_FALLBACK_HOME"] = str(tmp_path / "home")
     # the supervisor takes this option as it comes; every worker's mitmproxy refuses it
     sets = [f"mode=reverse:{primary.url}@{port}", f"fallback_config={config}", "no_such_option=1"]
     started = time.monotonic()
@@ -235,7 +231,7 @@ def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary)
         lean.command(sets),
         capture_output=True,
         text=True,
-        env=env,
+        env=clean_env(tmp_path / "home"),
         timeout=60,
     )
     assert result.returncode == 2  # the workers' own exit status
