@@ -83,7 +83,10 @@ fallback only answers 429, so a 200 is its primary's. What is measured, and how:
   more while the VmRSS of the proxy's process tree (for ccr, the node process's), summed
   over its processes, is sampled from /proc; peak = the largest sampled sum, and for a
   single process max(that, its VmHWM) (a sum of VmHWMs would add peaks of different
-  moments). How many streams were open at the same moment is printed, so a short count
+  moments). A sum of RSS counts every shared page (libraries, the interpreter) once per
+  process, so the peak of the tree's summed PSS (/proc/<pid>/smaps_rollup: a page shared
+  by k processes counts 1/k in each) is printed too: what several processes cost the
+  machine. How many streams were open at the same moment is printed, so a short count
   shows.
 * Noise: the CPU time that processes outside the benchmark used during each phase (from
   /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
@@ -148,7 +151,7 @@ WORKERS = 2  # server.workers of (5) and (6): --workers
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
 CCR_PACKAGE = "@musistudio/claude-code-router"
 CCR_CACHE = Path.home() / ".cache" / "claude-code-fallback" / "bench" / "ccr"
-CCR_MODEL = "claude-sonnet-4-5"
+CCR_MODEL = "claude-sonnet-4-6"
 
 VARIANTS = ("direct", "ccr", "mitmdump", "floor", "healthy", "failover", "workers", "failover-w")
 MITM_VARIANTS = VARIANTS[2:]  # started by `start_proxies`
@@ -168,11 +171,11 @@ COLUMNS = {
 }
 LABELS = {"healthy": "h", "failover": "f", "workers": "w", "failover-w": "fw"}  # in a target's result
 BODY = json.dumps(
-    {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    {"model": "claude-sonnet-4-6", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
 )
 STREAM_BODY = json.dumps(
     {
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 64,
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
@@ -701,16 +704,21 @@ def process_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def memory_kb(pids: list[int], field_name: str) -> int:
-    """The sum of a /proc/<pid>/status figure (VmRSS, VmHWM) over processes `pids`."""
+def memory_kb(pids: list[int], field_name: str, source: str = "status") -> int:
+    """The sum of a /proc/<pid>/`source` figure (status: VmRSS, VmHWM; smaps_rollup: Pss) over `pids`."""
     total = 0
     for pid in pids:
         with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
                 if line.startswith(field_name + ":"):
                     total += int(line.split()[1])
                     break
     return total
+
+
+def pss_kb(pids: list[int]) -> int:
+    """Their proportional set size: a page shared by k processes counts 1/k in each."""
+    return memory_kb(pids, "Pss", "smaps_rollup")
 
 
 # -- HTTP client helpers ------------------------------------------------------------------
@@ -1028,6 +1036,7 @@ async def measure_failover(failing: str, backup: str, proxies: dict[str, str], n
 class Memory:
     idle_mb: float
     peak_mb: float
+    peak_pss_mb: float
     peak_open: int
     failed: int
     ramp_s: float
@@ -1046,7 +1055,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
     opened = asyncio.Event()
     count = [0, 0, 0]  # open now, most open at once, failed
     tree = process_tree(pid)
-    peak_kb = [memory_kb(tree, "VmRSS")]
+    peak_kb = [memory_kb(tree, "VmRSS"), pss_kb(tree)]
     idle_mb = peak_kb[0] / 1024
 
     async def stream(client: aiohttp.ClientSession) -> None:
@@ -1073,6 +1082,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
         nonlocal tree
         for i in itertools.count(1):
             peak_kb[0] = max(peak_kb[0], memory_kb(tree, "VmRSS"))
+            peak_kb[1] = max(peak_kb[1], pss_kb(tree))
             await asyncio.sleep(0.05)
             if i % 10 == 0:  # a worker may have been started again; /proc takes ms to scan
                 tree = process_tree(pid)
@@ -1090,7 +1100,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
         await asyncio.gather(*tasks, sampler, return_exceptions=True)
     if len(tree) == 1:
         peak_kb[0] = max(peak_kb[0], memory_kb(tree, "VmHWM"))
-    return Memory(idle_mb, peak_kb[0] / 1024, count[1], count[2], ramp)
+    return Memory(idle_mb, peak_kb[0] / 1024, peak_kb[1] / 1024, count[1], count[2], ramp)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -1278,6 +1288,7 @@ def phase_memory(results: Results, services: Services, fakes: dict[str, Service]
             )
             results.put("rss_idle_mb", variant, memory.idle_mb)
             results.put("rss_peak_mb", variant, memory.peak_mb)
+            results.put("pss_peak_mb", variant, memory.peak_pss_mb)
             results.put("open_streams", variant, memory.peak_open)
             results.put("open_ramp_s", variant, memory.ramp_s)
             if memory.failed or memory.peak_open < RSS_STREAMS:
@@ -1435,6 +1446,7 @@ ROWS = (
     Row("cpu_per_1k_events_ms", "CPU ms per 1000 SSE events", 0, True),
     Row("rss_idle_mb", "RSS idle MB", 1, False),
     Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True),
+    Row("pss_peak_mb", f"PSS peak MB, {RSS_STREAMS} streams", 1, False),
     Row("open_streams", "  streams open at once", 0, False),
     Row("open_ramp_s", "  s until all were open", 1, False),
 )
