@@ -152,6 +152,7 @@ class Supervisor:
         self.events = EventLog(config.logging.level, config.logging.format)
         self.workers: dict[int, asyncio.subprocess.Process] = {}
         self.stopping = False
+        self.stop_signal: int = signal.SIGTERM
         self.exit_code = 0
 
     async def run(self) -> int:
@@ -206,6 +207,8 @@ class Supervisor:
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
             )
             self.workers[index] = process
+            if self.stopping:  # told while this one was starting: `tell` did not reach it
+                process.send_signal(self.stop_signal)
             code = await process.wait()
             del self.workers[index]
             multiprocess.mark_process_dead(process.pid, str(metrics))
@@ -225,6 +228,7 @@ class Supervisor:
 
     def stop(self, signum: int) -> None:
         self.stopping = True
+        self.stop_signal = signum
         self.tell(signum)
 
     def tell(self, signum: int) -> None:

@@ -7,6 +7,7 @@ workers.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -19,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from addon import lean
+from addon import lean, workers
+from addon.config import load_config
 from addon.fakeapi import Behavior
 
 from .conftest import clean_env, endpoints_config, free_port, wait_until
@@ -237,3 +239,20 @@ def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary)
     assert result.returncode == 2  # the workers' own exit status
     assert result.stdout.count('"event": "worker_failing"') >= 1
     assert time.monotonic() - started < 30
+
+
+def test_a_stop_while_a_worker_is_starting_reaches_that_worker(tmp_path):
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    supervisor = workers.Supervisor([], load_config(None, {"CLAUDE_FALLBACK_HOME": str(tmp_path)}), sleeper)
+    listener = socket.socket()
+
+    async def stop_at_once() -> None:
+        kept = asyncio.ensure_future(supervisor.keep(0, dict(os.environ), listener.fileno(), tmp_path))
+        await asyncio.sleep(0)  # `keep` is now starting the worker
+        assert not supervisor.workers
+        supervisor.stop(signal.SIGTERM)
+        await asyncio.wait_for(kept, 20)  # the worker got the signal and ended
+
+    asyncio.run(stop_at_once())
+    listener.close()
+    assert supervisor.exit_code == -signal.SIGTERM
