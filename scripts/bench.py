@@ -334,7 +334,8 @@ class Services:
                 self.running.remove(service)
         for pid, (name, at) in started.items():
             if at is not None and start_time(pid) == at:  # the same process, still running
-                print(f"bench: process {pid}, started by {name}, outlived it: killed", flush=True)
+                tail = next(s.log_tail() for s in targets if s.name == name)
+                print(f"bench: process {pid}, started by {name}, outlived it: killed; its log ends:\n{tail}")
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
 
