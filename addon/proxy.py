@@ -27,7 +27,8 @@ from mitmproxy.net.http import status_codes
 
 from . import __version__, advice, workers
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
-from .bridge import TOKEN_HEADER, Bridge, Parked, Whole
+from .bodylimit import BodyLimit
+from .bridge import TOKEN_HEADER, Bridge
 from .config import Config, ConfigError, Server, mask_secret
 from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
@@ -47,7 +48,6 @@ from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, U
 
 META_KEY = "claude-code-fallback"
 CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow
-GUARD_KEY = "claude-code-fallback-guarded"  # where a guarded request was going, to put back
 
 TOKEN_BYTES = TOKEN_HEADER.encode()
 NOT_SENT = HOP_BY_HOP | {"content-length"}  # a whole response's headers that it gets anew
@@ -98,7 +98,7 @@ class Fallback:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.metrics_server: Any = None
         self.view = stream_view()
-        self.refusal = self.bridge.stand(self.refuse_body)
+        self.body_limit = BodyLimit(self.bridge, self.refused_body)
         self.timeline = Timeline()
         self.dashboard = Dashboard(self, self.timeline)
 
@@ -165,12 +165,12 @@ class Fallback:
             self.direct.connections = ctx.master.addons.get("proxyserver").connections
         await self.start_shared()
         await self.start_client()
-        self.limit_request_bodies()
+        assert self.config is not None
+        self.body_limit.apply(self.config.server.max_body_bytes)
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
         self.spawn(self.timeline.run(self.metrics))
-        assert self.config is not None
         options = ctx.options
         self.warn(advice.at_start(self.config, self.access, options.mode, options.listen_host, os.environ))
         self.ready.set()
@@ -190,17 +190,14 @@ class Fallback:
         if length is None and http1 and "transfer-encoding" not in request.headers:
             return  # no body
         await self.ready.wait()  # the bridge must be listening
-        limit = self.config.server.max_body_bytes
-        too_large = length is not None and length.isdigit() and int(length) > limit
-        if too_large or length is None:
-            self.guard_body(flow, refuse=too_large)
+        self.body_limit.guard(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
         if flow.request.stream:
             return  # a body past server.maxBodyBytes, on its way to the bridge's refusal
-        self.unguard_body(flow)
+        self.body_limit.unguard(flow)
         try:
             await self.serve(flow)
         except Exception as e:
@@ -225,8 +222,8 @@ class Fallback:
         refusal = None
         if client == UNAUTHENTICATED:
             refusal = error_failure(401, "authentication_error", "This proxy needs its access key.")
-        elif len(body) > self.config.server.max_body_bytes:
-            refusal = self.too_large(self.config.server.max_body_bytes)
+        elif self.body_limit.exceeded(body):
+            refusal = self.body_limit.failure()
         if refusal is not None:
             self.respond(flow, refusal)
             self.count(flow, "rejected")
@@ -355,7 +352,7 @@ class Fallback:
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
             return False
         self.apply(config)
-        self.limit_request_bodies()
+        self.body_limit.apply(config.server.max_body_bytes)
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
         return True
@@ -552,47 +549,8 @@ class Fallback:
         }
         return (200 if usable else 503), document
 
-    def limit_request_bodies(self) -> None:
-        """mitmproxy streams a request body past the limit instead of keeping it (see guard_body)."""
-        assert self.config is not None
-        ctx.options.update(stream_large_bodies=str(self.config.server.max_body_bytes))
-
-    def guard_body(self, flow: http.HTTPFlow, refuse: bool) -> None:
-        """Points a request whose body is, or may grow, too large at the bridge's 413.
-
-        mitmproxy reads the body before the `request` hook, and streams it to the flow's
-        server once it outgrows `stream_large_bodies`. Aimed at the bridge, such a body is
-        read and dropped and the client gets the 413 on a connection left intact. A body
-        whose size is not announced and stays within the limit is kept as usual, and
-        `unguard_body` puts its destination back.
-        """
-        request = flow.request
-        flow.metadata[GUARD_KEY] = (request.url, request.headers.copy())
-        request.scheme, request.host, request.port = "http", "127.0.0.1", self.bridge.port
-        request.headers[TOKEN_HEADER] = self.refusal
-        if refuse:
-            request.stream = True
-
-    def unguard_body(self, flow: http.HTTPFlow) -> None:
-        if guarded := flow.metadata.pop(GUARD_KEY, None):
-            flow.request.url, flow.request.headers = guarded
-
-    def refuse_body(self) -> Parked:
-        assert self.config is not None
-        failure = self.too_large(self.config.server.max_body_bytes)
-        headers = (*failure.headers, (b"content-length", str(len(failure.body)).encode()))
-        return Parked(Whole(failure.status, headers, failure.body), self.refused_body)
-
-    def refused_body(self, error: BaseException | None) -> None:
-        if error is None:
-            self.metrics.requests.labels("rejected", UNAUTHENTICATED).inc()
-
-    def too_large(self, limit: int) -> Failure:
-        return error_failure(
-            413,
-            "request_too_large",
-            f"Request body exceeds the proxy's limit of {limit} bytes (server.maxBodyBytes).",
-        )
+    def refused_body(self) -> None:
+        self.metrics.requests.labels("rejected", UNAUTHENTICATED).inc()
 
     def mask_flow_keys(self, flow: http.HTTPFlow) -> None:
         assert self.config is not None
