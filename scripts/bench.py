@@ -17,7 +17,7 @@ its own process, so the load generator, the proxies and the fake upstreams
                  `Anthropic` transformer (requests and SSE passed on unchanged);
   (2) mitmdump   `mitmdump --mode reverse:...` with `scripts/bench_stream_addon.py`, an addon
                  that only sets `flow.response.stream = True`: what mitmdump itself costs;
-  floor          the same addon in the lean master (`python -P scripts/bench_stream_addon.py
+  floor          the same addon in the lean master (`python -O -P scripts/bench_stream_addon.py
                  --set mode=reverse:...`): mitmproxy's proxy core without mitmdump's default
                  addons, the floor a proxy on mitmproxy's streaming path cannot go below;
   (3) healthy    the proxy as `ccf` runs it (the lean master, addon/lean.py; `--runner
