@@ -25,12 +25,12 @@ class BodyLimit:
     def __init__(self, bridge: Bridge, refused: Callable[[], None]) -> None:
         self.bridge = bridge
         self.refused = refused  # called for each body refused at the bridge
-        self.limit = Server().max_body_bytes
+        self.limit = Server().max_body_bytes  # the config's, once applied
         self.token = bridge.stand(self.refusal)
 
-    def apply(self, limit: int) -> None:
-        self.limit = limit
-        ctx.options.update(stream_large_bodies=str(limit))
+    def stream_past_limit(self) -> None:
+        """mitmproxy streams a body past the limit instead of keeping it (see `guard`)."""
+        ctx.options.update(stream_large_bodies=str(self.limit))
 
     def exceeded(self, body: bytes) -> bool:
         return len(body) > self.limit

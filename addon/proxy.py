@@ -165,12 +165,12 @@ class Fallback:
             self.direct.connections = ctx.master.addons.get("proxyserver").connections
         await self.start_shared()
         await self.start_client()
-        assert self.config is not None
-        self.body_limit.apply(self.config.server.max_body_bytes)
+        self.body_limit.stream_past_limit()
         self.started_at = time.time()
         self.start_metrics_server()
         self.watch()
         self.spawn(self.timeline.run(self.metrics))
+        assert self.config is not None
         options = ctx.options
         self.warn(advice.at_start(self.config, self.access, options.mode, options.listen_host, os.environ))
         self.ready.set()
@@ -352,7 +352,7 @@ class Fallback:
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
             return False
         self.apply(config)
-        self.body_limit.apply(config.server.max_body_bytes)
+        self.body_limit.stream_past_limit()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
         return True
@@ -380,6 +380,7 @@ class Fallback:
         self.budget.ratio = config.retry.budget_ratio
         self.budget.min_retries = config.retry.budget_min_retries
         self.access = Access(config.server)
+        self.body_limit.limit = config.server.max_body_bytes
         # sessions stay where they are across reloads
         self.router = Router(config.routing, self.router.sessions if self.router else None)
         self.config_mtime = _mtime(config.source)

@@ -13,6 +13,7 @@ import ipaddress
 import json
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from addon.fakeapi import Behavior
 
@@ -418,6 +420,27 @@ def test_body_under_the_limit_passes_intact(limited_proxy, primary):
     response = post(limited_proxy, body=body)
     assert response.status_code == 200
     assert primary.wait_for_requests(1)[0].body == body
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_reloaded_limit_holds_for_the_next_body(limited_proxy, primary, backup, framing):
+    config = endpoints_config(primary, backup, server={"maxBodyBytes": 3_000_000})
+    limited_proxy.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    assert limited_proxy.process is not None
+    limited_proxy.process.send_signal(signal.SIGHUP)
+    reloaded = lambda: limited_proxy.metric("ccf_config_reloads_total", result="success") >= 1  # noqa: E731
+    wait_until(reloaded, 10, "the reload")
+    body = body_of(2_000_000)
+    response = httpx.post(
+        limited_proxy.url + "/v1/messages",
+        content=body if framing == "content-length" else chunks_of(body),
+        headers={"content-type": "application/json", "x-api-key": "k"},
+        timeout=10,
+    )
+    assert response.status_code == 200
+    assert primary.wait_for_requests(1)[0].body == body
+    too_large = post(limited_proxy, body=body_of(4_000_000))
+    assert too_large.status_code == 413 and "3000000" in too_large.json()["error"]["message"]
 
 
 # -- 6. bodies that are not JSON -----------------------------------------------------------
