@@ -151,8 +151,7 @@ class Supervisor:
         self.state_backend = config.state.backend
         self.events = EventLog(config.logging.level, config.logging.format)
         self.workers: dict[int, asyncio.subprocess.Process] = {}
-        self.stopping = False
-        self.stop_signal: int = signal.SIGTERM
+        self.stop_signal: int | None = None  # set once told to stop: what each worker is told
         self.exit_code = 0
 
     async def run(self) -> int:
@@ -198,7 +197,7 @@ class Supervisor:
         from prometheus_client import multiprocess
 
         quick_deaths = 0
-        while not self.stopping:
+        while self.stop_signal is None:
             started = time.monotonic()
             process = await asyncio.create_subprocess_exec(
                 *self.command,
@@ -207,12 +206,12 @@ class Supervisor:
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
             )
             self.workers[index] = process
-            if self.stopping:  # told while this one was starting: `tell` did not reach it
+            if self.stop_signal is not None:  # told while this one was starting: `tell` missed it
                 process.send_signal(self.stop_signal)
             code = await process.wait()
             del self.workers[index]
             multiprocess.mark_process_dead(process.pid, str(metrics))
-            if self.stopping:
+            if self.stop_signal is not None:
                 self.exit_code = self.exit_code or code
                 return
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
@@ -227,7 +226,6 @@ class Supervisor:
             await asyncio.sleep(0.5 * quick_deaths)
 
     def stop(self, signum: int) -> None:
-        self.stopping = True
         self.stop_signal = signum
         self.tell(signum)
 

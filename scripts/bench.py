@@ -142,10 +142,11 @@ from typing import Any
 import aiohttp
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from addon import lean as lean_master  # noqa: E402  (the repository's, as ccf starts it)
+
 MITMDUMP = Path(sys.executable).parent / "mitmdump"
 FALLBACK_ADDON = REPO / "addon" / "fallback.py"
-LEAN_RUNNER = REPO / "addon" / "lean.py"
-LEAN_FLAGS = ("-O", "-P")  # the interpreter's flags as `ccf` starts the lean master (lean.command)
 RUNNER = "lean"  # how (3) to (6) run: "lean" (ccf's master) or "mitmdump" (-s addon/fallback.py)
 WORKERS = 2  # server.workers of (5) and (6): --workers
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
@@ -404,9 +405,9 @@ def proxy_command(spec: ProxySpec, port: int, config: Path | None) -> list[str]:
     common = ["listen_host=127.0.0.1", "connection_strategy=lazy", "termlog_verbosity=warn"]
     lean = [f"mode=reverse:{spec.target}@{port}", *common]
     if config is None and spec.lean:  # the floor: the stream-only addon in the lean master
-        return [sys.executable, *LEAN_FLAGS, str(STREAM_ADDON), *_sets(lean)]
+        return [sys.executable, *lean_master.PYTHON_FLAGS, str(STREAM_ADDON), *_sets(lean)]
     if config is not None and RUNNER == "lean":  # as `ccf start` runs it
-        return [sys.executable, *LEAN_FLAGS, str(LEAN_RUNNER), *_sets([*lean, f"fallback_config={config}"])]
+        return lean_master.command([*lean, f"fallback_config={config}"])
     mode = f"reverse:{spec.target}@{port}"
     command = [str(MITMDUMP), "-q", "--mode", mode, *_sets([*common, "flow_detail=0"])]
     if config is None:
