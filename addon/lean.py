@@ -101,6 +101,15 @@ async def serve(specs: list[str], *ours: object) -> None:
     await lean.run()
     if supervised:
         orphaned.cancel()
+    loop.set_exception_handler(quiet_cancellations)
+
+
+def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """Once the master is done, asyncio.run cancels the connections clients still keep open.
+    Python before 3.13 reports each as an exception in asyncio's own callback, with a
+    traceback: a stop is not an error."""
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
 
 
 def main() -> None:

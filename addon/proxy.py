@@ -470,13 +470,29 @@ class Fallback:
             return
         self.draining = True
         grace = ctx.options.fallback_shutdown_grace
-        self.events.event("draining", active_streams=len(self.inflight), grace_seconds=grace)
+        # A stop that waits on answers is worth a line at the default level: it says why
+        # the process is still there.
+        self.events.event(
+            "draining",
+            logging.WARNING if self.busy() else logging.INFO,
+            active_streams=len(self.inflight),
+            choosing=self.choosing,
+            grace_seconds=grace,
+        )
         self.spawn(self.shutdown_when_idle(time.monotonic() + grace))
 
+    def busy(self) -> bool:
+        return bool(self.inflight or self.choosing)
+
     async def shutdown_when_idle(self, deadline: float) -> None:
-        while (self.inflight or self.choosing) and time.monotonic() < deadline:
+        while self.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        self.events.event("stopping", active_streams=len(self.inflight))
+        self.events.event(
+            "stopping",
+            logging.WARNING if self.busy() else logging.INFO,
+            cut_streams=len(self.inflight),
+            cut_requests=self.choosing,
+        )
         ctx.master.shutdown()
 
     async def watch_file(self) -> None:

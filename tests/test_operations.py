@@ -82,6 +82,46 @@ def test_sigterm_lets_streams_finish_then_exits(proxy, primary):
     assert "draining" in proxy.logs()
 
 
+def test_a_stop_that_waits_on_a_stream_says_so_at_the_warn_level(proxy_factory, primary):
+    proxy = proxy_factory(endpoints_config(primary, logging={"level": "warn"}))
+    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.05)
+    reader = threading.Thread(target=lambda: stream_text(proxy))
+    reader.start()
+    primary.wait_for_requests(1)
+    assert proxy.process is not None
+    proxy.process.send_signal(signal.SIGTERM)
+    reader.join(10)
+    assert proxy.process.wait(10) == 0
+    draining = [
+        json.loads(line.split("] ", 1)[1]) for line in proxy.logs().splitlines() if '"draining"' in line
+    ]
+    assert len(draining) == 1, proxy.logs()
+    assert draining[0]["level"] == "warning"
+    assert draining[0]["active_streams"] + draining[0]["choosing"] == 1  # chosen, or still held
+
+
+def test_a_stop_with_clients_still_connected_is_not_logged_as_an_error(proxy_factory, primary):
+    proxy = proxy_factory(endpoints_config(primary), ccf=True)
+    with httpx.Client(base_url=proxy.url, timeout=10) as client:  # keeps its connection open
+        for stream in (False, True):
+            assert post_on(client, stream).status_code == 200
+        assert proxy.process is not None
+        proxy.process.send_signal(signal.SIGTERM)
+        assert proxy.process.wait(10) == 0
+    assert "stopping" in proxy.logs()
+    assert "Traceback" not in proxy.logs() and "Exception" not in proxy.logs(), proxy.logs()
+
+
+def post_on(client: httpx.Client, stream: bool) -> httpx.Response:
+    body = {
+        "model": "claude-sonnet-4-6",
+        "max_tokens": 8,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+    return client.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
+
+
 def test_no_key_appears_in_logs_health_metrics_errors_or_flows(proxy_factory, primary, backup, tmp_path):
     flows = tmp_path / "flows.mitm"
     config = endpoints_config(primary, backup, retry={"cooldownSeconds": 0})
