@@ -36,11 +36,13 @@ from urllib.parse import urlencode, urlsplit
 import yaml
 
 from . import __version__, lean
+from .access import DEFAULT_CLIENT
 from .config import (
     OAUTH_BETA,
     Config,
     ConfigError,
     Endpoint,
+    Server,
     default_config_path,
     load_config,
     mask_secret,
@@ -540,15 +542,32 @@ def format_duration(seconds: float) -> str:
 
 
 def cmd_open(args: argparse.Namespace) -> int:
-    """Opens the status page; under server.accessKey the browser gets the key once, in the URL."""
+    """Opens the status page; when the proxy needs a key, the browser gets one once, in the URL."""
     _, url = proxy_address(args)
     if fetch_health(url) is None:
         raise CommandFailed(f"no proxy answers at {url}; start it with `ccf start`", NOT_RUNNING)
-    key = resolve(args).config.server.access_key
-    print(f"status page: {url}/" + (" (the browser gets server.accessKey once, for a cookie)" if key else ""))
+    name, key = page_key(resolve(args).config.server, args.as_name)
+    print(
+        f"status page: {url}/"
+        + (f" (the browser gets the key of {name!r} once, for a cookie)" if key else "")
+    )
     if not webbrowser.open(f"{url}/?{urlencode({'key': key})}" if key else f"{url}/"):
         raise CommandFailed("no browser found; open the address above" + (" with ?key=..." if key else ""))
     return OK
+
+
+def page_key(server: Server, name: str | None) -> tuple[str, str]:
+    """Which key the browser gets: the one named, else server.accessKey, else the first of
+    server.accessKeys; ("", "") when the proxy needs none."""
+    keys = dict(server.access_keys)
+    if server.access_key:
+        keys = {DEFAULT_CLIENT: server.access_key, **keys}
+    if name is None:
+        return next(iter(keys.items()), ("", ""))
+    if name not in keys:
+        known = ", ".join(keys) or "none"
+        raise CommandFailed(f"no access key named {name!r} in the config (named there: {known})")
+    return name, keys[name]
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -898,7 +917,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "stop": (cmd_stop, "stop the background proxy, letting in-flight requests finish"),
     "status": (cmd_status, "show whether it runs and the state of each endpoint"),
     "logs": (cmd_logs, "print the background proxy's log"),
-    "open": (cmd_open, "open the status page in a browser (the URL carries server.accessKey once)"),
+    "open": (cmd_open, "open the status page in a browser (the URL carries an access key once)"),
     "dev": (cmd_dev, "run the proxy in the foreground"),
     "web": (cmd_web, "run the proxy in the foreground with mitmweb's UI"),
     "init": (cmd_init, "write the example config file"),
@@ -936,6 +955,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub["logs"].add_argument("-n", "--lines", type=int, default=50, metavar="N", help="lines to show (50)")
     sub["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing")
     sub["web"].add_argument("--web-port", type=int, default=8081, metavar="N", help="mitmweb UI port (8081)")
+    sub["open"].add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="the server.accessKeys name whose key the browser gets (default: server.accessKey, "
+        "else the first named key)",
+    )
     sub["init"].add_argument("--force", action="store_true", help="replace an existing file")
     sub["demo"].add_argument(
         "--accounts", action="store_true", help="two subscription accounts sharing sessions instead"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -211,20 +211,43 @@ def test_a_proxy_without_access_key_serves_the_page_openly(proxy):
 
 
 def test_ccf_open_gives_the_browser_the_key_once_and_prints_it_nowhere(guarded, tmp_path):
-    opened = tmp_path / "opened"
-    browser = tmp_path / "browser"
-    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
-    browser.chmod(0o755)
     cli = Cli(tmp_path / "home")
-    cli.env["BROWSER"] = str(browser)
+    opened = fake_browser(cli, tmp_path / "opened")
     result = cli("--config", str(guarded.config_path), "--port", str(guarded.port), "open")
     assert result.returncode == 0, result.stderr
     assert f"status page: {guarded.url}/" in result.stdout
     assert ACCESS_KEY not in result.stdout + result.stderr
-    url = wait_until(lambda: opened.exists() and opened.read_text().strip(), 10, "the browser to start")
-    first = httpx.get(url)
+    first = httpx.get(wait_until(opened, 10, "the browser to start"))
     assert first.status_code == 303 and first.headers["location"] == "/"
     assert httpx.get(guarded.url + "/", cookies=first.cookies).status_code == 200
+
+
+def test_ccf_open_gives_a_named_key_when_the_proxy_has_only_named_keys(proxy_factory, primary, tmp_path):
+    keys = [{"name": "alice", "key": "ccf-alice-key-0001"}, {"name": "bob", "key": "ccf-bob-key-0002"}]
+    proxy = proxy_factory(endpoints_config(primary, server={"accessKeys": keys}))
+    cli = Cli(tmp_path / "home")
+    target = ("--config", str(proxy.config_path), "--port", str(proxy.port), "open")
+    for chosen, extra in (("alice", ()), ("bob", ("--as", "bob"))):
+        opened = fake_browser(cli, tmp_path / f"opened-{chosen}")
+        result = cli(*target, *extra)
+        assert result.returncode == 0, result.stderr
+        assert f"the key of '{chosen}'" in result.stdout and "ccf-" not in result.stdout + result.stderr
+        first = httpx.get(wait_until(opened, 10, "the browser to start"))
+        assert first.status_code == 303
+        assert httpx.get(proxy.url + "/", cookies=first.cookies).status_code == 200
+    unknown = cli(*target, "--as", "carol")
+    assert unknown.returncode != 0 and "no access key named 'carol'" in unknown.stderr
+    assert "alice, bob" in unknown.stderr and "ccf-" not in unknown.stderr
+
+
+def fake_browser(cli: Cli, landing: Path) -> Callable[[], str]:
+    """Makes `cli`'s browser a script that writes the address it is given to `landing`;
+    returns what reads it back ("" until it is there)."""
+    browser = landing.with_suffix(".sh")
+    browser.write_text(f'#!/bin/sh\necho "$1" > {landing}\n')
+    browser.chmod(0o755)
+    cli.env["BROWSER"] = str(browser)
+    return lambda: landing.read_text().strip() if landing.exists() else ""
 
 
 def test_ccf_open_says_when_no_proxy_answers(tmp_path):
