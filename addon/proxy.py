@@ -344,18 +344,33 @@ class Fallback:
 
     @command.command("fallback.reload")
     def reload(self) -> bool:
-        """Reload the claude-code-fallback config file; a bad file keeps the running config."""
+        """Reload the claude-code-fallback config file; a bad file keeps the running config.
+        With `server.workers`, every worker reloads."""
+        config = self.reread()
+        if config is None:
+            return False
+        if not workers.reload_all():  # a worker's supervisor tells every worker, this one too
+            self.reloaded(config)
+        return True
+
+    def reload_here(self) -> None:
+        """SIGHUP or an edited file: this process reloads (a supervisor tells each worker)."""
+        if (config := self.reread()) is not None:
+            self.reloaded(config)
+
+    def reread(self) -> Config | None:
         try:
-            config = self.read_config()
+            return self.read_config()
         except ConfigError as e:
             self.metrics.reloads.labels("error").inc()
             self.events.event("config_reload_failed", logging.ERROR, error=str(e))
-            return False
+            return None
+
+    def reloaded(self, config: Config) -> None:
         self.apply(config)
         self.body_limit.stream_past_limit()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
-        return True
 
     @command.command("fallback.status")
     def status(self) -> str:
@@ -453,7 +468,7 @@ class Fallback:
         loop = asyncio.get_running_loop()
         # Replaces mitmproxy's own SIGTERM handler: streams in flight get to finish first.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
+            loop.add_signal_handler(signal.SIGHUP, self.reload_here)
             loop.add_signal_handler(signal.SIGTERM, self.drain)
         self.spawn(self.watch_file())
 
@@ -503,7 +518,7 @@ class Fallback:
             mtime = _mtime(self.config.source)
             if mtime != self.config_mtime:
                 self.config_mtime = mtime
-                self.reload()
+                self.reload_here()
 
     def warn(self, advices: Iterable[advice.Advice]) -> None:
         for event, fields in advices:

@@ -10,7 +10,8 @@ Python. With `server.workers: N`, lean.py starts this supervisor instead of a pr
 - Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
   mode, in a private directory), so /metrics on the port counts every worker.
 - SIGTERM and SIGINT go to every worker, each drains as a single proxy does, and the
-  supervisor exits when all have. A worker that dies otherwise is started again, unless
+  supervisor exits when all have. SIGHUP, from a user or from a worker asked to reload,
+  goes to every worker too. A worker that dies otherwise is started again, unless
   it keeps dying at once (a port or config problem), which stops them all.
 """
 
@@ -61,6 +62,15 @@ def unsupervised(config: Config) -> str | None:
     if config.server.workers > 1 and ENV_COUNT not in os.environ:
         return "server.workers applies to `ccf start` and `ccf dev`; this process serves alone"
     return None
+
+
+def reload_all() -> bool:
+    """In a worker: asks the supervisor to reload every worker, as a SIGHUP to it does.
+    False when this process has no supervisor."""
+    if ENV_SUPERVISOR not in os.environ:
+        return False
+    os.kill(int(os.environ[ENV_SUPERVISOR]), signal.SIGHUP)
+    return True
 
 
 def log_context() -> dict[str, int]:

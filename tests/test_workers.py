@@ -222,6 +222,29 @@ def test_sighup_reloads_every_worker(proxy_factory, primary, backup):
     assert ask(proxy).status_code == 200
 
 
+def test_the_status_pages_reload_button_reloads_every_worker(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+
+    def press() -> httpx.Response:
+        return httpx.post(
+            proxy.url + "/dashboard/reload", headers={"sec-fetch-site": "same-origin"}, timeout=10
+        )
+
+    assert press().json() == {"ok": True, "error": None}
+    for index in (0, 1):
+        wait_until(
+            lambda i=index: proxy.logs().count(f'"event": "config_reloaded", "worker": {i}') == 1,
+            10,
+            f"worker {index} to reload once",
+        )
+    proxy.config_path.write_text("endpoints: not a list\n")
+    refused = press()
+    assert refused.status_code == 422 and refused.json()["ok"] is False
+    assert proxy.logs().count('"event": "config_reloaded"') == 2  # nobody reloaded a bad file
+    assert ask(proxy).status_code == 200
+
+
 def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary):
     config = tmp_path / "config.yaml"
     config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
