@@ -368,7 +368,6 @@ class Fallback:
 
     def reloaded(self, config: Config) -> None:
         self.apply(config)
-        self.body_limit.stream_past_limit()
         self.metrics.reloads.labels("success").inc()
         self.events.event("config_reloaded", endpoints=",".join(s.name for s in self.pool))
 
@@ -396,6 +395,9 @@ class Fallback:
         self.budget.min_retries = config.retry.budget_min_retries
         self.access = Access(config.server)
         self.body_limit.limit = config.server.max_body_bytes
+        if self.ready.is_set():  # before that, `running` sets mitmproxy's streaming option
+            # once the option being handled is set: a config may come as `set fallback_config`
+            asyncio.get_running_loop().call_soon(self.body_limit.stream_past_limit)
         # sessions stay where they are across reloads
         self.router = Router(config.routing, self.router.sessions if self.router else None)
         self.config_mtime = _mtime(config.source)

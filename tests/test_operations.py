@@ -15,6 +15,7 @@ from addon.fakeapi import Behavior
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, free_port, wait_until
 from .test_failover import post, stream_text
+from .test_faults import body_of, chunks_of
 
 CLIENT_KEY = "sk-ant-client-CLIENTSECRETKEY000000003"
 WORDS = " ".join(f"w{i}" for i in range(30))
@@ -187,18 +188,47 @@ def test_mitmweb_shows_endpoint_attempts_masked_keys_and_the_assembled_stream(tm
             if not isinstance(rendered, str):
                 rendered = "\n".join(text for line in view["lines"] for _, text in line)
             assert "Assembled reply here" in rendered and "stop_reason=end_turn" in rendered
-            # mitmweb's POSTs want tornado's double-submit token: the same value as cookie and header
-            # (the cookie is `_xsrf` in mitmproxy 11, `_mitmproxy_xsrf` in 12).
-            token = "c0ffee" * 8
-            web.cookies.update({"_xsrf": token, "_mitmproxy_xsrf": token})
-            xsrf = {"X-XSRFToken": token}
-            ran = web.post("/commands/fallback.reload", headers=xsrf, json={"arguments": []})
+            ran = web.post("/commands/fallback.reload", headers=xsrf(web), json={"arguments": []})
             assert ran.status_code == 200, ran.text
-            status = web.post("/commands/fallback.status", headers=xsrf, json={"arguments": []})
+            status = web.post("/commands/fallback.status", headers=xsrf(web), json={"arguments": []})
             assert json.loads(status.json()["value"])["endpoints"][0]["name"] == "primary"
         assert proxy.metric("ccf_config_reloads_total", result="success") == 1
     finally:
         proxy.stop()
+
+
+def test_a_config_set_in_mitmweb_brings_its_body_limit(tmp_path, primary, backup):
+    proxy = Proxy(tmp_path, endpoints_config(primary, backup, server={"maxBodyBytes": 1_000_000}))
+    web_port = free_port()
+    proxy.command = lambda *extra, _c=proxy.command: mitmweb_command(_c(*extra), web_port)  # type: ignore[method-assign]
+    larger = tmp_path / "larger.yaml"
+    larger.write_text(yaml.safe_dump(endpoints_config(primary, backup, server={"maxBodyBytes": 3_000_000})))
+    proxy.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=WEB_AUTH, timeout=5) as web:
+            arguments = ["fallback_config", str(larger)]
+            ran = web.post("/commands/set", headers=xsrf(web), json={"arguments": arguments})
+            assert ran.status_code == 200, ran.text
+        # unannounced size: mitmproxy keeps it only under its streaming option, which must follow
+        body = body_of(2_000_000)
+        response = httpx.post(
+            proxy.url + "/v1/messages",
+            content=chunks_of(body),
+            headers={"content-type": "application/json", "x-api-key": "k"},
+            timeout=10,
+        )
+        assert response.status_code == 200, response.text
+        assert primary.wait_for_requests(1)[0].body == body
+    finally:
+        proxy.stop()
+
+
+def xsrf(web: httpx.Client) -> dict[str, str]:
+    """mitmweb's POSTs want tornado's double-submit token: the same value as cookie and header
+    (the cookie is `_xsrf` in mitmproxy 11, `_mitmproxy_xsrf` in 12)."""
+    token = "c0ffee" * 8
+    web.cookies.update({"_xsrf": token, "_mitmproxy_xsrf": token})
+    return {"X-XSRFToken": token}
 
 
 # mitmweb 12 wants a password (as a bearer token); 11 has no such option.
