@@ -39,10 +39,11 @@ its workers; for the others, one process).
 
 The mitmproxy processes run with `connection_strategy=lazy` and `termlog_verbosity=warn`
 (mitmdump also with `-q` and `flow_detail=0`). claude-code-router is installed as its
-users do, `npm install @musistudio/claude-code-router`, into
-~/.cache/claude-code-fallback/bench/ccr (reused when present; `--ccr DIR` names an existing
-install). Without node or npm, or when the install fails, a line says why, its column is
-left out and its targets are not judged; everything else runs. It does not pass the
+users do, `npm install @musistudio/claude-code-router@2.0.0` (pinned, so that runs compare
+the same peer), into ~/.cache/claude-code-fallback/bench/ccr (reused when it holds that
+version; `--ccr DIR` names an existing install of any version). Without node or npm, or
+when the install fails, a line says why, its column is left out and its targets are not
+judged; everything else runs. It does not pass the
 upstream's headers on, so a reply through it is not checked for the fake's name; its
 fallback only answers 429, so a 200 is its primary's. What is measured, and how:
 
@@ -151,6 +152,7 @@ RUNNER = "lean"  # how (3) to (6) run: "lean" (ccf's master) or "mitmdump" (-s a
 WORKERS = 2  # server.workers of (5) and (6): --workers
 STREAM_ADDON = REPO / "scripts" / "bench_stream_addon.py"
 CCR_PACKAGE = "@musistudio/claude-code-router"
+CCR_VERSION = "2.0.0"  # pinned: runs on different days measure the same peer
 CCR_CACHE = Path.home() / ".cache" / "claude-code-fallback" / "bench" / "ccr"
 CCR_MODEL = "claude-sonnet-4-6"
 
@@ -566,7 +568,7 @@ def install_ccr(directory: Path) -> str:
     if not manifest.exists():  # else npm installs into the nearest project above `directory`
         manifest.write_text('{"name": "ccf-bench-ccr", "private": true}\n')
     print(f"installing {CCR_PACKAGE} into {directory} ...", flush=True)
-    command = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", CCR_PACKAGE]
+    command = [npm, "install", "--no-audit", "--no-fund", "--loglevel=error", f"{CCR_PACKAGE}@{CCR_VERSION}"]
     try:
         result = subprocess.run(command, cwd=directory, capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
@@ -580,6 +582,13 @@ def install_ccr(directory: Path) -> str:
     return ""
 
 
+def package_version(package: Path) -> str:
+    try:
+        return str(json.loads((package / "package.json").read_text())["version"])
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
 def find_ccr(directory: Path | None) -> tuple[Ccr | None, str]:
     """claude-code-router in `directory` (--ccr), else in the cache, installed there when absent.
 
@@ -591,17 +600,19 @@ def find_ccr(directory: Path | None) -> tuple[Ccr | None, str]:
     package = ccr_package(directory or CCR_CACHE)
     if package is None and directory is not None:
         return None, f"was not found: {directory} holds no {CCR_PACKAGE} with dist/cli.js"
-    if package is None:
+    if directory is None and (package is None or package_version(package) != CCR_VERSION):
         why = install_ccr(CCR_CACHE)
         package = ccr_package(CCR_CACHE)
         if package is None:
             why = why or f"npm install left no {CCR_PACKAGE}/dist/cli.js in {CCR_CACHE}"
             return None, f"could not be installed: {why}"
+    version = package_version(package)
+    if not version:
+        return None, f"cannot be used: {package / 'package.json'} gives no version"
     try:
-        version = str(json.loads((package / "package.json").read_text())["version"])
         node_version = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, ValueError, KeyError, subprocess.TimeoutExpired) as e:
-        return None, f"cannot be used: no version to read ({e})"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"cannot be used: `node --version` failed ({e})"
     return Ccr(node, package / "dist" / "cli.js", version, node_version.stdout.strip()), ""
 
 
