@@ -221,7 +221,8 @@ class Settings:
     @classmethod
     def make(cls, quick: bool, duration: int | None) -> Settings:
         quick_run = cls(2, 1, 300, 100, 4, 60, 1.0, 1)
-        base = quick_run if quick else cls(10, 2, 2000, 200, 16, 400, 4.0, 3)
+        # six 5 s rounds per load: with two, a comparison of two columns within 5% could flip
+        base = quick_run if quick else cls(30, 2, 2000, 200, 16, 400, 4.0, 3)
         return base if duration is None else cls(**{**asdict(base), "duration": duration})
 
 
@@ -1598,7 +1599,7 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="short smoke run (a few minutes)")
     parser.add_argument(
-        "--duration", type=_positive, help="seconds of load per throughput variant (default 10, quick 2)"
+        "--duration", type=_positive, help="seconds of load per throughput variant (default 30, quick 2)"
     )
     parser.add_argument("--json", type=Path, help="write every figure to this file")
     parser.add_argument(
