@@ -175,7 +175,7 @@ class Dashboard:
             "serving": serving,
             "endpoints": endpoints,
             "history": self.timeline.history(e["name"] for e in endpoints if e["state"] != DISABLED),
-            "incidents": list(self.timeline.incidents),
+            "incidents": self.timeline.recent_incidents(),
         }
 
 

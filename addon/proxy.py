@@ -99,7 +99,7 @@ class Fallback:
         self.metrics_server: Any = None
         self.view = stream_view()
         self.body_limit = BodyLimit(self.bridge, self.refused_body)
-        self.timeline = Timeline()
+        self.timeline = Timeline(shared=workers.incidents_dir(), worker=workers.log_context().get("worker"))
         self.dashboard = Dashboard(self, self.timeline)
 
     # -- mitmproxy hooks ------------------------------------------------------------

@@ -5,16 +5,22 @@ every few seconds and adds what grew since the last sample to the current minute
 hour of traffic is sixty small buckets however busy the proxy is. Failovers and stream
 aborts arrive as the event log writes them (an `EventLog` listener); the last fifty are kept,
 each with the cause its endpoint's cooldown gave ("HTTP 429" says more than "status").
+With `server.workers`, each worker writes its incidents to a directory they share at each
+sample, and the page shows every worker's (the others' as of their last sample).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import math
+import os
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from prometheus_client.core import Metric
 
@@ -50,10 +56,18 @@ class Minute:
 class Timeline:
     """Sixty one-minute buckets per endpoint and the last fifty failovers and stream aborts."""
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.time,
+        shared: Path | None = None,
+        worker: int | None = None,
+    ) -> None:
         self.clock = clock
         self.minutes: deque[Minute] = deque(maxlen=MINUTES)
         self.incidents: deque[dict[str, object]] = deque(maxlen=INCIDENTS)
+        self.shared = shared  # workers: the directory where each writes its incidents
+        self.worker = worker  # which worker this is, on each of its incidents
+        self.recorded = self.written = 0  # incidents recorded, and how many had been when last written
         self.seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
         self.causes: dict[str, str] = {}  # endpoint → why it last went cooling
 
@@ -67,19 +81,45 @@ class Timeline:
         reason = fields.get("reason")
         if event == "failover":
             reason = self.causes.get(str(source), reason)
-        self.incidents.appendleft(
-            {
-                "time": iso_time(self.clock()),
-                "event": event,
-                "from": source,
-                "to": fields.get("to_endpoint"),
-                "reason": reason,
-            }
-        )
+        incident = {
+            "time": iso_time(self.clock()),
+            "event": event,
+            "from": source,
+            "to": fields.get("to_endpoint"),
+            "reason": reason,
+        }
+        if self.worker is not None:
+            incident["worker"] = self.worker
+        self.incidents.appendleft(incident)
+        self.recorded += 1
+
+    def share(self) -> None:
+        """Workers: writes this worker's incidents for the others' pages, when there are new ones."""
+        if self.shared is None or self.written == self.recorded:
+            return
+        path = self.shared / f"incidents-{os.getpid()}.json"  # by pid: a restarted worker's stay
+        part = path.with_suffix(".part")
+        part.write_text(json.dumps(list(self.incidents)))
+        part.replace(path)  # whole or not at all, for a reader
+        self.written = self.recorded
+
+    def recent_incidents(self) -> list[dict[str, object]]:
+        """The last fifty incidents, newest first: this process's, and every worker's."""
+        found = list(self.incidents)
+        if self.shared is None:
+            return found
+        mine = f"incidents-{os.getpid()}.json"
+        for path in self.shared.glob("incidents-*.json"):
+            if path.name != mine:
+                with contextlib.suppress(OSError, ValueError):
+                    found += json.loads(path.read_text())
+        found.sort(key=lambda incident: str(incident["time"]), reverse=True)
+        return found[:INCIDENTS]
 
     async def run(self, metrics: Metrics, interval: float = SAMPLE_SECONDS) -> None:
         while True:
             self.sample(metrics)
+            self.share()
             await asyncio.sleep(interval)
 
     def sample(self, metrics: Metrics) -> None:

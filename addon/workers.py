@@ -8,7 +8,8 @@ Python. With `server.workers: N`, lean.py starts this supervisor instead of a pr
 - Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
   when `state.backend` is redis, else through a store the supervisor runs (hub.py).
 - Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
-  mode, in a private directory), so /metrics on the port counts every worker.
+  mode, in a private directory), so /metrics on the port counts every worker. The status
+  page's incidents come from every worker too (each writes its own beside the metrics).
 - SIGTERM and SIGINT go to every worker, each drains as a single proxy does, and the
   supervisor exits when all have. SIGHUP, from a user or from a worker asked to reload,
   goes to every worker too. A worker that dies otherwise is started again, unless
@@ -40,6 +41,7 @@ ENV_COUNT = "CCF_WORKERS"
 ENV_LISTEN = "CCF_WORKER_LISTEN"  # port:fd of the listening socket the workers share
 ENV_STATE = "CCF_WORKER_STATE_URL"  # the supervisor's hub, when there is no Redis
 ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor is gone stops
+ENV_INCIDENTS = "CCF_WORKER_INCIDENTS"  # where each leaves its incidents for the status page
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
@@ -71,6 +73,11 @@ def reload_all() -> bool:
         return False
     os.kill(int(os.environ[ENV_SUPERVISOR]), signal.SIGHUP)
     return True
+
+
+def incidents_dir() -> Path | None:
+    """In a worker: the directory where every worker leaves its recent incidents."""
+    return Path(os.environ[ENV_INCIDENTS]) if ENV_INCIDENTS in os.environ else None
 
 
 def log_context() -> dict[str, int]:
@@ -176,14 +183,16 @@ class Supervisor:
             print(f"claude-code-fallback: cannot listen on {host or '*'}:{port}: {e}", file=sys.stderr)
             return 1
         with tempfile.TemporaryDirectory(prefix="ccf-workers-") as private:
-            metrics = Path(private, "metrics")
+            metrics, incidents = Path(private, "metrics"), Path(private, "incidents")
             metrics.mkdir()
+            incidents.mkdir()
             env = {
                 **os.environ,
                 ENV_COUNT: str(self.count),
                 ENV_LISTEN: f"{port}:{listener.fileno()}",
                 ENV_SUPERVISOR: str(os.getpid()),
                 METRICS_DIR: str(metrics),
+                ENV_INCIDENTS: str(incidents),
             }
             hub = None
             if self.state_backend != "redis":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 from addon.endpoints import EndpointPool
 from addon.metrics import Metrics
 from addon.timeline import INCIDENTS, MINUTES, Timeline
@@ -85,3 +88,31 @@ def test_the_last_incidents_are_kept_newest_first_with_the_cooldown_cause():
     )
     assert (previous["event"], previous["from"], previous["to"]) == ("failover", "primary", "backup")
     assert previous["reason"] == f"HTTP {INCIDENTS + 19}"
+
+
+def test_workers_see_each_others_incidents_newest_first(tmp_path):
+    clock = Clock()
+    timeline = Timeline(clock, shared=tmp_path, worker=0)
+    timeline.share()
+    assert list(tmp_path.iterdir()) == []  # nothing recorded, nothing written
+    timeline.record("failover", {"from_endpoint": "primary", "to_endpoint": "backup", "reason": "status"})
+    clock.now += 2
+    timeline.record("stream_aborted", {"endpoint": "backup", "reason": "upstream_cut"})
+    other = [
+        {"time": "2027-01-15T08:00:01.000Z", "event": "failover", "from": "a", "to": "b", "worker": 1},
+        {"time": "2027-01-15T07:59:59.000Z", "event": "failover", "from": "a", "to": "b", "worker": 1},
+    ]
+    (tmp_path / "incidents-999999.json").write_text(json.dumps(other))
+    (tmp_path / "incidents-999998.json").write_text("{half a file")  # being written: skipped
+    merged = timeline.recent_incidents()
+    assert [(i["worker"], i["event"]) for i in merged] == [
+        (0, "stream_aborted"),  # 08:00:02
+        (1, "failover"),  # 08:00:01
+        (0, "failover"),  # 08:00:00
+        (1, "failover"),  # 07:59:59
+    ]
+    timeline.share()
+    written = json.loads(next(tmp_path.glob(f"incidents-{os.getpid()}.json")).read_text())
+    assert written == list(timeline.incidents)
+    (tmp_path / "incidents-999999.json").write_text(json.dumps(other * INCIDENTS))
+    assert len(timeline.recent_incidents()) == INCIDENTS

@@ -245,6 +245,28 @@ def test_the_status_pages_reload_button_reloads_every_worker(proxy_factory, prim
     assert ask(proxy).status_code == 200
 
 
+def test_the_status_page_lists_every_workers_incidents(proxy_factory, primary, backup):
+    config = endpoints_config(primary, backup, retry={"cooldownSeconds": 0}, server={"workers": 2})
+    proxy = proxy_factory(config, ccf=True)
+    primary.behavior = Behavior(kind="status", status=529)  # every request fails over
+    every_worker(proxy)
+
+    def failed_over_in_both() -> bool:
+        assert ask(proxy).status_code == 200
+        logs = proxy.logs()
+        return all(f'"event": "failover", "worker": {i}' in logs for i in (0, 1))
+
+    wait_until(failed_over_in_both, 20, "a failover in each worker")
+    pages: dict[int, set[int]] = {}  # by the worker that answered: whose incidents it listed
+
+    def each_lists_both() -> bool:
+        summary = httpx.get(proxy.url + "/dashboard/summary", headers={"connection": "close"}).json()
+        pages[summary["workers"]["index"]] = {i["worker"] for i in summary["incidents"]}
+        return pages == {0: {0, 1}, 1: {0, 1}}
+
+    wait_until(each_lists_both, 20, "each worker's page to list both workers' incidents")
+
+
 def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary):
     config = tmp_path / "config.yaml"
     config.write_text(f"endpoints:\n  - {{name: p, baseUrl: '{primary.url}'}}\nserver: {{workers: 2}}\n")
