@@ -2,9 +2,12 @@
 
 One process of this proxy relays about one core's worth of requests: mitmproxy is pure
 Python. With `server.workers: N`, lean.py starts this supervisor instead of a proxy:
-- It binds the listening socket itself, so a port in use fails once and clearly, then
-  starts N workers, each a whole lean master accepting connections from that socket,
-  one at a time, so that idle workers take more of them than busy ones.
+- It binds the listening socket itself, so a port in use fails once and clearly, starts
+  N workers, each a whole lean master, and accepts every connection itself: each goes,
+  as a file descriptor over a Unix socket, to the worker with the fewest open
+  connections. Workers accepting from a shared socket split a burst of connections as
+  the race of their wake-ups falls (16 at once landed all on one worker), and a client
+  keeps its connection, so that split would stay.
 - Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
   when `state.backend` is redis, else through a store the supervisor runs (hub.py).
 - Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
@@ -27,6 +30,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from mitmproxy.proxy import mode_specs
@@ -38,12 +42,13 @@ from .modes import listen_on, named_config
 
 ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
 ENV_COUNT = "CCF_WORKERS"
-ENV_LISTEN = "CCF_WORKER_LISTEN"  # port:fd of the listening socket the workers share
+ENV_LISTEN = "CCF_WORKER_LISTEN"  # port:fd:fd, the listening socket and the worker's channel
 ENV_STATE = "CCF_WORKER_STATE_URL"  # the supervisor's hub, when there is no Redis
 ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor is gone stops
 ENV_INCIDENTS = "CCF_WORKER_INCIDENTS"  # where each leaves its incidents for the status page
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
+HANDED, CLOSED = b"c", b"-"  # on a channel: a connection (its descriptor along); a byte per one closed
 QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
 QUICK_DEATHS = 3  # in a row: give up, it would only fail again
 PARENT_CHECK = 1.0
@@ -115,27 +120,75 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def listen_on_inherited(listen: str) -> None:
-    """In a worker: mitmproxy's listener on the proxy's port is the socket all workers share.
-
-    asyncio accepts as many waiting connections per wake-up as its backlog says, so with a
-    shared socket the first worker to wake would take a whole burst. Told a backlog of 1,
-    each worker takes one connection a wake-up, and a busy worker wakes less; the socket's
-    real backlog is then put back.
-    """
-    port, fd = (int(part) for part in listen.split(":"))
+    """In a worker: mitmproxy's listener on the proxy's port is the supervisor's socket, for
+    its address, but the worker never accepts from it: its connections come over `channel`."""
+    port, fd, channel_fd = (int(part) for part in listen.split(":"))
     shared = socket.socket(fileno=fd)
+    channel = socket.socket(fileno=channel_fd)
     start_server = asyncio.start_server
 
     async def start_shared(client_connected_cb, host=None, port_=None, **kwargs):  # type: ignore[no-untyped-def]
         if port_ != port:
             return await start_server(client_connected_cb, host, port_, **kwargs)
-        server = await start_server(client_connected_cb, sock=shared, **{**kwargs, "backlog": 1})
-        shared.listen(BACKLOG)
+        server = await start_server(client_connected_cb, sock=shared, **kwargs)
+        asyncio.get_running_loop().remove_reader(shared.fileno())
+        take_connections(channel, client_connected_cb)
         return server
 
     asyncio.start_server = start_shared  # type: ignore[assignment]
     if int(os.environ.get(ENV_INDEX, 0)) > 0:
         tcp_only()
+
+
+def take_connections(channel: socket.socket, serve: Callable[..., Awaitable[None]]) -> None:
+    """In a worker: serves each connection the supervisor sends, and tells it when one closes."""
+    loop = asyncio.get_running_loop()
+    channel.setblocking(False)
+
+    closed = 0  # connections closed that the supervisor has not been told of
+
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal closed
+        try:
+            await serve(reader, writer)
+        finally:
+            closed += 1
+            tell_closed()
+
+    def tell_closed() -> None:
+        """One byte per closed connection; what the channel cannot take now goes when it can."""
+        nonlocal closed
+        try:
+            channel.send(CLOSED * closed)
+        except BlockingIOError:
+            loop.add_writer(channel.fileno(), tell_closed)
+            return
+        except OSError:
+            pass  # the supervisor is gone
+        closed = 0
+        loop.remove_writer(channel.fileno())
+
+    def receive() -> None:
+        while True:
+            try:
+                _, fds, _, _ = socket.recv_fds(channel, 1, 1)
+            except BlockingIOError:
+                return
+            except OSError:
+                fds = []
+            if not fds:  # the supervisor is gone: watch_supervisor stops this worker
+                loop.remove_reader(channel.fileno())
+                return
+            task = loop.create_task(accepted(socket.socket(fileno=fds[0])))
+            starting.add(task)  # held until it runs: the loop keeps only a weak reference
+            task.add_done_callback(starting.discard)
+
+    async def accepted(connection: socket.socket) -> None:
+        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(), counted)
+        await loop.connect_accepted_socket(lambda: protocol, connection)
+
+    starting: set[asyncio.Task[None]] = set()
+    loop.add_reader(channel.fileno(), receive)
 
 
 def tcp_only() -> None:
@@ -168,6 +221,9 @@ class Supervisor:
         self.state_backend = config.state.backend
         self.events = EventLog(config.logging.level, config.logging.format)
         self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.channels: dict[int, socket.socket] = {}  # to each running worker: its connections
+        self.connections: dict[int, int] = {}  # open ones, by worker
+        self.handed = 0
         self.stop_signal: int | None = None  # set once told to stop: what each worker is told
         self.exit_code = 0
 
@@ -189,7 +245,7 @@ class Supervisor:
             env = {
                 **os.environ,
                 ENV_COUNT: str(self.count),
-                ENV_LISTEN: f"{port}:{listener.fileno()}",
+                ENV_LISTEN: f"{port}:{listener.fileno()}",  # and each worker's channel
                 ENV_SUPERVISOR: str(os.getpid()),
                 METRICS_DIR: str(metrics),
                 ENV_INCIDENTS: str(incidents),
@@ -205,11 +261,62 @@ class Supervisor:
                 loop.add_signal_handler(signum, self.stop, signum)
             loop.add_signal_handler(signal.SIGHUP, self.tell, signal.SIGHUP)  # reload
             self.events.event("workers_starting", workers=self.count, address=f"{host or '*'}:{port}")
+            handing = asyncio.ensure_future(self.hand_out(listener))
             await asyncio.gather(*(self.keep(i, env, listener.fileno(), metrics) for i in range(self.count)))
+            handing.cancel()
             if hub:
                 await hub.stop()
         listener.close()
         return self.exit_code
+
+    async def hand_out(self, listener: socket.socket) -> None:
+        """Accepts each connection and sends it to the running worker with the fewest open."""
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            connection, _ = await loop.sock_accept(listener)
+            with connection:  # the worker has its own copy once sent
+                for index in self.by_load():
+                    try:
+                        socket.send_fds(self.channels[index], [HANDED], [connection.fileno()])
+                    except OSError:  # gone, or not taking any: the next one
+                        continue
+                    self.connections[index] += 1
+                    self.handed += 1
+                    break
+
+    def by_load(self) -> list[int]:
+        """The running workers, fewest open connections first; a tie goes round in turn."""
+        indices = sorted(self.channels)
+        turn = self.handed % len(indices) if indices else 0
+        return sorted(indices[turn:] + indices[:turn], key=lambda i: self.connections[i])
+
+    def open_channel(self, index: int) -> socket.socket:
+        """A channel to worker `index`; returns the worker's end, to pass to it."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)
+        self.channels[index], self.connections[index] = ours, 0
+        asyncio.get_running_loop().add_reader(ours.fileno(), self.count_closed, index, ours)
+        return theirs
+
+    def count_closed(self, index: int, channel: socket.socket) -> None:
+        """What worker `index` says: a byte per connection of its that closed."""
+        try:
+            told = channel.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            told = b""
+        if not told:  # the worker is gone
+            asyncio.get_running_loop().remove_reader(channel.fileno())
+            return
+        self.connections[index] = max(0, self.connections[index] - len(told))
+
+    def close_channel(self, index: int) -> None:
+        channel = self.channels.pop(index)
+        del self.connections[index]
+        asyncio.get_running_loop().remove_reader(channel.fileno())
+        channel.close()
 
     async def keep(self, index: int, env: dict[str, str], listen_fd: int, metrics: Path) -> None:
         """Runs worker `index` until the supervisor stops, starting it again when it dies."""
@@ -218,17 +325,20 @@ class Supervisor:
         quick_deaths = 0
         while self.stop_signal is None:
             started = time.monotonic()
+            channel = self.open_channel(index)
             process = await asyncio.create_subprocess_exec(
                 *self.command,
-                env={**env, ENV_INDEX: str(index)},
-                pass_fds=(listen_fd,),
+                env={**env, ENV_INDEX: str(index), ENV_LISTEN: f"{env[ENV_LISTEN]}:{channel.fileno()}"},
+                pass_fds=(listen_fd, channel.fileno()),
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
             )
+            channel.close()
             self.workers[index] = process
             if self.stop_signal is not None:  # told while this one was starting: `tell` missed it
                 process.send_signal(self.stop_signal)
             code = await process.wait()
             del self.workers[index]
+            self.close_channel(index)
             multiprocess.mark_process_dead(process.pid, str(metrics))
             if self.stop_signal is not None:
                 self.exit_code = self.exit_code or code

@@ -8,12 +8,15 @@ workers.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -245,6 +248,22 @@ def test_the_status_pages_reload_button_reloads_every_worker(proxy_factory, prim
     assert ask(proxy).status_code == 200
 
 
+def test_connections_go_to_the_worker_with_the_fewest(proxy_factory, primary, backup):
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"workers": 2}), ccf=True)
+    every_worker(proxy)
+    kept = []  # clients keep their connections: 32 at once, none closed during the test
+    try:
+        for _ in range(32):
+            connection = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+            connection.request("GET", "/health")
+            kept.append((connection, json.load(connection.getresponse())["workers"]["index"]))
+        # the first few may still count a connection of every_worker's whose close was on its way
+        assert Counter(index for _, index in kept) == {0: 16, 1: 16}
+    finally:
+        for connection, _ in kept:
+            connection.close()
+
+
 def test_the_status_page_lists_every_workers_incidents(proxy_factory, primary, backup):
     config = endpoints_config(primary, backup, retry={"cooldownSeconds": 0}, server={"workers": 2})
     proxy = proxy_factory(config, ccf=True)
@@ -292,7 +311,8 @@ def test_a_stop_while_a_worker_is_starting_reaches_that_worker(tmp_path):
     listener = socket.socket()
 
     async def stop_at_once() -> None:
-        kept = asyncio.ensure_future(supervisor.keep(0, dict(os.environ), listener.fileno(), tmp_path))
+        env = {**os.environ, workers.ENV_LISTEN: f"0:{listener.fileno()}"}
+        kept = asyncio.ensure_future(supervisor.keep(0, env, listener.fileno(), tmp_path))
         await asyncio.sleep(0)  # `keep` is now starting the worker
         assert not supervisor.workers
         supervisor.stop(signal.SIGTERM)
