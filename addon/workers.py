@@ -170,7 +170,7 @@ def take_connections(channel: socket.socket, serve: Callable[..., Awaitable[None
 
     def receive() -> None:
         while True:
-            try:
+            try:  # a byte at a time: each carries its own descriptor
                 _, fds, _, _ = socket.recv_fds(channel, 1, 1)
             except BlockingIOError:
                 return
@@ -293,7 +293,7 @@ class Supervisor:
 
     def open_channel(self, index: int) -> socket.socket:
         """A channel to worker `index`; returns the worker's end, to pass to it."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         self.channels[index], self.connections[index] = ours, 0
         asyncio.get_running_loop().add_reader(ours.fileno(), self.count_closed, index, ours)
