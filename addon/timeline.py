@@ -99,9 +99,10 @@ class Timeline:
             return
         path = self.shared / f"incidents-{os.getpid()}.json"  # by pid: a restarted worker's stay
         part = path.with_suffix(".part")
-        part.write_text(json.dumps(list(self.incidents)))
-        part.replace(path)  # whole or not at all, for a reader
-        self.written = self.recorded
+        with contextlib.suppress(OSError):  # a full disk: the other pages miss these for now
+            part.write_text(json.dumps(list(self.incidents)))
+            part.replace(path)  # whole or not at all, for a reader
+            self.written = self.recorded
 
     def recent_incidents(self) -> list[dict[str, object]]:
         """The last fifty incidents, newest first: this process's, and every worker's."""

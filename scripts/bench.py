@@ -43,9 +43,9 @@ users do, `npm install @musistudio/claude-code-router@2.0.0` (pinned, so that ru
 the same peer), into ~/.cache/claude-code-fallback/bench/ccr (reused when it holds that
 version; `--ccr DIR` names an existing install of any version). Without node or npm, or
 when the install fails, a line says why, its column is left out and its targets are not
-judged; everything else runs. It does not pass the
-upstream's headers on, so a reply through it is not checked for the fake's name; its
-fallback only answers 429, so a 200 is its primary's. What is measured, and how:
+judged; everything else runs. It does not pass the upstream's headers on, so a reply
+through it is not checked for the fake's name; its fallback only answers 429, so a 200 is
+its primary's. What is measured, and how:
 
 * Throughput: POST /v1/messages at 16 connections, small non-streaming JSON and, as its own
   load, `"stream": true` (the fake answers with a short SSE stream), with wrk (`wrk -t2 -c16
