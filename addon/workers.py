@@ -4,8 +4,8 @@ One process of this proxy relays about one core's worth of requests: mitmproxy i
 Python. With `server.workers: N`, lean.py starts this supervisor instead of a proxy:
 - It binds the listening socket itself, so a port in use fails once and clearly, starts
   N workers, each a whole lean master, and accepts every connection itself: each goes,
-  as a file descriptor over a Unix socket, to the worker with the fewest open
-  connections. Workers accepting from a shared socket split a burst of connections as
+  as a file descriptor over a Unix socket, to the serving worker with the fewest open
+  connections (a worker still starting, after a crash, gets none). Workers accepting from a shared socket split a burst of connections as
   the race of their wake-ups falls (16 at once landed all on one worker), and a client
   keeps its connection, so that split would stay.
 - Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
@@ -48,7 +48,9 @@ ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor i
 ENV_INCIDENTS = "CCF_WORKER_INCIDENTS"  # where each leaves its incidents for the status page
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
-HANDED, CLOSED = b"c", b"-"  # on a channel: a connection (its descriptor along); a byte per one closed
+# On a worker's channel: to it, a connection (its descriptor along); from it, once it
+# serves, READY, then a byte for each of its connections that closed.
+HANDED, READY, CLOSED = b"c", b"r", b"-"
 QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
 QUICK_DEATHS = 3  # in a row: give up, it would only fail again
 PARENT_CHECK = 1.0
@@ -189,6 +191,8 @@ def take_connections(channel: socket.socket, serve: Callable[..., Awaitable[None
 
     starting: set[asyncio.Task[None]] = set()
     loop.add_reader(channel.fileno(), receive)
+    with contextlib.suppress(OSError):  # the supervisor may be gone; the channel says so next
+        channel.send(READY)
 
 
 def tcp_only() -> None:
@@ -223,6 +227,8 @@ class Supervisor:
         self.workers: dict[int, asyncio.subprocess.Process] = {}
         self.channels: dict[int, socket.socket] = {}  # to each running worker: its connections
         self.connections: dict[int, int] = {}  # open ones, by worker
+        self.serving: set[int] = set()  # the workers that said READY: a starting one gets none
+        self.any_serving = asyncio.Event()
         self.handed = 0
         self.stop_signal: int | None = None  # set once told to stop: what each worker is told
         self.exit_code = 0
@@ -274,6 +280,7 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         while True:
+            await self.any_serving.wait()  # until then connections wait in the listen backlog
             connection, _ = await loop.sock_accept(listener)
             with connection:  # the worker has its own copy once sent
                 for index in self.by_load():
@@ -286,8 +293,8 @@ class Supervisor:
                     break
 
     def by_load(self) -> list[int]:
-        """The running workers, fewest open connections first; a tie goes round in turn."""
-        indices = sorted(self.channels)
+        """The serving workers, fewest open connections first; a tie goes round in turn."""
+        indices = sorted(self.serving)
         turn = self.handed % len(indices) if indices else 0
         return sorted(indices[turn:] + indices[:turn], key=lambda i: self.connections[i])
 
@@ -296,11 +303,11 @@ class Supervisor:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         ours.setblocking(False)
         self.channels[index], self.connections[index] = ours, 0
-        asyncio.get_running_loop().add_reader(ours.fileno(), self.count_closed, index, ours)
+        asyncio.get_running_loop().add_reader(ours.fileno(), self.heard, index, ours)
         return theirs
 
-    def count_closed(self, index: int, channel: socket.socket) -> None:
-        """What worker `index` says: a byte per connection of its that closed."""
+    def heard(self, index: int, channel: socket.socket) -> None:
+        """What worker `index` says: that it serves, and a byte per connection of its that closed."""
         try:
             told = channel.recv(1 << 16)
         except BlockingIOError:
@@ -309,12 +316,22 @@ class Supervisor:
             told = b""
         if not told:  # the worker is gone
             asyncio.get_running_loop().remove_reader(channel.fileno())
+            self.not_serving(index)
             return
-        self.connections[index] = max(0, self.connections[index] - len(told))
+        if READY in told:
+            self.serving.add(index)
+            self.any_serving.set()
+        self.connections[index] = max(0, self.connections[index] - told.count(CLOSED))
+
+    def not_serving(self, index: int) -> None:
+        self.serving.discard(index)
+        if not self.serving:
+            self.any_serving.clear()
 
     def close_channel(self, index: int) -> None:
         channel = self.channels.pop(index)
         del self.connections[index]
+        self.not_serving(index)
         asyncio.get_running_loop().remove_reader(channel.fileno())
         channel.close()
 
