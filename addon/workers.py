@@ -5,9 +5,10 @@ Python. With `server.workers: N`, lean.py starts this supervisor instead of a pr
 - It binds the listening socket itself, so a port in use fails once and clearly, starts
   N workers, each a whole lean master, and accepts every connection itself: each goes,
   as a file descriptor over a Unix socket, to the serving worker with the fewest open
-  connections (a worker still starting, after a crash, gets none). Workers accepting from a shared socket split a burst of connections as
-  the race of their wake-ups falls (16 at once landed all on one worker), and a client
-  keeps its connection, so that split would stay.
+  connections (a worker still starting, after a crash, gets none). Workers accepting
+  from a shared socket split a burst of connections as the race of their wake-ups falls
+  (16 at once landed all on one worker), and a client keeps its connection, so that
+  split would stay.
 - Workers share endpoint state as a fleet does (shared.py): through `state.redis.url`
   when `state.backend` is redis, else through a store the supervisor runs (hub.py).
 - Their Prometheus metrics are summed across workers (prometheus-client's multiprocess
