@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -338,3 +339,49 @@ def test_a_stop_while_a_worker_is_starting_reaches_that_worker(tmp_path):
     asyncio.run(stop_at_once())
     listener.close()
     assert supervisor.exit_code == -signal.SIGTERM
+
+
+def test_a_worker_tells_each_closed_connection_even_when_its_channel_is_full():
+    supervisor_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    served: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(await reader.read(10))
+        writer.close()
+
+    async def scenario() -> bytes:
+        workers.take_connections(worker_end, serve)
+        assert supervisor_end.recv(1) == workers.READY
+        worker_end.setblocking(False)
+        filler = 0
+        with contextlib.suppress(BlockingIOError):  # the supervisor reads nothing for a while
+            while True:
+                filler += worker_end.send(b"x" * 4096)
+        clients = []
+        for _ in range(5):
+            client, connection = socket.socketpair()
+            socket.send_fds(supervisor_end, [workers.HANDED], [connection.fileno()])
+            connection.close()
+            client.sendall(b"hello")
+            clients.append(client)
+        await wait_for(lambda: len(served) == 5)
+        supervisor_end.setblocking(False)
+        told = b""
+        async with asyncio.timeout(10):
+            while told.count(workers.CLOSED) < 5:  # reading makes room: what waited follows
+                with contextlib.suppress(BlockingIOError):
+                    told += supervisor_end.recv(1 << 16)
+                await asyncio.sleep(0.01)
+        for client in clients:
+            client.close()
+        return told[filler:]
+
+    async def wait_for(condition: Callable[[], bool]) -> None:
+        async with asyncio.timeout(10):
+            while not condition():
+                await asyncio.sleep(0.01)
+
+    assert asyncio.run(scenario()) == workers.CLOSED * 5
+    assert served == [b"hello"] * 5
+    supervisor_end.close()
+    worker_end.close()
