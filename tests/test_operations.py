@@ -14,7 +14,7 @@ from mitmproxy.version import VERSION as mitmproxy_version
 from addon.fakeapi import Behavior
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, free_port, wait_until
-from .test_failover import post, stream_text
+from .test_failover import MESSAGE, post, stream_text
 from .test_faults import body_of, chunks_of
 
 CLIENT_KEY = "sk-ant-client-CLIENTSECRETKEY000000003"
@@ -114,12 +114,7 @@ def test_a_stop_with_clients_still_connected_is_not_logged_as_an_error(proxy_fac
 
 
 def post_on(client: httpx.Client, stream: bool) -> httpx.Response:
-    body = {
-        "model": "claude-sonnet-4-6",
-        "max_tokens": 8,
-        "stream": stream,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
+    body = dict(MESSAGE, stream=stream)
     return client.post("/v1/messages", json=body, headers={"anthropic-version": "2023-06-01"})
 
 

@@ -59,16 +59,21 @@ def every_worker(proxy, count: int = 2, seen_as=lambda health: True) -> dict[int
     return seen
 
 
+def process_stat(pid: int) -> list[str]:
+    """/proc/PID/stat after the command's name: state, parent pid, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        state = process_stat(pid)[0]
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited
 
 
 def parent_of(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return int(process_stat(pid)[1])
 
 
 def children_of(pid: int) -> list[int]:
