@@ -514,7 +514,7 @@ def resets_in(windows: Mapping[str, Mapping[str, Any]], now: float) -> str:
     """Time until the binding window reopens: a refused one, else the fullest one."""
     binding = sorted(
         windows.values(),
-        key=lambda w: (w.get("status") == "rejected", w.get("utilization") or 0),
+        key=lambda w: (w.get("status") in ("rejected", "exhausted"), w.get("utilization") or 0),
         reverse=True,
     )
     for window in binding:

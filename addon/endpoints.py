@@ -25,7 +25,7 @@ HEALTHY = "healthy"
 COOLING = "cooling"
 PROBING = "probing"
 # How an endpoint's usage windows stand (`limit_state`); a change is worth a log line.
-LIMITS_OK, SATURATED, REJECTED, OVERAGE = "ok", "saturated", "rejected", "overage"
+LIMITS_OK, SATURATED, EXHAUSTED, REJECTED, OVERAGE = "ok", "saturated", "exhausted", "rejected", "overage"
 
 
 @dataclass
@@ -71,8 +71,8 @@ class EndpointState:
         return True
 
     def succeeded(self) -> None:
-        """An answer worth relaying: the cooldown ends, unless the endpoint's windows still refuse."""
-        if self.rejected_until() is None:
+        """An answer worth relaying: the cooldown ends, unless the endpoint's windows are closed."""
+        if self.closed_until() is None:
             self.cooling_until = 0.0
             self.cooling_reason = ""
         self.probe_in_flight = False
@@ -118,20 +118,32 @@ class EndpointState:
         return max((w.utilization or 0.0 for w in self.current_windows().values()), default=0.0)
 
     def rejected_until(self) -> float | None:
-        """When the last of the windows that refuse requests reopens; None when none refuses."""
+        """When the last of a subscription's refusing windows reopens; None when none refuses.
+
+        Such a window refuses the request at hand too (or bills it as extra usage).
+        """
         now = self.clock()
-        resets = [
-            w.resets_at
-            for w in self.current_windows().values()
-            if w.status == limits.REJECTED and w.resets_at
-        ]
+        resets = self._resets(limits.REJECTED)
         if not resets and self.limits_status == limits.REJECTED and (self.limits_reset or 0) > now:
             resets = [self.limits_reset or 0.0]
         return max(resets, default=None)
 
+    def closed_until(self) -> float | None:
+        """When the last window that takes no further request reopens: a subscription's refusing
+        window, or an API key's exhausted one (which still served the request that said so)."""
+        resets = self._resets(limits.EXHAUSTED)
+        if (rejected := self.rejected_until()) is not None:
+            resets.append(rejected)
+        return max(resets, default=None)
+
+    def _resets(self, status: str) -> list[float]:
+        return [w.resets_at for w in self.current_windows().values() if w.status == status and w.resets_at]
+
     def limit_state(self, step_aside_at: float | None) -> str:
         if self.rejected_until() is not None:
             return OVERAGE if self.overage_in_use else REJECTED
+        if self.closed_until() is not None:
+            return EXHAUSTED
         if step_aside_at is not None and self.worst_utilization() >= step_aside_at:
             return SATURATED
         return LIMITS_OK

@@ -171,8 +171,9 @@ class Failover:
 
         def judge(response: UpstreamResponse) -> None:
             self._read_limits(state, response.headers)
-            # A streamed answer from a refused window is billed as extra usage and has not
-            # begun: another account with room should give it instead.
+            # A streamed answer from a subscription's refused window is billed as extra usage
+            # and has not begun: another account with room should give it instead. An API
+            # key's exhausted window is no such case: it accepted this request.
             until = state.rejected_until()
             if until and request.streaming and response.status == 200 and plan.has_alternative(state):
                 raise AttemptFailed(
@@ -210,7 +211,7 @@ class Failover:
         self.metrics.attempts.labels(name, kind).inc()
         outcome.attempts.append(Attempt(name, kind, duration, f"HTTP {response.status}"))
         state.succeeded()
-        if until := state.rejected_until():
+        if until := state.closed_until():
             self._cool_for_limits(state, until)
         elif probing:
             self.shared.recovered(state)
@@ -276,18 +277,18 @@ class Failover:
                     f"{name}={w.utilization:.0%}" for name, w in windows.items() if w.utilization is not None
                 )
                 or None,
-                resets_at=iso_time(state.rejected_until()),
+                resets_at=iso_time(state.closed_until()),
             )
             state.limits_logged = limit_state
 
     def _cool_for_limits(self, state: EndpointState, until: float) -> None:
-        """Skips an endpoint whose answer came from a refused window, until the window reopens."""
+        """Skips an endpoint whose answer came from a closed window, until the window reopens."""
         if until <= state.cooling_until:
             return
         windows = state.current_windows()
-        refused = [n for n, w in windows.items() if w.status == limits.REJECTED and w.resets_at == until]
-        api_key = refused and refused[0] in limits.API_KEY_WINDOWS
-        reason = f"ratelimit_{refused[0].replace('-', '_')}_exhausted" if api_key else WINDOW_REJECTED
+        exhausted = [n for n, w in windows.items() if w.status == limits.EXHAUSTED and w.resets_at == until]
+        api_key = bool(exhausted)
+        reason = f"ratelimit_{exhausted[0].replace('-', '_')}_exhausted" if api_key else WINDOW_REJECTED
         state.cool(until, reason)
         self.shared.cooled(state)
         self.metrics.cooldowns.labels(state.name, "ratelimit" if api_key else WINDOW_REJECTED).inc()

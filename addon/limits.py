@@ -4,8 +4,11 @@ Subscriptions (Pro/Max, OAuth) report `anthropic-ratelimit-unified-*` windows (`
 `7d-sonnet`, … the names are data); API keys report
 `anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-{limit,remaining,reset}`.
 Both become `Window`s with a utilization, a status and a reset time, so that routing and
-cooling treat them alike. A value that is missing, malformed or absurd is left out of the
-reading: a bad header never fails a request and never cools an endpoint.
+cooling treat them alike. Their statuses differ in one way that matters: a subscription's
+`rejected` window refuses the request at hand (or bills it as extra usage), while an API
+key's `exhausted` window has accepted it, and only the next request would get a 429. A
+value that is missing, malformed or absurd is left out of the reading: a bad header never
+fails a request and never cools an endpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ UNIFIED = "anthropic-ratelimit-unified-"
 API_KEY_WINDOWS = ("requests", "tokens", "input-tokens", "output-tokens")
 STATUSES = frozenset({"allowed", "allowed_warning", "rejected"})
 REJECTED = "rejected"
+EXHAUSTED = "exhausted"  # an API key's window at or below `streaming.ratelimitThreshold`
 # Window names become metric labels: keep them short, plain and few.
 WINDOW_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,23}")
 MAX_WINDOWS = 8
@@ -56,7 +60,7 @@ class Reading:
 def read(headers: Iterable[tuple[str, str]], threshold: int = 0, now: float | None = None) -> Reading:
     """The limits in a response's headers (names lower-cased).
 
-    An API-key window whose `remaining` is at or below `threshold` counts as rejected.
+    An API-key window whose `remaining` is at or below `threshold` counts as exhausted.
     """
     now = time.time() if now is None else now
     values = {name: value.strip() for name, value in headers if name.startswith("anthropic-ratelimit-")}
@@ -102,7 +106,7 @@ def _api_key_window(values: dict[str, str], name: str, threshold: int, now: floa
     utilization = None
     if limit and remaining <= limit:
         utilization = 1 - remaining / limit
-    status = REJECTED if remaining <= threshold else "allowed"
+    status = EXHAUSTED if remaining <= threshold else "allowed"
     return Window(utilization, status, resets_at)
 
 

@@ -295,7 +295,7 @@ class RedisState(LocalState):
             state.last_error = str(message.get("error") or state.last_error)
             state.last_error_at = message.get("since") or state.last_error_at
         elif kind == "clear":
-            if state.rejected_until() is None:
+            if state.closed_until() is None:
                 state.cooling_until, state.cooling_reason = 0.0, ""
             state.probe_in_flight = False
         elif kind == "limits" and isinstance(message.get("windows"), dict):

@@ -59,7 +59,8 @@ def test_api_key_headers_become_windows_with_utilization() -> None:
     )
     assert reading.windows["requests"].utilization == pytest.approx(0.8)
     assert reading.windows["requests"].status == "allowed"
-    assert reading.windows["tokens"] == Window(1.0, "rejected", reading.windows["tokens"].resets_at)
+    # exhausted, not rejected: the request that said so was accepted
+    assert reading.windows["tokens"] == Window(1.0, "exhausted", reading.windows["tokens"].resets_at)
     assert reading.status is None  # no unified status: an API key
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from datetime import UTC, datetime, timedelta
 
 import anthropic
 import httpx
@@ -73,6 +74,33 @@ def test_a_streamed_answer_from_a_rejected_window_fails_over_and_the_account_sta
     assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="window_rejected") == 1
     assert proxy.metric("ccf_endpoint_cooldowns_total", endpoint="primary", reason="window_rejected") == 1
     assert '"event": "endpoint_limits"' in proxy.logs() and '"state": "overage"' in proxy.logs()
+
+
+def test_an_api_keys_last_allowed_stream_is_relayed_not_paid_twice(proxy_factory, primary, backup):
+    # The other side of the line drawn above: `remaining: 0` on an API key's 200 means this
+    # request was accepted (and is billed); only the next one would get a 429.
+    reset = datetime.now(UTC) + timedelta(seconds=30)
+    primary.behavior = Behavior(
+        kind="ok",
+        text="The primary's answer.",
+        headers=(
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", reset.isoformat().replace("+00:00", "Z")),
+        ),
+    )
+    proxy = proxy_factory(endpoints_config(primary, backup))
+    with sdk(proxy).messages.stream(**MESSAGE) as stream:
+        assert stream.get_final_text() == "The primary's answer."
+    assert backup.request_count == 0 and primary.disconnects == []
+    state = proxy.endpoint("primary")
+    assert state["status"] == "cooling" and state["reason"] == "ratelimit_requests_exhausted"
+    assert 20 < state["cooldownSecondsLeft"] <= 30
+    assert state["limits"]["requests"]["status"] == "exhausted"
+    assert sdk(proxy).messages.create(**MESSAGE).content[0].text == "Hello from the fake."
+    assert primary.request_count == 1 and backup.request_count == 1
+    assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="ok") == 1
+    assert "window_rejected" not in proxy.logs()
 
 
 def test_a_rejected_account_comes_back_when_its_window_reopens(proxy_factory, primary, backup):
