@@ -36,7 +36,7 @@ from urllib.parse import urlencode, urlsplit
 import yaml
 
 from . import __version__, lean
-from .access import DEFAULT_CLIENT
+from .access import ACCESS_HEADER, DEFAULT_CLIENT
 from .config import (
     OAUTH_BETA,
     Config,
@@ -269,11 +269,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def fetch(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
-    """GET `url` without any HTTP proxy from the environment; None when nothing answers."""
+def fetch(url: str, timeout: float = 2.0, key: str = "") -> tuple[int, bytes] | None:
+    """GET `url` without any HTTP proxy from the environment, presenting the proxy's access
+    `key` if any; None when nothing answers."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={ACCESS_HEADER: key} if key else {})
     try:
-        with opener.open(url, timeout=timeout) as response:
+        with opener.open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as e:
         return e.code, e.read()
@@ -281,9 +283,12 @@ def fetch(url: str, timeout: float = 2.0) -> tuple[int, bytes] | None:
         return None
 
 
-def fetch_health(url: str, timeout: float = 2.0, fleet: bool = False) -> dict[str, Any] | None:
-    """The proxy's /health document (served with 200 or 503); None when it does not answer."""
-    answer = fetch(f"{url}/health" + ("?fleet=1" if fleet else ""), timeout)
+def fetch_health(url: str, timeout: float = 2.0, fleet: bool = False, key: str = "") -> dict[str, Any] | None:
+    """The proxy's /health document (served with 200 or 503); None when it does not answer.
+
+    Without the proxy's access `key`, a proxy that needs one answers only its status.
+    """
+    answer = fetch(f"{url}/health" + ("?fleet=1" if fleet else ""), timeout, key)
     if answer is None or answer[0] not in (200, 503):
         return None
     try:
@@ -436,7 +441,7 @@ def proxy_address(args: argparse.Namespace) -> tuple[int | None, str]:
 
 def cmd_status(args: argparse.Namespace) -> int:
     pid, url = proxy_address(args)
-    health = fetch_health(url, fleet=args.fleet)
+    health = fetch_health(url, fleet=args.fleet, key=own_key(resolve(args).config.server))
     if health is None and pid is None:
         print("not running")
         return NOT_RUNNING
@@ -568,6 +573,11 @@ def page_key(server: Server, name: str | None) -> tuple[str, str]:
         known = ", ".join(keys) or "none"
         raise CommandFailed(f"no access key named {name!r} in the config (named there: {known})")
     return name, keys[name]
+
+
+def own_key(server: Server) -> str:
+    """The key `ccf` presents to a proxy that needs one: the one the browser would get."""
+    return page_key(server, None)[1]
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

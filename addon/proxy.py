@@ -33,7 +33,7 @@ from .config import Config, ConfigError, Server, mask_secret
 from .dashboard import Dashboard
 from .departures import ClientLeft, Departures
 from .direct import DirectRelays, installed
-from .endpoints import COOLING, EndpointPool
+from .endpoints import EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
 from .logs import EventLog
 from .metrics import Metrics
@@ -41,6 +41,7 @@ from .modes import listen_address, named_config
 from .policy import AttemptFailed, RetryBudget
 from .resume import ResumingResponse, can_resume
 from .routing import Router
+from .service import Service
 from .shared import LocalState, RedisState, shared_state
 from .sseview import stream_view
 from .timeline import Timeline
@@ -101,6 +102,7 @@ class Fallback:
         self.body_limit = BodyLimit(self.bridge, self.refused_body)
         self.timeline = Timeline(shared=workers.incidents_dir(), worker=workers.log_context().get("worker"))
         self.dashboard = Dashboard(self, self.timeline)
+        self.service = Service(self, self.dashboard.allowed)
 
     # -- mitmproxy hooks ------------------------------------------------------------
 
@@ -212,9 +214,9 @@ class Fallback:
         # mitmproxy listens before every addon's `running` hook has run
         await self.ready.wait()
         assert self.config is not None
-        if await self.serve_local(flow):
-            return
-        if self.dashboard.serve(flow):
+        if await self.service.serve(flow) or self.dashboard.serve(flow):
+            if self.inspected:
+                self.mask_flow_keys(flow)  # a key sent for /health or /metrics, on the flow mitmweb shows
             return
         body = flow.request.raw_content or b""
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
@@ -375,6 +377,9 @@ class Fallback:
     def status(self) -> str:
         """The health document served on /health, as JSON."""
         return json.dumps(self.health()[1], indent=2)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        return self.service.health()
 
     # -- config ---------------------------------------------------------------------
 
@@ -537,51 +542,6 @@ class Fallback:
         self.metrics_server = server[0] if isinstance(server, tuple) else None
 
     # -- the request's story, in small steps -----------------------------------------
-
-    async def serve_local(self, flow: http.HTTPFlow) -> bool:
-        if flow.request.method != "GET":
-            return False
-        path = flow.request.path.split("?", 1)[0]
-        if path == "/health":
-            status, document = self.health()
-            if flow.request.query.get("fleet") == "1":
-                document["fleet"] = await self.shared.fleet()
-            flow.response = http.Response.make(
-                status, json.dumps(document, indent=2), {"content-type": "application/json"}
-            )
-            return True
-        if path == "/metrics":
-            flow.response = http.Response.make(
-                200,
-                self.metrics.render(),
-                {"content-type": "text/plain; version=0.0.4; charset=utf-8"},
-            )
-            return True
-        return False
-
-    def health(self) -> tuple[int, dict[str, Any]]:
-        assert self.config is not None and self.router is not None
-        routing = self.config.routing
-        endpoints = [state.snapshot(routing.step_aside_at) for state in self.pool]
-        usable = sum(1 for e in endpoints if e["status"] != COOLING)
-        status = "ok" if usable == len(endpoints) else "degraded" if usable else "unavailable"
-        document = {
-            "status": status,
-            "version": __version__,
-            "uptimeSeconds": round(time.time() - self.started_at, 3),
-            "activeStreams": self.metrics.streams_now(),
-            "state": self.shared.mode,
-            "workers": workers.this_worker(),
-            "clients": self.metrics.requests_by_client(),
-            "routing": {
-                "strategy": routing.strategy,
-                "sessionAffinity": self.router.affinity,
-                "stepAsideAt": routing.step_aside_at,
-                "sessions": len(self.router.sessions),
-            },
-            "endpoints": endpoints,
-        }
-        return (200 if usable else 503), document
 
     def refused_body(self) -> None:
         self.metrics.requests.labels("rejected", UNAUTHENTICATED).inc()

@@ -107,6 +107,7 @@ class Proxy:
             self.config_path.write_text(text)
         self.log_path = workdir / "proxy.log"
         self.env = {**clean_env(workdir / "home"), **(env or {})}
+        self.key = access_key_of(config)  # what `get` presents, as `ccf status` does
         self.process: subprocess.Popen[bytes] | None = None
 
     def command(self, *extra: str) -> list[str]:
@@ -173,9 +174,12 @@ class Proxy:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def get(self, path: str) -> tuple[int, bytes]:
+    def get(self, path: str, key: str | None = None) -> tuple[int, bytes]:
+        """GET `path`, presenting the proxy's access key (`key`, else the config's, if any)."""
+        key = self.key if key is None else key
+        request = urllib.request.Request(self.url + path, headers={"x-ccf-access-key": key} if key else {})
         try:
-            with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            with urllib.request.urlopen(request, timeout=10) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()
@@ -198,6 +202,15 @@ class Proxy:
                 if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
                     return float(sample.value)
         return 0.0
+
+
+def access_key_of(config: dict[str, Any] | str | None) -> str:
+    """The key a test's proxy needs, if its config sets one: accessKey, else the first named one."""
+    if not isinstance(config, dict):
+        return ""
+    server = config.get("server") or {}
+    named = server.get("accessKeys") or [{}]
+    return str(server.get("accessKey") or named[0].get("key") or "")
 
 
 def endpoints_config(*fakes: FakeAnthropic, **sections: Any) -> dict[str, Any]:

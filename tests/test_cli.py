@@ -25,7 +25,7 @@ from addon import cli as cli_module
 from addon.config import load_config
 from addon.fakeapi import Behavior, FakeAnthropic
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
+from .conftest import ACCESS_KEY, BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 from .test_operations import WEB_AUTH
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,12 +96,11 @@ def dead_pid() -> int:
     return process.pid
 
 
-def post_message(port: int) -> tuple[int, str | None]:
+def post_message(port: int, key: str = "") -> tuple[int, str | None]:
     body = json.dumps({"model": "claude-x", "max_tokens": 8, "messages": []}).encode()
+    headers = {"content-type": "application/json", "anthropic-version": "2023-06-01"}
     request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/messages",
-        body,
-        {"content-type": "application/json", "anthropic-version": "2023-06-01"},
+        f"http://127.0.0.1:{port}/v1/messages", body, headers | ({"x-ccf-access-key": key} if key else {})
     )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=10) as response:
@@ -195,11 +194,15 @@ def test_start_status_stop_round_trip(cli: Cli, port: int, primary: FakeAnthropi
     assert (after.returncode, after.stdout.strip()) == (3, "not running")
 
 
-def test_status_finds_a_proxy_in_the_foreground(cli: Cli, port: int, primary: FakeAnthropic) -> None:
+def test_status_finds_a_proxy_in_the_foreground(
+    cli: Cli, port: int, primary: FakeAnthropic, backup: FakeAnthropic
+) -> None:
+    # under an access key: `ccf status` presents the config's key, or it would see only a status
+    cli.write_config(endpoints_config(primary, backup, server={"port": port, "accessKey": ACCESS_KEY}))
     primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
     url = f"http://127.0.0.1:{port}"
     with foreground(cli, url, "dev"):
-        assert post_message(port) == (200, "backup")
+        assert post_message(port, ACCESS_KEY) == (200, "backup")
         status = cli("status")
         assert status.returncode == 0, status.stderr
         assert f"address   {url}" in status.stdout

@@ -27,7 +27,7 @@ import yaml
 
 from addon.fakeapi import Behavior
 
-from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, wait_until
+from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE, post, stream_text
 
 ACCESS_KEY = "sk-proxy-access-0001"
@@ -553,6 +553,57 @@ def test_access_key_with_a_keyless_endpoint_passes_the_clients_own_key(proxy_fac
     seen = primary.wait_for_requests(1)[0]
     assert seen.header("x-api-key") == "sk-ant-client-own"
     assert not saw_access_key(seen)
+
+
+def test_health_without_the_key_says_only_its_status(keyed_proxy, primary):
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    assert raw_post(keyed_proxy, {"x-ccf-access-key": ACCESS_KEY}).status_code == 200
+    for key in ("", ACCESS_KEY[:-1]):  # none, or a wrong one
+        status, body = keyed_proxy.get("/health", key=key)
+        assert (status, json.loads(body)) == (200, {"status": "degraded"})
+        assert b"primary" not in body and b"127.0.0.1" not in body
+    whole = json.loads(keyed_proxy.get("/health", key=ACCESS_KEY)[1])
+    assert whole["status"] == "degraded" and whole["clients"] == {"default": 1}
+    assert whole["endpoints"][0]["lastError"] == "status"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"x-api-key": ACCESS_KEY}, {"authorization": f"Bearer {ACCESS_KEY}"}],
+    ids=["x-api-key", "bearer"],
+)
+def test_health_and_metrics_answer_in_full_to_the_key(keyed_proxy, headers):
+    health = httpx.get(keyed_proxy.url + "/health", headers=headers, timeout=10)
+    assert health.status_code == 200
+    assert [e["name"] for e in health.json()["endpoints"]] == ["primary", "backup"]
+    metrics = httpx.get(keyed_proxy.url + "/metrics", headers=headers, timeout=10)
+    assert metrics.status_code == 200 and "ccf_requests_total" in metrics.text
+
+
+def test_the_status_pages_cookie_opens_health_too(keyed_proxy):
+    exchange = httpx.get(f"{keyed_proxy.url}/?key={ACCESS_KEY}", timeout=10)
+    assert exchange.status_code == 303
+    cookies = {"ccf_session": exchange.cookies["ccf_session"]}
+    health = httpx.get(keyed_proxy.url + "/health", cookies=cookies, timeout=10).json()
+    assert [e["name"] for e in health["endpoints"]] == ["primary", "backup"]
+
+
+def test_metrics_need_the_key_but_the_metrics_port_stays_open(proxy_factory, primary):
+    metrics_port = free_port()
+    config = endpoints_config(primary, server={"accessKey": ACCESS_KEY, "metricsPort": metrics_port})
+    proxy = proxy_factory(config)
+    for key in ("", ACCESS_KEY[:-1]):
+        status, body = proxy.get("/metrics", key=key)
+        assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+        assert b"ccf_" not in body
+    side = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+    assert side.status_code == 200 and "ccf_requests_total" in side.text
+
+
+def test_health_and_metrics_stay_open_without_access_keys(proxy):
+    for path in ("/health", "/metrics"):
+        status, body = proxy.get(path, key="")
+        assert status == 200 and b"primary" in body
 
 
 # -- 8. probes under concurrent load (issue 4) ---------------------------------------------

@@ -150,7 +150,9 @@ def test_redis_killed_mid_run_loses_no_request_and_sharing_resumes(
 
 
 def test_the_fleet_view_lists_every_live_instance(proxy_factory, redis_server, primary, backup):
-    fleet = start_fleet(proxy_factory, fleet_config(redis_server, primary, backup))
+    # under named keys, as a team runs it: `ccf status --fleet` presents the config's first key
+    server = {"accessKeys": [{"name": "alice", "key": ALICE_KEY}]}
+    fleet = start_fleet(proxy_factory, fleet_config(redis_server, primary, backup, server=server))
     wait_until(lambda: len(fleet[0].health_fleet()) == 3, 5, "three heartbeats")
     instances = fleet[0].health_fleet()
     assert sorted(i["address"] for i in instances) == sorted(f"127.0.0.1:{p.port}" for p in fleet)

@@ -10,17 +10,19 @@ import pytest
 
 from addon.fakeapi import Behavior
 
-from .conftest import ROOT, endpoints_config, free_port, wait_until
-from .test_failover import post, stream_text
+from .conftest import ACCESS_KEY, ROOT, endpoints_config, free_port, wait_until
+from .test_failover import MESSAGE, post, sdk
 
 needs = "install Debian's `prometheus` package (.ci/run does)"
 
 
 def exercise(proxy, primary) -> None:
+    headers = {"x-ccf-access-key": proxy.key} if proxy.key else {}
     primary.behavior = Behavior(kind="status", status=429)
-    stream_text(proxy)
+    with sdk(proxy, default_headers=headers).messages.stream(**MESSAGE) as stream:
+        assert stream.get_final_text()
     primary.behavior = Behavior(kind="ok")
-    post(proxy, stream=True)
+    assert post(proxy, stream=True, headers=headers).status_code == 200
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason=f"promtool not found: {needs}")
@@ -34,15 +36,19 @@ def test_promtool_accepts_the_metrics(proxy, primary):
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason=f"prometheus not found: {needs}")
 def test_a_real_prometheus_scrapes_both_listeners(proxy_factory, primary, backup, tmp_path):
+    # Under an access key, as a team's gateway runs: the proxy port wants it as a bearer
+    # token (the README's scrape config), the metrics port stays open.
     metrics_port = free_port()
-    proxy = proxy_factory(endpoints_config(primary, backup, server={"metricsPort": metrics_port}))
+    server = {"metricsPort": metrics_port, "accessKey": ACCESS_KEY}
+    proxy = proxy_factory(endpoints_config(primary, backup, server=server))
     exercise(proxy, primary)
     proxy_target = proxy.url.removeprefix("http://")
     config = tmp_path / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n"
         "scrape_configs:\n"
-        f"  - job_name: proxy\n    static_configs:\n      - targets: ['{proxy_target}']\n"
+        f"  - job_name: proxy\n    authorization: {{type: Bearer, credentials: {ACCESS_KEY}}}\n"
+        f"    static_configs:\n      - targets: ['{proxy_target}']\n"
         f"  - job_name: side\n    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
     )
     web_port = free_port()
