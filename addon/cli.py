@@ -47,6 +47,7 @@ from .config import (
     load_config,
     mask_secret,
 )
+from .flowcap import DEFAULT_MAX_FLOWS
 from .limits import parse_time
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
@@ -140,6 +141,7 @@ def proxy_command(
     *,
     log_level: str | None = None,
     web_port: int = 8081,
+    web_max_flows: int | None = None,
 ) -> list[str]:
     """The proxy as configured: the lean master (lean.py), or mitmweb with the addon for `web`.
 
@@ -158,6 +160,8 @@ def proxy_command(
         settings.append(f"fallback_log_level={log_level}")
     if not web:
         return lean.command(settings)
+    if web_max_flows is not None:
+        settings.append(f"fallback_web_max_flows={web_max_flows}")
     # -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module
     return [
         sys.executable,
@@ -190,10 +194,17 @@ def _sets(settings: list[str]) -> list[str]:
     return [arg for setting in settings for arg in ("--set", setting)]
 
 
-def exec_proxy(settings: Settings, web: bool = False, web_port: int = 8081) -> int:
+def exec_proxy(
+    settings: Settings, web: bool = False, web_port: int = 8081, web_max_flows: int | None = None
+) -> int:
     """Replace this process with the proxy, so signals and the exit status are its own."""
     command = proxy_command(
-        settings.config, settings.config_path, web, log_level=settings.log_level, web_port=web_port
+        settings.config,
+        settings.config_path,
+        web,
+        log_level=settings.log_level,
+        web_port=web_port,
+        web_max_flows=web_max_flows,
     )
     print(f"claude-code-fallback on {settings.url} (Ctrl-C stops it)", file=sys.stderr)
     sys.stdout.flush()
@@ -353,7 +364,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    return exec_proxy(resolve(args), web=True, web_port=args.web_port)
+    return exec_proxy(resolve(args), web=True, web_port=args.web_port, web_max_flows=args.max_flows)
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -965,6 +976,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub["logs"].add_argument("-n", "--lines", type=int, default=50, metavar="N", help="lines to show (50)")
     sub["logs"].add_argument("-f", "--follow", action="store_true", help="keep printing")
     sub["web"].add_argument("--web-port", type=int, default=8081, metavar="N", help="mitmweb UI port (8081)")
+    sub["web"].add_argument(
+        "--max-flows",
+        type=int,
+        metavar="N",
+        help=f"flows mitmweb keeps, the most recent ({DEFAULT_MAX_FLOWS}); 0 keeps every flow",
+    )
     sub["open"].add_argument(
         "--as",
         dest="as_name",

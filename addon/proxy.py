@@ -35,6 +35,7 @@ from .departures import ClientLeft, Departures
 from .direct import DirectRelays, installed
 from .endpoints import EndpointPool
 from .failover import Failover, Failure, Outcome, error_failure
+from .flowcap import FlowCap
 from .logs import EventLog
 from .metrics import Metrics
 from .modes import listen_address, named_config
@@ -77,6 +78,7 @@ class Fallback:
         # The lean master's streams take a body from the addon (direct.py): no bridge.
         assert not direct or installed(), "direct relays need direct.install() first"
         self.direct = DirectRelays() if direct else None
+        self.addons = [FlowCap()] if inspected else []  # mitmproxy loads an addon's `addons` too
         self.config: Config | None = None
         self.pool = EndpointPool()
         self.metrics = Metrics(lambda: self.pool, lambda: self.shared.up)

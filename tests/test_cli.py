@@ -26,7 +26,7 @@ from addon.config import load_config
 from addon.fakeapi import Behavior, FakeAnthropic
 
 from .conftest import ACCESS_KEY, BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
-from .test_operations import WEB_AUTH
+from .test_operations import WEB_AUTH, xsrf
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMANDS = ["start", "stop", "status", "logs", "open", "dev", "web", "init", "env", "check", "demo"]
@@ -49,6 +49,7 @@ class Cli:
             if not k.startswith(("CLAUDE_FALLBACK_", "ANTHROPIC_")) and k.lower() not in PROXY_VARIABLES
         }
         self.env["CLAUDE_FALLBACK_HOME"] = str(home)
+        self.foreground_pid = 0  # of the last `foreground` command
 
     def __call__(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -120,6 +121,7 @@ def foreground(cli: Cli, url: str, *args: str) -> Iterator[Path]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    cli.foreground_pid = process.pid
     try:
         wait_until(
             lambda: process.poll() is None and cli_module.fetch_health(url) is not None,
@@ -456,6 +458,55 @@ def test_web_shows_the_answering_endpoint_and_the_first_endpoint_as_target(
             mode = web.get("/options").json()["mode"]["value"]
             assert mode == [f"reverse:http://localhost:{primary.port}@{port}"]
     assert len(primary.requests) == 1
+
+
+def test_web_keeps_the_most_recent_flows_and_its_memory_flat(cli: Cli, primary: FakeAnthropic) -> None:
+    port, web_port, cap = free_port(), free_port(), 40
+    cli.write_config(endpoints_config(primary, server={"port": port}))
+    # Claude Code's requests carry the whole conversation: 200 KB each, as mitmweb keeps them
+    body = json.dumps(
+        {"model": "claude-x", "max_tokens": 8, "messages": [{"role": "user", "content": "x" * 200_000}]}
+    )
+    url = f"http://127.0.0.1:{port}"
+    args = ("web", "--web-port", str(web_port), "--max-flows", str(cap))
+    with foreground(cli, url, *args) as log, httpx.Client(base_url=url, timeout=10) as client:
+        auth = WEB_AUTH and {"Authorization": f"Bearer {web_token(log)}"}
+        web = httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=auth, timeout=10)
+        sent = 0
+
+        def send(count: int) -> None:
+            nonlocal sent
+            for _ in range(count):
+                sent += 1
+                answer = client.post(f"/v1/messages?n={sent}", content=body, headers={"x-api-key": "k"})
+                assert answer.status_code == 200
+
+        def kept() -> list[int]:
+            flows = web.get("/flows").json()
+            return [
+                int(f["request"]["path"].rsplit("=", 1)[1]) for f in flows if "?n=" in f["request"]["path"]
+            ]
+
+        send(2 * cap)  # past the cap, and warm
+        wait_until(lambda: kept() == list(range(cap + 1, sent + 1)), 10, "the view to hold the newest")
+        before = rss_bytes(cli.foreground_pid)
+        send(4 * cap)  # 32 MB of bodies that an uncapped view would keep
+        wait_until(lambda: kept() == list(range(sent - cap + 1, sent + 1)), 10, "the view to hold the newest")
+        grown = rss_bytes(cli.foreground_pid) - before
+        assert grown < 8 * 2**20, f"RSS grew by {grown / 2**20:.1f} MB past the cap"
+        # 0 keeps every flow, as plain mitmweb does
+        ran = web.post(
+            "/commands/set", headers=xsrf(web), json={"arguments": ["fallback_web_max_flows", "0"]}
+        )
+        assert ran.status_code == 200, ran.text
+        send(10)
+        wait_until(lambda: len(kept()) == cap + 10, 10, "the view to keep every new flow")
+        web.close()
+
+
+def rss_bytes(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1]) * 1024
 
 
 def web_token(log: Path) -> str:
