@@ -12,7 +12,7 @@ subcommand, so `-h` means `--host` and only `--help` prints help. Exit codes: 0 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
+import asyncio
 import contextlib
 import http.client
 import json
@@ -38,14 +38,11 @@ import yaml
 from . import __version__, lean
 from .access import ACCESS_HEADER, DEFAULT_CLIENT
 from .config import (
-    OAUTH_BETA,
     Config,
     ConfigError,
-    Endpoint,
     Server,
     default_config_path,
     load_config,
-    mask_secret,
 )
 from .flowcap import DEFAULT_MAX_FLOWS
 from .limits import parse_time
@@ -470,7 +467,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  workers   {count} processes on one port")
     print(f"  state     {health.get('state', 'memory')}")
     print()
-    rows = [["ENDPOINT", "STATUS", "5H", "7D", "RESETS IN", "LAST ERROR"]]
+    rows = [["ENDPOINT", "PROVIDER", "STATUS", "5H", "7D", "RESETS IN", "LAST ERROR"]]
     rows += [endpoint_row(e) for e in health.get("endpoints", [])]
     print(format_table(rows))
     if args.fleet:
@@ -513,6 +510,7 @@ def endpoint_row(endpoint: Mapping[str, Any], now: float | None = None) -> list[
     windows = endpoint.get("limits") or {}
     return [
         str(endpoint.get("name", "?")),
+        str(endpoint.get("provider", "anthropic")),
         status,
         window_use(windows.get("5h")),
         window_use(windows.get("7d")),
@@ -663,57 +661,20 @@ def cmd_env(args: argparse.Namespace) -> int:
     return OK
 
 
-def probe_endpoint(endpoint: Endpoint, timeout: float = 10.0) -> tuple[bool, str]:
-    """GET {baseUrl}/v1/models once with the endpoint's credentials: (ok, what happened)."""
-    headers = {
-        "anthropic-version": "2023-06-01",
-        "user-agent": f"claude-code-fallback/{__version__} (ccf check)",
-    }
-    if endpoint.api_key and endpoint.auth != "x-api-key":
-        headers["authorization"] = f"Bearer {endpoint.api_key}"
-        if endpoint.auth == "oauth":
-            headers["anthropic-beta"] = OAUTH_BETA
-    elif endpoint.api_key:
-        headers["x-api-key"] = endpoint.api_key
-    headers.update(endpoint.headers)
-    request = urllib.request.Request(f"{endpoint.base_url}/v1/models", headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status = response.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    except urllib.error.URLError as e:
-        return False, f"unreachable: {describe_error(e.reason)}"
-    except (OSError, http.client.HTTPException) as e:
-        return False, f"unreachable: {describe_error(e)}"
-    if 200 <= status < 300:
-        return True, "ok"
-    if status in (401, 403):
-        return False, f"auth rejected ({status})"
-    return False, f"reachable (HTTP {status})"
-
-
-def describe_error(error: object) -> str:
-    if isinstance(error, TimeoutError):
-        return "timed out"
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error) or type(error).__name__
-
-
 def cmd_check(args: argparse.Namespace) -> int:
+    from . import checks  # the upstream client: only this command needs it
+
     config = resolve(args).config
     print(f"config: {config.source or 'none (defaults and environment)'}")
-    enabled = config.active_endpoints
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(enabled))) as pool:
-        results = dict(zip(enabled, pool.map(probe_endpoint, enabled), strict=True))
+    verdicts = asyncio.run(checks.check(config, call=args.call, model=args.model or checks.CALL_MODEL))
     rows = []
     for endpoint in config.endpoints:
-        key = mask_secret(endpoint.api_key) if endpoint.api_key else "client key passed through"
-        verdict = results[endpoint][1] if endpoint in results else "disabled (not checked)"
-        rows.append([endpoint.name, endpoint.base_url, key, verdict])
+        verdict = verdicts.get(endpoint)
+        credentials = verdict.credentials if verdict else "-"
+        result = verdict.result if verdict else "disabled (not checked)"
+        rows.append([endpoint.name, endpoint.provider, endpoint.base_url, credentials, result])
     print(format_table(rows))
-    return OK if all(ok for ok, _ in results.values()) else FAILURE
+    return OK if all(v.ok for v in verdicts.values()) else FAILURE
 
 
 # -- demo ---------------------------------------------------------------------------------
@@ -990,6 +951,12 @@ def build_parser() -> argparse.ArgumentParser:
         "else the first named key)",
     )
     sub["init"].add_argument("--force", action="store_true", help="replace an existing file")
+    sub["check"].add_argument(
+        "--call", action="store_true", help="send each endpoint a real 1-token request (billed)"
+    )
+    sub["check"].add_argument(
+        "--model", metavar="M", help="the model --call asks for (claude-haiku-4-5-20251001)"
+    )
     sub["demo"].add_argument(
         "--accounts", action="store_true", help="two subscription accounts sharing sessions instead"
     )

@@ -13,6 +13,7 @@ and what was expected.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import re
@@ -213,17 +214,30 @@ _PORT, _STATUS = _integer(1, 65535), _integer(400, 599)
 _LEVEL = _choice("trace", "debug", "info", "warn", "error", warning="warn")
 
 
+PROVIDERS = ("anthropic", "bedrock", "bedrock-mantle", "vertex")
+# provider -> the pip extra that installs its libraries, and a module of theirs to look for
+PROVIDER_EXTRAS = {
+    "bedrock": ("bedrock", "botocore"),
+    "bedrock-mantle": ("bedrock", "botocore"),
+    "vertex": ("vertex", "google.auth"),
+}
+
+
 @dataclass(frozen=True)
 class Endpoint:
-    """One upstream Anthropic-compatible API, tried in configuration order."""
+    """One upstream API, tried in configuration order: Anthropic's own, or Claude on a platform."""
 
     name: str = _key("name", _string)
     base_url: str = _key("baseUrl", _url)
+    provider: str = _key("provider", _choice(*PROVIDERS), default="anthropic")
     api_key: str | None = _key("apiKey", _secret, default=None, secret=True)
     auth_header: str | None = _key("authHeader", _choice("x-api-key", "bearer", "oauth"), default=None)
     headers: tuple[tuple[str, str], ...] = _key("headers", _pairs("header names"), (), secret=True)
     models: tuple[tuple[str, str], ...] = _key("models", _pairs("model names"), default=())
     enabled: bool = _key("enabled", _boolean, default=True)
+    region: str | None = _key("region", _string, default=None)
+    project: str | None = _key("project", _string, default=None)
+    aws_profile: str | None = _key("awsProfile", _string, default=None)
 
     @property
     def auth(self) -> str:
@@ -234,8 +248,12 @@ class Endpoint:
 
     def map_model(self, model: str) -> str:
         """The model name to send here: an exact entry, else the ``*`` entry, else unchanged."""
+        return self.mapped_model(model) or model
+
+    def mapped_model(self, model: str) -> str | None:
+        """The exact entry of ``models``, else its ``*`` entry; None when neither is there."""
         table = dict(self.models)
-        return table.get(model, table.get("*", model))
+        return table.get(model, table.get("*"))
 
 
 @dataclass(frozen=True)
@@ -370,6 +388,7 @@ class _Reader:
 
     source: str
     problems: list[str]
+    env: Mapping[str, str] = field(default_factory=dict)  # for the platforms' defaults
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{self.source}: {path}: {message}")
@@ -414,9 +433,12 @@ class _Reader:
         if not raw:
             self.fail(path, "no endpoint configured; list at least one")
             return None
-        template, before = Endpoint(name="", base_url=DEFAULT_BASE_URL), len(self.problems)
+        template, before = Endpoint(name="", base_url=""), len(self.problems)
         parsed = [
-            self.apply(template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]")
+            self.platform(
+                self.apply(template, {"baseUrl": item} if isinstance(item, str) else item, f"{path}[{i}]"),
+                f"{path}[{i}]",
+            )
             for i, item in enumerate(raw)
         ]
         used: dict[str, int] = {}
@@ -440,6 +462,85 @@ class _Reader:
             self.fail(path, "every endpoint is disabled; enable at least one")
             return None
         return parsed
+
+    def platform(self, endpoint: Endpoint, path: str) -> Endpoint:
+        """The endpoint with its platform's defaults filled in from the environment, as the
+        platform's own SDK fills them; a key that its provider does not use is a mistake."""
+        provider, env = endpoint.provider, self.env
+        for key, value, takes in (
+            ("region", endpoint.region, ("bedrock", "bedrock-mantle", "vertex")),
+            ("project", endpoint.project, ("vertex",)),
+            ("awsProfile", endpoint.aws_profile, ("bedrock", "bedrock-mantle")),
+            ("authHeader", endpoint.auth_header, ("anthropic",)),
+            ("apiKey", endpoint.api_key, ("anthropic", "bedrock", "bedrock-mantle")),
+        ):
+            if value is not None and provider not in takes:
+                self.fail(f"{path}.{key}", f"not used by provider {provider} (only by {', '.join(takes)})")
+        if (extra := PROVIDER_EXTRAS.get(provider)) and importlib.util.find_spec(extra[1]) is None:
+            install = f"pip install 'claude-code-fallback[{extra[0]}]'"
+            self.fail(f"{path}.provider", f"{provider} needs the {extra[0]} extra; install it: {install}")
+        platform = _PLATFORMS.get(provider)
+        if platform is None:
+            return replace(endpoint, base_url=endpoint.base_url or DEFAULT_BASE_URL)
+        region = endpoint.region or next((env[v] for v in platform.region_variables if env.get(v)), None)
+        if not region:
+            self.fail(
+                f"{path}.region", f"required for provider {provider}; or set {platform.region_variables[0]}"
+            )
+            return endpoint
+        return replace(
+            endpoint,
+            region=region,
+            base_url=endpoint.base_url
+            or env.get(platform.base_url_variable, "").rstrip("/")
+            or platform.url(region),
+            api_key=endpoint.api_key or next((env[v] for v in platform.key_variables if env.get(v)), None),
+            project=endpoint.project
+            or (env.get(platform.project_variable) if platform.project_variable else None),
+        )
+
+
+@dataclass(frozen=True)
+class _Platform:
+    """Where a platform's defaults come from, as its SDK reads them."""
+
+    url: Callable[[str], str]  # the base URL for a region
+    region_variables: tuple[str, ...]
+    base_url_variable: str
+    key_variables: tuple[str, ...] = ()
+    project_variable: str | None = None
+
+
+def _vertex_base_url(region: str) -> str:
+    """Where Vertex AI serves `region`, as the anthropic SDK picks it."""
+    if region == "global":
+        return "https://aiplatform.googleapis.com/v1"
+    if region in ("us", "eu"):
+        return f"https://aiplatform.{region}.rep.googleapis.com/v1"
+    return f"https://{region}-aiplatform.googleapis.com/v1"
+
+
+_AWS_REGION = ("AWS_REGION", "AWS_DEFAULT_REGION")
+_PLATFORMS = {
+    "bedrock": _Platform(
+        lambda region: f"https://bedrock-runtime.{region}.amazonaws.com",
+        _AWS_REGION,
+        "ANTHROPIC_BEDROCK_BASE_URL",
+        ("AWS_BEARER_TOKEN_BEDROCK",),
+    ),
+    "bedrock-mantle": _Platform(
+        lambda region: f"https://bedrock-mantle.{region}.api.aws/anthropic",
+        _AWS_REGION,
+        "ANTHROPIC_BEDROCK_MANTLE_BASE_URL",
+        ("AWS_BEARER_TOKEN_BEDROCK", "ANTHROPIC_AWS_API_KEY"),
+    ),
+    "vertex": _Platform(
+        _vertex_base_url,
+        ("CLOUD_ML_REGION",),
+        "ANTHROPIC_VERTEX_BASE_URL",
+        project_variable="ANTHROPIC_VERTEX_PROJECT_ID",
+    ),
+}
 
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -514,7 +615,7 @@ def load_config(
         file = None  # no file at all is fine: defaults and environment only
     data = _interpolate(_read_yaml(file), env) if file else None
     problems: list[str] = []
-    reader = _Reader(str(file) if file else "defaults", problems)
+    reader = _Reader(str(file) if file else "defaults", problems, env)
     top = reader.mapping(data, "top level")
     for key in top:
         if key not in {"endpoints", *_SECTIONS}:
@@ -525,7 +626,7 @@ def load_config(
         endpoints = reader.endpoints(top["endpoints"], "endpoints")
 
     if env_endpoints := env.get("CLAUDE_FALLBACK_ENDPOINTS", "").strip():
-        reader = _Reader("environment", problems)
+        reader = _Reader("environment", problems, env)
         try:
             raw = _env_endpoints(env_endpoints)
         except json.JSONDecodeError as e:

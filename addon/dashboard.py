@@ -164,7 +164,13 @@ class Dashboard:
             if endpoint["lastError"]:
                 endpoint["lastErrorDetail"] = self.timeline.causes.get(endpoint["name"])
         endpoints += [
-            {"name": e.name, "baseUrl": e.base_url, "enabled": False, "state": DISABLED}
+            {
+                "name": e.name,
+                "provider": e.provider,
+                "baseUrl": e.base_url,
+                "enabled": False,
+                "state": DISABLED,
+            }
             for e in config.endpoints
             if not e.enabled
         ]

@@ -157,6 +157,7 @@ class EndpointState:
         limit_state = self.limit_state(step_aside_at)
         return {
             "name": self.name,
+            "provider": self.endpoint.provider,
             "baseUrl": self.endpoint.base_url,
             "enabled": self.endpoint.enabled,
             "status": status,

@@ -22,6 +22,7 @@ from .endpoints import LIMITS_OK, EndpointPool, EndpointState, iso_time
 from .logs import EventLog
 from .metrics import Metrics
 from .policy import TIMEOUT_KINDS, AttemptFailed, ErrorResponse, Plan, RetryBudget, backoff_delay
+from .providers import CredentialsError, Provider
 from .routing import Router, session_of
 from .shared import LocalState
 from .upstream import ClientRequest, UpstreamClient, UpstreamResponse
@@ -91,8 +92,17 @@ class Failover:
         if session and self.router.affinity and self.router.sessions.get(session) is None:
             await self._session_elsewhere(session)
         order = self.router.order(self.pool, session)
-        plan = Plan(order, retry.max_retries if retry.enabled else 1, self._claim_probe)
         outcome = Outcome()
+        declined = {s.name: why for s in order if (why := self.client.provider(s.endpoint).declines(request))}
+        if declined:
+            order = [state for state in order if state.name not in declined]
+            if not order:
+                reasons = "; ".join(f"{name}: {why}" for name, why in declined.items())
+                outcome.failure = error_failure(
+                    404, "not_found_error", f"No endpoint serves this request: {reasons}"
+                )
+                return outcome
+        plan = Plan(order, retry.max_retries if retry.enabled else 1, self._claim_probe)
         last_failure: list[AttemptFailed] = []
         backoffs = [0]
 
@@ -189,14 +199,17 @@ class Failover:
         except AttemptFailed as failure:
             duration = time.monotonic() - started
             if failure.kind != WINDOW_REJECTED:  # declined, not failed: still a last resort
-                plan.mark_failed(state)
+                plan.mark_failed(state, failure.final)
             outcome.attempts.append(Attempt(name, failure.kind, duration, failure.detail))
             self.metrics.attempts.labels(name, failure.kind).inc()
             if failure.response is not None:
                 self._read_limits(state, failure.response.headers)
-            self.endpoint_failed(
-                state, failure, attempt=len(outcome.attempts), duration_ms=round(duration * 1000, 1)
-            )
+            if failure.cools:
+                self.endpoint_failed(
+                    state, failure, attempt=len(outcome.attempts), duration_ms=round(duration * 1000, 1)
+                )
+            else:
+                state.released()
             if probing:
                 self.shared.release_probe(name)
             raise
@@ -229,6 +242,18 @@ class Failover:
             return True
         state.probed_elsewhere(PROBE_ASK_AGAIN)
         return False
+
+    async def prepare(self, provider: Provider) -> None:
+        """Finds an endpoint's credentials before its first request; without any, it cools."""
+        name = provider.endpoint.name
+        try:
+            found = await provider.prepare()
+        except CredentialsError as e:
+            self.events.event("endpoint_credentials_missing", logging.ERROR, endpoint=name, error=str(e))
+            if state := self.pool.get(name):
+                self.endpoint_failed(state, AttemptFailed(name, "credentials", str(e)))
+            return
+        self.events.event("endpoint_credentials", logging.DEBUG, endpoint=name, found=found)
 
     def endpoint_failed(self, state: EndpointState, failure: AttemptFailed, **details: object) -> None:
         """Cools an endpoint that failed a request, and says so in the metrics and the log."""

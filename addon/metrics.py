@@ -56,7 +56,13 @@ class _EndpointCollector(Collector):
             "When each usage window of the endpoint reopens (Unix time).",
             labels=["endpoint", "window"],
         )
+        info = GaugeMetricFamily(
+            f"{NAMESPACE}_endpoint_info",
+            "Always 1: which platform each endpoint is (anthropic, bedrock, bedrock-mantle, vertex).",
+            labels=["endpoint", "provider"],
+        )
         for state in self.pool():
+            info.add_metric([state.name, state.endpoint.provider], 1)
             up.add_metric([state.name], 0 if state.status == COOLING else 1)
             left.add_metric([state.name], state.cooldown_left())
             failures.add_metric([state.name], state.consecutive_failures)
@@ -65,7 +71,7 @@ class _EndpointCollector(Collector):
                     utilization.add_metric([state.name, window], reading.utilization)
                 if reading.resets_at is not None:
                     resets.add_metric([state.name, window], reading.resets_at)
-        yield from (up, left, failures, utilization, resets)
+        yield from (info, up, left, failures, utilization, resets)
 
 
 class _StateCollector(Collector):

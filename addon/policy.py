@@ -32,9 +32,12 @@ class AttemptFailed(Exception):
     """One attempt at one endpoint failed in a way another attempt may fix.
 
     `kind` is one of: status, refused, reset, dns, tls, connect_timeout,
-    first_byte_timeout, closed, malformed, sse_error, idle_timeout, window_rejected (a
-    metrics label). `cool_until`, when the endpoint said when it reopens, is how long it
-    cools, whatever `cooldownSeconds` says.
+    first_byte_timeout, closed, malformed, sse_error, idle_timeout, window_rejected,
+    credentials (the endpoint's platform has none to use, or refused them), untranslatable
+    (the request has no form on the endpoint's platform) (a metrics label). `cool_until`,
+    when the endpoint said when it reopens, is how long it cools, whatever
+    `cooldownSeconds` says. A `final` failure will not change on another attempt: the
+    request does not come back to that endpoint.
     """
 
     def __init__(
@@ -47,6 +50,7 @@ class AttemptFailed(Exception):
         retry_after: float | None = None,
         response: ErrorResponse | None = None,
         cool_until: float | None = None,
+        final: bool = False,
     ) -> None:
         super().__init__(f"{endpoint}: {detail}")
         self.endpoint = endpoint
@@ -56,6 +60,12 @@ class AttemptFailed(Exception):
         self.retry_after = retry_after
         self.response = response
         self.cool_until = cool_until
+        self.final = final
+
+    @property
+    def cools(self) -> bool:
+        """Whether the endpoint is to blame: a request it cannot express is not its failure."""
+        return self.kind != "untranslatable"
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -141,6 +151,7 @@ class Plan:
     claim: Callable[[EndpointState], Awaitable[bool]]
     attempts: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
+    excluded: set[str] = field(default_factory=set)  # failed for good: no attempt will do better
 
     async def fresh(self) -> EndpointState | None:
         for state in self.order:
@@ -164,7 +175,11 @@ class Plan:
         return state.name not in self.failed and (state.status == HEALTHY or state.usable_in_overage())
 
     def fallback(self) -> EndpointState | None:
-        left = [s for s in self.order if self.attempts.get(s.name, 0) < self.max_attempts]
+        left = [
+            s
+            for s in self.order
+            if self.attempts.get(s.name, 0) < self.max_attempts and s.name not in self.excluded
+        ]
         if not left:
             return None
         return min(left, key=lambda s: (s.name in self.failed, s.cooling_until))
@@ -175,5 +190,7 @@ class Plan:
     def record(self, state: EndpointState) -> None:
         self.attempts[state.name] = self.attempts.get(state.name, 0) + 1
 
-    def mark_failed(self, state: EndpointState) -> None:
+    def mark_failed(self, state: EndpointState, final: bool = False) -> None:
         self.failed.add(state.name)
+        if final:
+            self.excluded.add(state.name)

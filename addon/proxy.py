@@ -40,6 +40,7 @@ from .logs import EventLog
 from .metrics import Metrics
 from .modes import listen_address, named_config
 from .policy import AttemptFailed, RetryBudget
+from .providers import Provider
 from .resume import ResumingResponse, can_resume
 from .routing import Router
 from .service import Service
@@ -410,8 +411,9 @@ class Fallback:
         self.config_mtime = _mtime(config.source)
         self.warn(advice.config_readable(config))
         if self.client is not None:
-            self.client.config = config
+            added = self.client.configure(config)
             self.build_failover()
+            self.prepare(added)
 
     async def start_shared(self) -> None:
         """The fleet's shared state (Redis), or none; a Redis that is away is no reason to wait."""
@@ -455,6 +457,13 @@ class Fallback:
         )
         await self.client.start()
         self.build_failover()
+        self.prepare(self.client.configure(self.config))
+
+    def prepare(self, providers: Iterable[Provider]) -> None:
+        """Each new endpoint's credentials, looked for in the background: the proxy serves meanwhile."""
+        assert self.failover is not None
+        for provider in providers:
+            self.spawn(self.failover.prepare(provider))
 
     def flow_body_limit(self) -> int:
         """How much of each relayed body to keep on the flow: nothing when no one looks."""

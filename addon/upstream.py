@@ -21,24 +21,11 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from . import sse
-from .config import OAUTH_BETA, Config, Endpoint
+from . import providers, sse
+from .config import Config, Endpoint
 from .policy import AttemptFailed, ErrorResponse, retry_after_seconds
+from .providers import HOP_BY_HOP, Outgoing, Provider
 
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 ERROR_BODY_LIMIT = 1 << 20
 READ_SIZE = 1 << 16
 
@@ -75,61 +62,6 @@ class ClientRequest:
             model=model if isinstance(model, str) else None,
             payload=payload,
         )
-
-
-def upstream_url(endpoint: Endpoint, path: str) -> URL:
-    return URL(endpoint.base_url + path, encoded=True)
-
-
-def upstream_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras.
-
-    An endpoint with a key of its own gets the client's betas merged into one
-    `anthropic-beta` header, with the OAuth beta added for a subscription token and taken
-    out for an API key (a client logged in to a subscription sends it).
-    """
-    connection_tokens = {
-        token.strip().lower()
-        for name, value in request.headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    skip = NOT_FORWARDED | connection_tokens
-    if endpoint.api_key:
-        skip = skip | {"x-api-key", "authorization", "anthropic-beta"}
-    extra = {name.lower() for name, _ in endpoint.headers}
-    headers = [(n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra]
-    if endpoint.api_key:
-        auth = endpoint.auth
-        if auth == "x-api-key":
-            headers.append(("x-api-key", endpoint.api_key))
-        else:
-            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
-        betas = _betas((*request.headers, *endpoint.headers))
-        betas = [b for b in betas if b != OAUTH_BETA] + ([OAUTH_BETA] if auth == "oauth" else [])
-        if betas:
-            headers.append(("anthropic-beta", ",".join(betas)))
-    headers.extend(
-        (n, v) for n, v in endpoint.headers if not (endpoint.api_key and n.lower() == "anthropic-beta")
-    )
-    return headers
-
-
-def _betas(headers: tuple[tuple[str, str], ...]) -> list[str]:
-    """Every `anthropic-beta` value, in order, once each."""
-    values = (v for n, v in headers if n.lower() == "anthropic-beta")
-    return list(dict.fromkeys(b.strip() for value in values for b in value.split(",") if b.strip()))
-
-
-def upstream_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
-    """The body byte for byte, unless the endpoint maps the model to a name of its own."""
-    if not (endpoint.models and request.payload and request.model):
-        return request.body
-    mapped = endpoint.map_model(request.model)
-    if mapped == request.model:
-        return request.body
-    payload = dict(request.payload, model=mapped)
-    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _response_headers(resp: aiohttp.ClientResponse) -> tuple[tuple[bytes, bytes], ...]:
@@ -184,17 +116,30 @@ class UpstreamResponse:
     body_check: BodyCheck | None = None
     rest: AsyncIterator[bytes] | None = None  # the relay's own reader, when `read_whole` stopped early
     broken: StreamBroken | None = None  # what `read_whole` met, for the relay to meet again
+    translator: providers.Translator | None = None  # a platform's body into Anthropic's
 
     @property
     def is_event_stream(self) -> bool:
         return self.events is not None
 
+    def take(self, raw: bytes) -> bytes:
+        """What the client gets of bytes from the endpoint: the same bytes, or their translation.
+
+        Raises StreamBroken when the body is corrupt (a bad compressed stream, a bad frame).
+        """
+        if self.body_check is not None:
+            self.body_check.feed(raw)
+        if self.translator is None:
+            return raw
+        try:
+            return self.translator.feed(raw)
+        except Exception as e:
+            raise StreamBroken("malformed", f"cannot decode the platform's answer: {e}") from None
+
     def observe(self, chunk: bytes, only: tuple[bytes, ...] = ()) -> list[sse.Event]:
         """Keeps the bounded copy and reads the events in a chunk (usage, errors); see EventReader.feed."""
         if len(self.copy) < self.copy_limit:
             self.copy += chunk[: self.copy_limit - len(self.copy)]
-        if self.body_check is not None:
-            self.body_check.feed(chunk)
         if self.events is None or self.decoder is None:
             return []
         try:
@@ -236,6 +181,8 @@ class UpstreamResponse:
         for chunk in self.held:
             yield chunk
         self.held = []
+        if self.complete:  # a platform's error, read whole and rewritten
+            return
         if self.broken is not None:
             raise self.broken
         if self.rest is not None:
@@ -258,17 +205,20 @@ class UpstreamResponse:
                     raise StreamBroken("upstream_cut", type(e).__name__) from None
                 if not chunk:
                     break
+                chunk = self.take(chunk)
                 self.observe(chunk, sse.USAGE_EVENTS)  # past the preamble, only usage is read
                 if lag:
                     chunk, behind = behind, chunk
-                    if not chunk:
-                        continue
-                yield chunk
+                if chunk:
+                    yield chunk
         finally:
             watch.stop()
         # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
         if self.body_check is not None and not self.body_check.whole():
             raise StreamBroken("malformed", "compressed body ended before its end marker")
+        if self.translator is not None and (tail := self.translator.end()):
+            self.observe(tail, sse.USAGE_EVENTS)
+            behind += tail
         if behind:
             yield behind
         self.complete = True
@@ -419,6 +369,7 @@ class UpstreamClient:
         self.on_stale = on_stale  # told the endpoint's name when a stale pooled connection is retried
         self.session: aiohttp.ClientSession | None = None
         self.fresh: aiohttp.ClientSession | None = None  # never reuses a connection
+        self.providers: dict[Endpoint, Provider] = {}
 
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=30, keepalive_timeout=15)
@@ -451,6 +402,8 @@ class UpstreamClient:
         """Sends one attempt. `judge` sees an acceptable answer's headers before a stream's
         preamble is held, and may still refuse it by raising AttemptFailed."""
         assert self.session is not None
+        provider = self.provider(endpoint)
+        outgoing = await self._outgoing(provider, request)
         timeouts = self.config.timeouts
         header_wait = timeouts.first_byte if request.streaming else timeouts.response
         header_wait = min(header_wait, max(0.0, deadline - time.monotonic()))
@@ -459,13 +412,13 @@ class UpstreamClient:
         try:
             async with asyncio.timeout(header_wait):
                 try:
-                    resp = await self._request(self.session, endpoint, request, pooled)
+                    resp = await self._request(self.session, outgoing, pooled)
                 except (aiohttp.ClientError, OSError) as e:
                     if not pooled.went_stale(e):
                         raise
                     # Not the endpoint's fault: once more, on a new connection, at no cost.
                     self.on_stale(endpoint.name)
-                    resp = await self._request(self.fresh, endpoint, request, None)
+                    resp = await self._request(self.fresh, outgoing, None)
         except (aiohttp.ClientError, OSError) as e:
             if isinstance(e, TimeoutError) and not isinstance(e, aiohttp.ConnectionTimeoutError):
                 raise AttemptFailed(
@@ -485,6 +438,8 @@ class UpstreamClient:
             copy_limit=self.copy_limit,
             body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
         )
+        if resp.status >= 400 and provider.reads_errors:
+            return await self._platform_error(provider, answer)
         if resp.status in self.config.retry.statuses:
             raise await self._error_response(answer, resp)
         if judge is not None:
@@ -493,8 +448,11 @@ class UpstreamClient:
             except AttemptFailed:
                 resp.close()
                 raise
-        if resp.status == 200 and resp.content_type == "text/event-stream":
-            answer.decoder = sse.decoder_for(resp.headers.get("content-encoding"))
+        if resp.status < 300:
+            reply = provider.reply(answer.headers, request)
+            answer.headers, answer.translator = reply.headers, reply.translator
+        if resp.status == 200 and content_type(answer.headers) == "text/event-stream":
+            answer.decoder = sse.decoder_for(header_value(answer.headers, b"content-encoding"))
             if answer.decoder is not None:
                 answer.events = sse.EventReader()
                 try:
@@ -504,41 +462,92 @@ class UpstreamClient:
                     raise
         return answer
 
+    def provider(self, endpoint: Endpoint) -> Provider:
+        """The endpoint's provider, kept across reloads while the endpoint stays the same."""
+        if (provider := self.providers.get(endpoint)) is None:
+            provider = self.providers[endpoint] = providers.for_endpoint(endpoint)
+        return provider
+
+    def configure(self, config: Config) -> list[Provider]:
+        """Takes a new config; returns the providers it brings that were not there before."""
+        self.config = config
+        kept = {e: p for e, p in self.providers.items() if e in config.endpoints}
+        self.providers = kept
+        return [self.provider(e) for e in config.active_endpoints if e not in kept]
+
+    async def _outgoing(self, provider: Provider, request: ClientRequest) -> Outgoing:
+        """The request as the endpoint's platform takes it, signed; or why it cannot be sent."""
+        name = provider.endpoint.name
+        try:
+            return await provider.authenticate(provider.outgoing(request))
+        except providers.Untranslatable as e:
+            # Not the endpoint's fault: nothing cools, and the client hears why if no other can.
+            body = providers.anthropic_error("invalid_request_error", str(e))
+            refusal = ErrorResponse(400, ((b"content-type", b"application/json"),), body)
+            raise AttemptFailed(
+                name, "untranslatable", str(e), status=400, response=refusal, final=True
+            ) from None
+        except providers.CredentialsError as e:
+            raise AttemptFailed(name, "credentials", str(e), final=True) from None
+
     async def _request(
         self,
         session: aiohttp.ClientSession | None,
-        endpoint: Endpoint,
-        request: ClientRequest,
+        outgoing: Outgoing,
         pooled: PooledConnection | None,
     ) -> aiohttp.ClientResponse:
         assert session is not None
         return await session.request(
-            request.method,
-            upstream_url(endpoint, request.path),
-            headers=upstream_headers(endpoint, request),
-            data=upstream_body(endpoint, request) or None,
+            outgoing.method,
+            URL(outgoing.url, encoded=True),
+            headers=outgoing.headers,
+            data=outgoing.body or None,
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.config.timeouts.connect),
             trace_request_ctx=pooled,
         )
 
-    async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
-        name = answer.endpoint.name
+    async def _error_body(self, resp: aiohttp.ClientResponse) -> bytes:
         try:
             async with asyncio.timeout(self.config.timeouts.idle):
-                body = await resp.content.read(ERROR_BODY_LIMIT)
+                return await resp.content.read(ERROR_BODY_LIMIT)
         except (TimeoutError, aiohttp.ClientError, OSError):
-            body = b""
+            return b""
         finally:
             resp.close()  # an error body is small; a fresh connection is cheaper than reading it out
+
+    async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
+        body = await self._error_body(resp)
         return AttemptFailed(
-            name,
+            answer.endpoint.name,
             "status",
             f"HTTP {resp.status}",
             status=resp.status,
             retry_after=retry_after_seconds(_str_headers(resp.headers)),
             response=ErrorResponse(resp.status, answer.headers, body),
         )
+
+    async def _platform_error(self, provider: Provider, answer: UpstreamResponse) -> UpstreamResponse:
+        """A platform's error, read whole and made Anthropic's: failed over, or the client's answer."""
+        error = provider.error(answer.status, answer.headers, await self._error_body(answer.response))
+        name = answer.endpoint.name
+        response = ErrorResponse(error.status, error.headers, error.body)
+        detail = f"HTTP {answer.status}"
+        if error.credentials:
+            refused = f"{detail}: the platform refused the proxy's credentials"
+            raise AttemptFailed(
+                name, "credentials", refused, status=answer.status, response=response, final=True
+            )
+        recoverable = error.recoverable
+        if recoverable is None:
+            recoverable = answer.status in self.config.retry.statuses
+        if recoverable:
+            raise AttemptFailed(
+                name, "status", detail, status=answer.status, retry_after=error.retry_after, response=response
+            )
+        answer.status, answer.headers = error.status, error.headers
+        answer.held, answer.complete = [error.body], True
+        return answer
 
     async def _hold_preamble(self, answer: UpstreamResponse, deadline: float) -> None:
         """Holds the stream's opening events until content arrives; fails the attempt if it never does."""
@@ -571,14 +580,15 @@ class UpstreamClient:
             if not chunk:
                 answer.close()
                 raise AttemptFailed(name, "closed", "stream ended before content")
-            answer.held.append(chunk)
             held_bytes += len(chunk)
             started = False
             try:
-                events = answer.observe(chunk)
+                chunk = answer.take(chunk)
             except StreamBroken as e:
                 answer.close()
                 raise AttemptFailed(name, "malformed", str(e)) from None
+            answer.held.append(chunk)
+            events = answer.observe(chunk)
             for event in events:
                 if event.name == "error" and not started:
                     answer.close()
@@ -592,6 +602,16 @@ class UpstreamClient:
                 started = started or not sse.is_preamble(event)
             if started or answer.events is None:
                 return
+
+
+def header_value(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> str | None:
+    """The first value of header `name` (lower case), decoded; None when absent."""
+    return next((v.decode("latin-1") for k, v in headers if k.lower() == name), None)
+
+
+def content_type(headers: tuple[tuple[bytes, bytes], ...]) -> str:
+    """The media type alone, lower case: `text/event-stream` of `text/event-stream; charset=utf-8`."""
+    return (header_value(headers, b"content-type") or "").split(";", 1)[0].strip().lower()
 
 
 def _str_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> dict[str, str]:

@@ -299,7 +299,7 @@ def test_windows_show_in_health_metrics_and_status(proxy_factory, primary, backu
         metric("ccf_endpoint_ratelimit_reset_timestamp_seconds", endpoint="primary", window="5h") == resets_at
     )
     row = endpoint_row(state, now=resets_at - 2 * HOURS)
-    assert row[:5] == ["primary", "healthy", "42%", "15%", "2h 00m 00s"]
+    assert row[:6] == ["primary", "anthropic", "healthy", "42%", "15%", "2h 00m 00s"]
 
 
 @pytest.mark.parametrize(

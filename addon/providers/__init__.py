@@ -1,0 +1,238 @@
+"""The platforms behind the endpoints: how a request reaches each, and how its answer comes back.
+
+A provider is a few small steps on one interface, `Provider`: which requests it takes
+(`declines`), how a request is addressed and shaped (`outgoing`) and signed
+(`authenticate`), how a successful answer becomes Anthropic's bytes (`reply`), and how a
+failed one is read (`error`). Anthropic's own API is the first provider: its requests go
+as they came and its answers come back untouched. Everything above this package
+(failover, the preamble hold, resume, usage, mitmweb's view) sees Anthropic requests and
+events only, whichever platform answered. A platform's module is imported only when an
+endpoint names it, so that its libraries cost nothing otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from ..config import OAUTH_BETA, Endpoint
+from ..policy import retry_after_seconds
+
+if TYPE_CHECKING:
+    from ..upstream import ClientRequest
+
+# provider name -> its module in this package; `anthropic` is `Provider` itself
+MODULES = {"bedrock": "bedrock", "bedrock-mantle": "bedrock", "vertex": "vertex"}
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+class Translator(Protocol):
+    """Turns a platform's answer body into Anthropic's, as it arrives."""
+
+    def feed(self, data: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One request as it goes to the platform."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How a successful answer reaches the client: its headers, and the translation of its body
+    (None: the bytes pass as they came)."""
+
+    headers: Headers
+    translator: Translator | None = None
+
+
+@dataclass(frozen=True)
+class PlatformError:
+    """A platform's error answer, Anthropic-shaped with its status kept.
+
+    `recoverable` None leaves the verdict to `retry.statuses`, as for Anthropic's own errors.
+    """
+
+    status: int
+    headers: Headers
+    body: bytes
+    recoverable: bool | None = None
+    retry_after: float | None = None
+    credentials: bool = False  # the proxy's own credentials were refused: the endpoint cannot serve
+
+
+class CredentialsError(Exception):
+    """No usable credentials for an endpoint; the message says what was looked for."""
+
+
+class Untranslatable(Exception):
+    """The client's request has no form on this platform; the message is for the client."""
+
+
+class Provider:
+    """Anthropic's API itself: the client's request as it came, the answer as it comes."""
+
+    name = "anthropic"
+    reads_errors = False  # whether `error` wants every answer of status >= 400 with its body
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def declines(self, request: ClientRequest) -> str | None:
+        """Why this endpoint cannot take `request` at all (it is skipped); None when it can."""
+        return None
+
+    def outgoing(self, request: ClientRequest) -> Outgoing:
+        return Outgoing(
+            request.method,
+            self.endpoint.base_url + request.path,
+            anthropic_headers(self.endpoint, request),
+            anthropic_body(self.endpoint, request),
+        )
+
+    async def authenticate(self, outgoing: Outgoing) -> Outgoing:
+        return outgoing
+
+    def reply(self, headers: Headers, request: ClientRequest) -> Reply:
+        return Reply(headers)
+
+    def error(self, status: int, headers: Headers, body: bytes) -> PlatformError:
+        return PlatformError(status, headers, body)
+
+    async def prepare(self) -> str:
+        """Finds the endpoint's credentials ahead of the first request; says what it found.
+        Raises CredentialsError when there are none to use."""
+        return "API key" if self.endpoint.api_key else "the client's own key, passed through"
+
+
+def for_endpoint(endpoint: Endpoint) -> Provider:
+    if (module := MODULES.get(endpoint.provider)) is None:
+        return Provider(endpoint)
+    return importlib.import_module(f".{module}", __package__).provider(endpoint)  # type: ignore[no-any-return]
+
+
+# -- Anthropic's request ---------------------------------------------------------------------
+
+
+def anthropic_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[str, str]]:
+    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras.
+
+    An endpoint with a key of its own gets the client's betas merged into one
+    `anthropic-beta` header, with the OAuth beta added for a subscription token and taken
+    out for an API key (a client logged in to a subscription sends it).
+    """
+    connection_tokens = {
+        token.strip().lower()
+        for name, value in request.headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    skip = NOT_FORWARDED | connection_tokens
+    if endpoint.api_key:
+        skip = skip | {"x-api-key", "authorization", "anthropic-beta"}
+    extra = {name.lower() for name, _ in endpoint.headers}
+    headers = [(n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra]
+    if endpoint.api_key:
+        auth = endpoint.auth
+        if auth == "x-api-key":
+            headers.append(("x-api-key", endpoint.api_key))
+        else:
+            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
+        betas = [b for b in client_betas(request, endpoint) if b != OAUTH_BETA]
+        betas += [OAUTH_BETA] if auth == "oauth" else []
+        if betas:
+            headers.append(("anthropic-beta", ",".join(betas)))
+    headers.extend(
+        (n, v) for n, v in endpoint.headers if not (endpoint.api_key and n.lower() == "anthropic-beta")
+    )
+    return headers
+
+
+def client_betas(request: ClientRequest, endpoint: Endpoint) -> list[str]:
+    """Every `anthropic-beta` value of the client and the endpoint's own headers, in order, once each."""
+    values = (v for n, v in (*request.headers, *endpoint.headers) if n.lower() == "anthropic-beta")
+    return list(dict.fromkeys(b.strip() for value in values for b in value.split(",") if b.strip()))
+
+
+def anthropic_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
+    """The body byte for byte, unless the endpoint maps the model to a name of its own."""
+    if not (endpoint.models and request.payload and request.model):
+        return request.body
+    mapped = endpoint.map_model(request.model)
+    if mapped == request.model:
+        return request.body
+    return compact_json(dict(request.payload, model=mapped))
+
+
+def compact_json(document: object) -> bytes:
+    return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# -- shared by the platforms -----------------------------------------------------------------
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error(error_type: str, message: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+
+
+def is_anthropic_error(body: bytes) -> bool:
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("type") == "error" and "error" in document
+
+
+def json_headers(headers: Headers, content_type: bytes = b"application/json") -> Headers:
+    """A platform's headers for a body the proxy rewrote: its own type, no length or encoding."""
+    dropped = (b"content-type", b"content-length", b"content-encoding")
+    kept = tuple((k, v) for k, v in headers if k.lower() not in dropped)
+    return ((b"content-type", content_type), *kept)
+
+
+def retry_after(headers: Headers) -> float | None:
+    return retry_after_seconds({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers})
+
+
+def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
+    return next((v for k, v in headers if k.lower() == name), None)

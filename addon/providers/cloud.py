@@ -1,0 +1,133 @@
+"""What Claude on Bedrock and Vertex takes of a request Claude Code meant for Anthropic's API.
+
+Claude Code believes it talks to api.anthropic.com, so it sends what only that API
+accepts: betas such as `oauth-2025-04-20` or `prompt-caching-scope-…`, and fields such as
+`context_management` (with an edit the platforms refuse) or `service_tier`. The clouds
+answer those with a 400, which would end the very request that was failing over to them.
+So their requests keep the betas the platforms document and lose the first-party fields,
+as Claude Code itself shapes its requests when it runs on a platform. A beta named in an
+endpoint's own `headers` always goes.
+
+Model ids differ too. Without a `models` entry, each platform's rule applies:
+- Bedrock: the region's geography (`us`, `eu`, `apac`, `jp`, `au`, `us-gov`, else
+  `global`) + `anthropic.` + the id; a dated id (`…-20250929`) ends in `-v1:0`, a dateless
+  one (`claude-sonnet-4-6`) stays as it is, `claude-opus-4-6` ends in `-v1`;
+- Vertex: a trailing `-YYYYMMDD` becomes `@YYYYMMDD`;
+- Bedrock Mantle: `anthropic.` + the id without its date.
+An id already in the platform's form passes unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..config import Endpoint
+
+# Betas Bedrock and Vertex document for Claude; any other is refused with a 400.
+PLATFORM_BETAS = frozenset(
+    {
+        "claude-code-20250219",
+        "interleaved-thinking-2025-05-14",
+        "context-1m-2025-08-07",
+        "computer-use-2024-10-22",
+        "computer-use-2025-01-24",
+        "token-efficient-tools-2025-02-19",
+        "output-128k-2025-02-19",
+        "dev-full-thinking-2025-05-14",
+        "effort-2025-11-24",
+        "tool-search-tool-2025-10-19",
+        "tool-examples-2025-10-29",
+    }
+)
+# Top-level fields of Anthropic's own API that the platforms refuse.
+FIRST_PARTY_FIELDS = (
+    "service_tier",
+    "container",
+    "inference_geo",
+    "mcp_servers",
+    "speed",
+    "context_management",
+)
+
+DATED = re.compile(r"-(\d{8})$")
+VERSION = re.compile(r"claude-(?:(?:opus|sonnet|haiku)-(\d+)(?:-(\d))?|(\d+)-(\d)-[a-z]+)(?:-\d{8})?$")
+
+
+def betas(request_headers: tuple[tuple[str, str], ...], endpoint: Endpoint) -> list[str]:
+    """The client's betas that the platforms take, then the endpoint's own, once each."""
+
+    def listed(headers: tuple[tuple[str, str], ...]) -> list[str]:
+        values = (v for n, v in headers if n.lower() == "anthropic-beta")
+        return [b.strip() for value in values for b in value.split(",") if b.strip()]
+
+    kept = [b for b in listed(request_headers) if b in PLATFORM_BETAS]
+    return list(dict.fromkeys([*kept, *listed(endpoint.headers)]))
+
+
+def payload(document: dict[str, Any], raw: bytes) -> dict[str, Any]:
+    """A copy of the request body without what only Anthropic's own API takes."""
+    shaped = {k: v for k, v in document.items() if k not in FIRST_PARTY_FIELDS}
+    if b'"scope"' in raw:  # cache_control's `scope` goes with a first-party beta
+        for key in ("system", "messages", "tools"):
+            if isinstance(shaped.get(key), list):
+                shaped[key] = [_unscoped(item) for item in shaped[key]]
+    return shaped
+
+
+def _unscoped(item: Any) -> Any:
+    if not isinstance(item, dict):
+        return item
+    item = dict(item)
+    control = item.get("cache_control")
+    if isinstance(control, dict) and "scope" in control:
+        item["cache_control"] = {k: v for k, v in control.items() if k != "scope"}
+    if isinstance(item.get("content"), list):
+        item["content"] = [_unscoped(block) for block in item["content"]]
+    return item
+
+
+def bedrock_model(model: str, region: str) -> str:
+    if "anthropic." in model or model.startswith("arn:"):
+        return model
+    if DATED.search(model):
+        model_id = f"anthropic.{model}-v1:0"
+    elif model == "claude-opus-4-6":
+        model_id = "anthropic.claude-opus-4-6-v1"
+    else:
+        model_id = f"anthropic.{model}"
+    return f"{geography(region, model)}.{model_id}"
+
+
+def geography(region: str, model: str) -> str:
+    """The cross-region inference profile of a region, as Bedrock names them."""
+    if region.startswith("us-gov-"):
+        return "us-gov"
+    if region.startswith(("us-", "eu-")):
+        return region[:2]
+    if region.startswith("ap-"):
+        newer = version(model) >= (4, 5)  # Japan and Australia have their own profiles since 4.5
+        if newer and region in ("ap-northeast-1", "ap-northeast-3"):
+            return "jp"
+        if newer and region in ("ap-southeast-2", "ap-southeast-4"):
+            return "au"
+        return "apac"
+    return "global"
+
+
+def version(model: str) -> tuple[int, int]:
+    """A Claude model's version: (4, 5) for `claude-sonnet-4-5-20250929`, (3, 7) for
+    `claude-3-7-sonnet-20250219`; (0, 0) when the name says none."""
+    match = VERSION.fullmatch(model)
+    if match is None:
+        return (0, 0)
+    major, minor = (match[1], match[2]) if match[1] else (match[3], match[4])
+    return int(major), int(minor or 0)
+
+
+def vertex_model(model: str) -> str:
+    return model if "@" in model else DATED.sub(r"@\1", model)
+
+
+def mantle_model(model: str) -> str:
+    return model if model.startswith("anthropic.") else "anthropic." + DATED.sub("", model)
