@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Self
 
 import h11
 
@@ -506,7 +506,7 @@ class FakeAnthropic:
         await self._server.wait_closed()
         self._server = None
 
-    def start_in_thread(self) -> FakeAnthropic:
+    def start_in_thread(self) -> Self:
         """Serve from a daemon thread with its own loop; return once listening."""
         loop = asyncio.new_event_loop()
         started: list[BaseException | None] = []
@@ -546,7 +546,7 @@ class FakeAnthropic:
         thread.join(timeout=10)
         self._loop = self._thread = None
 
-    def __enter__(self) -> FakeAnthropic:
+    def __enter__(self) -> Self:
         return self.start_in_thread()
 
     def __exit__(self, *exc: object) -> None:

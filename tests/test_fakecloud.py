@@ -231,14 +231,16 @@ def test_bedrock_invoke_with_sigv4(bedrock: FakeBedrock) -> None:
 
 def test_bedrock_streams_both_ways(bedrock: FakeBedrock) -> None:
     client = bedrock_client(bedrock)
-    with client.beta.messages.stream(**message(BEDROCK_MODEL), betas=["beta-three"]) as stream:
+    beta = client.beta.messages
+    with beta.stream(**message(BEDROCK_MODEL), betas=["beta-three"]) as stream:  # type: ignore[misc]
         assert "".join(stream.text_stream) == TEXT
         assert stream.get_final_message().usage.output_tokens == 4
     seen = last(bedrock)
     assert seen.path == f"/model/{BEDROCK_MODEL}/invoke-with-response-stream"
     assert seen.anthropic_beta == ["beta-three"]
     events = list(client.messages.create(**message(BEDROCK_MODEL), stream=True))
-    assert [e.type for e in events] == [n for n in STREAM_NAMES if n != "ping"]
+    assert [e.type for e in events] == [n for n in STREAM_NAMES if n != "ping"]  # the SDK drops pings
+    assert "".join(e.delta.text for e in events if e.type == "content_block_delta") == TEXT  # type: ignore[union-attr]
     assert bedrock.request_count == 2
 
 
@@ -251,7 +253,7 @@ def read_chunked(port: int, path: str, body: bytes) -> tuple[bytes, list[bytes]]
         while chunk := sock.recv(65536):
             data += chunk
     head_bytes, _, rest = data.partition(b"\r\n\r\n")
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         size, _, rest = rest.partition(b"\r\n")
         if int(size, 16) == 0:
@@ -261,11 +263,9 @@ def read_chunked(port: int, path: str, body: bytes) -> tuple[bytes, list[bytes]]
 
 
 def test_bedrock_writes_one_frame_per_chunk_and_metrics_last(bedrock: FakeBedrock) -> None:
-    body = json.dumps({"anthropic_version": "bedrock-2023-05-31", **message(BEDROCK_MODEL)})
-    body_without_model = json.dumps({k: v for k, v in json.loads(body).items() if k != "model"}).encode()
-    head, chunks = read_chunked(
-        bedrock.port, f"/model/{BEDROCK_MODEL}/invoke-with-response-stream", body_without_model
-    )
+    body = {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 16, "messages": []}
+    path = f"/model/{BEDROCK_MODEL}/invoke-with-response-stream"
+    head, chunks = read_chunked(bedrock.port, path, json.dumps(body).encode())
     assert b"content-type: application/vnd.amazon.eventstream" in head
     events = []
     for chunk in chunks:
@@ -342,17 +342,17 @@ def test_bedrock_validates_the_body(bedrock: FakeBedrock, body: dict[str, Any], 
 def test_bedrock_status_errors_are_bedrock_exceptions(bedrock: FakeBedrock) -> None:
     client = bedrock_client(bedrock)
     bedrock.behavior = Behavior("status", 429)
-    with pytest.raises(anthropic.RateLimitError, match="Too many requests") as caught:
+    with pytest.raises(anthropic.RateLimitError, match="Too many requests") as throttled:
         client.messages.create(**message(BEDROCK_MODEL))
-    assert caught.value.response.headers["x-amzn-errortype"].startswith("ThrottlingException:")
+    assert throttled.value.response.headers["x-amzn-errortype"].startswith("ThrottlingException:")
     bedrock.status_errors[429] = "ModelNotReadyException"
-    with pytest.raises(anthropic.RateLimitError, match="not ready") as caught:
+    with pytest.raises(anthropic.RateLimitError, match="not ready") as not_ready:
         client.messages.create(**message(BEDROCK_MODEL))
-    assert caught.value.response.headers["x-amzn-errortype"].startswith("ModelNotReadyException:")
+    assert not_ready.value.response.headers["x-amzn-errortype"].startswith("ModelNotReadyException:")
     bedrock.behavior = Behavior("status", 503, headers=(("retry-after", "3"),))
-    with pytest.raises(anthropic.ServiceUnavailableError, match="Bedrock is unable") as caught:
+    with pytest.raises(anthropic.ServiceUnavailableError, match="Bedrock is unable") as unavailable:
         client.messages.create(**message(BEDROCK_MODEL))
-    assert caught.value.response.headers["retry-after"] == "3"
+    assert unavailable.value.response.headers["retry-after"] == "3"
 
 
 @pytest.mark.parametrize("kind", ["sse_error_first", "sse_error_after_preamble", "sse_error_after"])
@@ -364,7 +364,7 @@ def test_bedrock_stream_errors_are_exception_frames(bedrock: FakeBedrock, kind: 
         for event in bedrock_client(bedrock).messages.create(**message(BEDROCK_MODEL), stream=True):
             seen.append(event.type)
     expected = {"sse_error_first": 0, "sse_error_after_preamble": 2, "sse_error_after": 4}[kind]
-    assert len(seen) == expected  # the SDK drops the ping
+    assert len(seen) == expected
 
 
 @pytest.mark.parametrize("kind", ["cut", "close_mid_stream"])
@@ -648,14 +648,14 @@ def stop_cli(process: subprocess.Popen[bytes]) -> None:
 def test_cli_bedrock_and_vertex(tmp_path: Path) -> None:
     process, notes = start_cli("bedrock", "--region", REGION, last="api_key")
     try:
-        client = AnthropicBedrock(
+        bedrock = AnthropicBedrock(
             aws_access_key=notes["aws_access_key"],
             aws_secret_key=notes["aws_secret_key"],
             aws_region=notes["region"],
             base_url=notes["base_url"],
             max_retries=0,
         )
-        assert client.messages.create(**message(BEDROCK_MODEL)).content[0].text == TEXT
+        assert bedrock.messages.create(**message(BEDROCK_MODEL)).content[0].text == TEXT
     finally:
         stop_cli(process)
     process, notes = start_cli(
@@ -672,7 +672,7 @@ def test_cli_bedrock_and_vertex(tmp_path: Path) -> None:
         credentials = service_account.Credentials.from_service_account_file(
             notes["key_file"], scopes=[CLOUD_PLATFORM_SCOPE]
         )
-        client = AnthropicVertex(
+        vertex = AnthropicVertex(
             region=notes["region"],
             project_id=notes["project"],
             credentials=credentials,
@@ -680,6 +680,6 @@ def test_cli_bedrock_and_vertex(tmp_path: Path) -> None:
             max_retries=0,
         )
         with pytest.raises(anthropic.RateLimitError):
-            client.messages.create(**message(VERTEX_MODEL))
+            vertex.messages.create(**message(VERTEX_MODEL))
     finally:
         stop_cli(process)
