@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Self
 
 import h11
 
@@ -449,6 +449,8 @@ class FakeAnthropic:
     `account` (settable likewise), POST .../v1/messages goes through it before `behavior`.
     """
 
+    stream_type = _EVENT_STREAM  # the content-type of a streamed answer
+
     def __init__(self, name: str = "fake", port: int = 0) -> None:
         self.name = name
         self.port = port
@@ -504,7 +506,7 @@ class FakeAnthropic:
         await self._server.wait_closed()
         self._server = None
 
-    def start_in_thread(self) -> FakeAnthropic:
+    def start_in_thread(self) -> Self:
         """Serve from a daemon thread with its own loop; return once listening."""
         loop = asyncio.new_event_loop()
         started: list[BaseException | None] = []
@@ -544,7 +546,7 @@ class FakeAnthropic:
         thread.join(timeout=10)
         self._loop = self._thread = None
 
-    def __enter__(self) -> FakeAnthropic:
+    def __enter__(self) -> Self:
         return self.start_in_thread()
 
     def __exit__(self, *exc: object) -> None:
@@ -610,29 +612,13 @@ class FakeAnthropic:
         idle_since: float | None = None
         try:
             while exchange := await self._read_request(reader, writer, pending, connection, idle_since):
-                with self._cond:
-                    self.request_count += 1
-                    self.requests.append(exchange.seen)
-                    if self.keep is not None and len(self.requests) > self.keep:
-                        del self.requests[: len(self.requests) - self.keep]
-                    behavior = self.script.pop(0) if self.script else self.behavior
-                    self._cond.notify_all()
-                account = self.account
-                if account is not None and exchange.is_messages:
-                    headers, retry_after = account.admit()
-                    exchange.extra_headers = _lines(headers)
-                    if retry_after is not None:
-                        refusal = (*behavior.headers, ("retry-after", str(retry_after)))
-                        behavior = Behavior("status", 429, headers=refusal)
-                slow = behavior.delay or behavior.event_delay or behavior.kind in ("hang", "stall")
-                try:
-                    if slow:
-                        reuse = await self._answer_watching(exchange, behavior, pending)
-                    else:
-                        reuse = await self._answer(exchange, behavior)
-                except ConnectionError:
-                    self._note_disconnect()
-                    return
+                reuse = await self._answer_aside(exchange)
+                if reuse is None:
+                    try:
+                        reuse = await self._answer_recorded(exchange, pending)
+                    except ConnectionError:
+                        self._note_disconnect()
+                        return
                 if not reuse:
                     return
                 idle_since = time.monotonic()
@@ -649,6 +635,35 @@ class FakeAnthropic:
             self.open_connections -= 1
             self._tasks.discard(task)
             transport.close()
+
+    async def _answer_recorded(self, exchange: _Exchange, pending: bytearray) -> bool:
+        """Record the request, then answer it as `script`, `behavior` and `account` say."""
+        with self._cond:
+            self.request_count += 1
+            self.requests.append(exchange.seen)
+            if self.keep is not None and len(self.requests) > self.keep:
+                del self.requests[: len(self.requests) - self.keep]
+            behavior = self.script.pop(0) if self.script else self.behavior
+            self._cond.notify_all()
+        account = self.account
+        if account is not None and exchange.is_messages:
+            headers, retry_after = account.admit()
+            exchange.extra_headers = _lines(headers)
+            if retry_after is not None:
+                refusal = (*behavior.headers, ("retry-after", str(retry_after)))
+                behavior = Behavior("status", 429, headers=refusal)
+        slow = behavior.delay or behavior.event_delay or behavior.kind in ("hang", "stall")
+        if slow:
+            return await self._answer_watching(exchange, behavior, pending)
+        return await self._answer(exchange, behavior)
+
+    async def _answer_aside(self, x: _Exchange) -> bool | None:
+        """Answer a request that is no part of the API under test (None: there is none here).
+
+        Such a request is neither recorded nor given a behaviour: a platform's token
+        endpoint, say, must not use up the `script` meant for the API.
+        """
+        return None
 
     async def _read_request(
         self,
@@ -764,7 +779,11 @@ class FakeAnthropic:
             writer.write(_GARBAGE)
             return False
         if kind == "status":
-            return await self._send_json(x, b, b.status, error_body(b.status))
+            return await self._send_error(x, b, b.status)
+        return await self._route(x, b)
+
+    async def _route(self, x: _Exchange, b: Behavior) -> bool:
+        """Answer by route, once the behaviour has not broken or refused the request."""
         if x.is_messages:
             return await self._messages(x, b)
         path = x.seen.path.split("?", 1)[0]
@@ -783,8 +802,11 @@ class FakeAnthropic:
             model = json.dumps(payload.get("model", "claude-fake"))
             stream = payload.get("stream") is True
         except (ValueError, AttributeError):
-            message = "The request body is not a valid JSON object (fake)."
-            return await self._send_json(x, b, 400, error_body(400, message))
+            return await self._send_error(x, b, 400, "The request body is not a valid JSON object (fake).")
+        return await self._reply(x, b, model, stream)
+
+    async def _reply(self, x: _Exchange, b: Behavior, model: str, stream: bool) -> bool:
+        """Answer a Messages request for `model` (a JSON string) as a message or a stream."""
         msg_id = f"msg_fake_{x.number}"
         kind = b.kind
         if kind in ("bad_chunked", "truncated_gzip", "short_body") or (
@@ -812,6 +834,10 @@ class FakeAnthropic:
             return await self._send_sse(x, b, events[:after], "stall")
         return await self._send_sse(x, b, events, "end")
 
+    async def _send_error(self, x: _Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
+        """Send the error the API sends with `status` (a platform sends its own shape)."""
+        return await self._send_json(x, b, status, error_body(status, message))
+
     async def _send_json(self, x: _Exchange, b: Behavior, status: int, body: bytes) -> bool:
         writer = x.writer
         kind = b.kind
@@ -835,11 +861,16 @@ class FakeAnthropic:
         await writer.drain()
         return x.keep_alive
 
+    def _encode_events(self, x: _Exchange, events: list[bytes]) -> list[bytes]:
+        """The stream's events as written, one write each (a platform frames them its way)."""
+        return events
+
     async def _send_sse(self, x: _Exchange, b: Behavior, events: list[bytes], then: str) -> bool:
         """Send `events` as chunks, one write each, then end, abort or stall the stream."""
         writer = x.writer
-        writer.write(self._head(x, b, 200, _EVENT_STREAM, None, b.gzip))
+        writer.write(self._head(x, b, 200, self.stream_type, None, b.gzip))
         await writer.drain()
+        events = self._encode_events(x, events)
         compressor = zlib.compressobj(6, zlib.DEFLATED, 31) if b.gzip else None
         for i, event in enumerate(events):
             if i and b.event_delay:
@@ -944,11 +975,10 @@ def _parse_window(spec: str) -> Window:
         ) from e
 
 
-def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior, Account | None]:
-    parser = argparse.ArgumentParser(
-        prog="python -m claude_code_fallback.fakeapi",
-        description="Run a fake Anthropic API on 127.0.0.1 in the foreground.",
-    )
+def serve_options() -> argparse.ArgumentParser:
+    """The options every fake's command line has (where to listen, how to answer), as a parent
+    parser; `behavior_from` turns them into a `Behavior`."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free one)")
     parser.add_argument("--name", default="fake", help="sent back in the x-fake-name header")
     parser.add_argument("--kind", choices=sorted(KINDS), default="ok", help="how to answer")
@@ -966,6 +996,32 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
     parser.add_argument("--after-events", type=int, default=0, help="events before misbehaving")
     parser.add_argument("--body-size", type=int, default=0, help="minimum JSON body size")
     parser.add_argument("--gzip", action="store_true", help="gzip response bodies")
+    return parser
+
+
+def behavior_from(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Behavior:
+    """The `Behavior` that the `serve_options` in `args` describe."""
+    if args.kind == "status" and args.status is None:
+        parser.error("--kind status needs --status")
+    return Behavior(
+        kind=args.kind,
+        status=args.status or 200,
+        headers=tuple(args.header),
+        text=args.text,
+        event_delay=args.event_delay,
+        after_events=args.after_events,
+        gzip=args.gzip,
+        body_size=args.body_size,
+        delay=args.delay,
+    )
+
+
+def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior, Account | None]:
+    parser = argparse.ArgumentParser(
+        prog="python -m claude_code_fallback.fakeapi",
+        description="Run a fake Anthropic API on 127.0.0.1 in the foreground.",
+        parents=[serve_options()],
+    )
     parser.add_argument(
         "--window",
         action="append",
@@ -978,8 +1034,7 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
     parser.add_argument("--per-request", type=float, help="utilization each request uses (0.01)")
     parser.add_argument("--overage", action="store_true", help="serve past a spent window as overage")
     args = parser.parse_args(argv)
-    if args.kind == "status" and args.status is None:
-        parser.error("--kind status needs --status")
+    behavior = behavior_from(parser, args)
     account = None
     if args.window:
         use = Window.per_request if args.per_request is None else args.per_request
@@ -989,27 +1044,17 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
             parser.error(f"--window: {e}")
     elif args.overage or args.per_request is not None:
         parser.error("--overage and --per-request need at least one --window")
-    behavior = Behavior(
-        kind=args.kind,
-        status=args.status or 200,
-        headers=tuple(args.header),
-        text=args.text,
-        event_delay=args.event_delay,
-        after_events=args.after_events,
-        gzip=args.gzip,
-        body_size=args.body_size,
-        delay=args.delay,
-    )
     return args, behavior, account
 
 
-async def _run(fake: FakeAnthropic) -> None:
+async def serve_until_signal(fake: FakeAnthropic, notes: Callable[[], Sequence[str]] = tuple) -> None:
+    """Serve `fake` until SIGINT or SIGTERM; once listening, print its URL, then `notes()`."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     await fake.start()
-    print(f"listening on {fake.url}", flush=True)
+    print(f"listening on {fake.url}", *notes(), sep="\n", flush=True)
     await stopping.wait()
     await fake.stop()
 
@@ -1021,7 +1066,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fake.account = account
     fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
     try:
-        asyncio.run(_run(fake))
+        asyncio.run(serve_until_signal(fake))
     except OSError as e:
         print(f"fakeapi: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
         return 1
