@@ -478,8 +478,9 @@ class StreamTranslator:
     Tool calls get a block each, whatever the provider does with `index` (reused, skipped,
     absent) and `id` (first fragment only, every fragment, none). A fragment with an id
     not seen yet starts a new call; one without an id continues the latest call with its
-    `index`, unless both name a function, which means a new call. A call's block starts
-    once its name is known; arguments that came before are sent then. Fragments for a
+    `index`, unless both name a function, which means a new call; a call that never has
+    an id gets a random `toolu_` one. A call's block starts once its name is known;
+    arguments that came before are sent then. Fragments for a
     call whose block has already closed (interleaved parallel calls; no provider is known
     to send them) are dropped, as an Anthropic stream cannot reopen a block.
     """
@@ -632,11 +633,6 @@ class StreamTranslator:
             for call in reversed(calls):
                 if call.raw_id == raw_id:
                     return call
-            last = calls[-1] if calls else None
-            if last and last.raw_id is None and last.block is None and index in (None, last.index):
-                # The id came after the first fragment: it belongs to the call it follows.
-                last.raw_id, last.tool_id = raw_id, tool_use_id(raw_id)
-                return last
             return self._new_call(raw_id, index)
         for call in reversed(calls):
             if index is None or call.index == index:
