@@ -12,7 +12,7 @@ of an answer to a silently different question.
 
 Only fields Chat Completions defines are sent, because strict servers (OpenAI's own)
 answer 400 to any argument they do not know. The stream side runs once per event of
-every answer, so it avoids regexes and re-encoding: one `json.loads` per chunk and one
+every answer, so it avoids regexes and re-encoding: one JSON decode per chunk and one
 string template per event.
 """
 
@@ -152,7 +152,7 @@ def _user(content: Any) -> list[dict[str, Any]]:
         elif kind == "text":
             parts.append({"type": "text", "text": block.get("text", "")})
         elif kind == "image":
-            parts.append(_image_part(block.get("source"), "an image"))
+            parts.append(_image_part(block.get("source")))
         elif kind not in _DROPPED_BLOCKS:
             raise _untranslatable(kind)
     if parts or not results:
@@ -215,7 +215,7 @@ def _tool_message(block: Mapping[str, Any]) -> dict[str, Any]:
     return {"role": "tool", "tool_call_id": str(block.get("tool_use_id", "")), "content": text}
 
 
-def _image_part(source: Any, what: str) -> dict[str, Any]:
+def _image_part(source: Any) -> dict[str, Any]:
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
         url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
@@ -223,7 +223,7 @@ def _image_part(source: Any, what: str) -> dict[str, Any]:
         url = str(source.get("url", ""))
     else:
         raise Untranslatable(
-            f"{what} with a {kind!r} source cannot be sent to a Chat Completions endpoint;"
+            f"An image with a {kind!r} source cannot be sent to a Chat Completions endpoint;"
             " only base64 and URL images can."
         )
     return {"type": "image_url", "image_url": {"url": url}}

@@ -395,3 +395,18 @@ def test_script_answers_in_order_and_requests_are_recorded(fake: FakeOpenAI, cli
     seen = fake.wait_for_requests(3)
     assert [request.json()["model"] for request in seen] == ["first", "second", "third"]
     assert seen[1].path == "/v1/chat/completions" and seen[1].header("authorization") == "Bearer x"
+
+
+def test_a_hanging_server_times_the_client_out(fake: FakeOpenAI) -> None:
+    fake.behavior = Behavior("hang")
+    with (
+        openai.OpenAI(base_url=fake.url, api_key="x", max_retries=0, timeout=0.3) as client,
+        pytest.raises(openai.APITimeoutError),
+    ):
+        client.chat.completions.create(model="gpt-x", messages=MESSAGES)
+
+
+def test_a_cut_json_answer_breaks_the_client(fake: FakeOpenAI, client: openai.OpenAI) -> None:
+    fake.behavior = fakeopenai.CUT
+    with pytest.raises(openai.APIConnectionError):
+        client.chat.completions.create(model="gpt-x", messages=MESSAGES)
