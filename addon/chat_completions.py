@@ -538,6 +538,11 @@ class StreamTranslator:
         return out + "".join(closing).encode()
 
     @property
+    def content_started(self) -> bool:
+        """Whether a content block went out: from then on an error cannot be failed over."""
+        return self._block >= 0
+
+    @property
     def stop_reason(self) -> str | None:
         """Anthropic's stop_reason once a finish_reason came."""
         if self.finish_reason is None:

@@ -792,7 +792,9 @@ def test_text_is_relayed_as_it_arrives_not_at_the_end() -> None:
     translator = StreamTranslator("claude")
     first = parse(translator.feed(chunks[0]))
     assert [name for name, _ in first] == ["message_start"]
+    assert translator.started and not translator.content_started
     second = parse(translator.feed(chunks[1]))
+    assert translator.content_started
     assert [name for name, _ in second] == ["content_block_start", "content_block_delta"]
     assert second[1][1]["delta"]["text"] == "one "
     assert not sse.is_preamble(sse.Event(*second[1][0:1], json.dumps(second[1][1])))
