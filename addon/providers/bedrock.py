@@ -94,9 +94,12 @@ class AwsSigner:
     def __init__(self, service: str, region: str, profile: str | None) -> None:
         self.service, self.region, self.profile = service, region, profile
         self.credentials: Any = None
+        self.finding: asyncio.Future[Any] | None = None  # one search serves every request waiting
 
     async def find(self) -> str:
-        self.credentials = await asyncio.to_thread(self._find)
+        if self.finding is None or self.finding.done():
+            self.finding = asyncio.ensure_future(asyncio.to_thread(self._find))
+        self.credentials = await asyncio.shield(self.finding)
         return f"AWS credentials ({self.credentials.method}), SigV4 for {self.service} in {self.region}"
 
     def _find(self) -> Any:

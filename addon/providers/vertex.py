@@ -80,10 +80,13 @@ class GoogleToken:
         self.credentials: Any = None
         self.project: str | None = None
         self.refreshing: asyncio.Future[None] | None = None
+        self.finding: asyncio.Future[tuple[Any, str | None]] | None = None
         self.transport = Request(urllib3.PoolManager())
 
     async def find(self) -> str:
-        self.credentials, self.project = await asyncio.to_thread(self._find)
+        if self.finding is None or self.finding.done():
+            self.finding = asyncio.ensure_future(asyncio.to_thread(self._find))
+        self.credentials, self.project = await asyncio.shield(self.finding)
         kind = type(self.credentials).__module__.removeprefix("google.").replace(".credentials", "")
         return f"Google credentials ({kind}), project {self.project or 'not named by them'}"
 
@@ -172,13 +175,13 @@ class Vertex(Provider):
             return PlatformError(status, headers, body, retry_after=retry_after(headers))
         error = _google_error(body)
         name = str(error.get("status") or "")
-        if name == "UNAUTHENTICATED":
+        refused = name == "UNAUTHENTICATED"  # the proxy's token: the client's key never comes here
+        if refused:
             self.google.forget()
         kind, recoverable = ERRORS.get(name, (error_type(status), None))
         text = str(error.get("message") or name or f"HTTP {status} from Vertex AI")
-        return PlatformError(
-            status, json_headers(headers), anthropic_error(kind, text), recoverable, retry_after(headers)
-        )
+        body = anthropic_error(kind, text)
+        return PlatformError(status, json_headers(headers), body, recoverable, retry_after(headers), refused)
 
 
 def _google_error(body: bytes) -> dict[str, Any]:
