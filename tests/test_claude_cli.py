@@ -220,3 +220,35 @@ def test_claude_cli_session_moves_off_an_account_whose_window_is_refused(
     assert proxy.health()["routing"]["sessions"] >= 1
     state = proxy.endpoint("primary")
     assert state["status"] == "cooling" and state["overage"] is True, context
+
+
+def test_claude_cli_gets_bedrocks_streamed_answer_when_anthropic_rate_limits(
+    tmp_path, proxy_factory, primary
+):
+    """Claude on AWS as the backup: the CLI prints Bedrock's answer, decoded from its event stream."""
+    from addon.fakecloud import FakeBedrock
+    from addon.providers import cloud
+
+    from .test_clouds import ACCESS_KEY, REGION, SECRET_KEY, platform, with_keys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = find_cli(home)
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
+    with FakeBedrock(region=REGION, aws_access_key=ACCESS_KEY, aws_secret_key=SECRET_KEY) as bedrock:
+        bedrock.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
+        config = endpoints_config(primary)
+        config["endpoints"].append(platform("bedrock", "bedrock", bedrock.url))
+        proxy = proxy_factory(config, with_keys(tmp_path))
+        run, context = run_cli(cli, tmp_path, home, proxy, primary, bedrock)
+        streamed = [r for r in bedrock.requests if r.path.endswith("/invoke-with-response-stream")]
+    assert run.returncode == 0, context
+    assert BACKUP_TEXT in run.stdout, context
+    prompted = [r for r in streamed if any(t.strip() == PROMPT for t in user_texts(r.json()))]
+    assert prompted, context
+    body = prompted[0].json()
+    assert set(body.get("anthropic_beta", [])) <= cloud.PLATFORM_BETAS, context
+    assert not set(body) & {"model", "stream", *cloud.FIRST_PARTY_FIELDS}, context
+    assert all(r.auth == "sigv4" and r.refusal is None for r in bedrock.requests), context
+    # the primary's first 429 (maybe on the CLI's HEAD /) cooled it; the prompt then went to Bedrock
+    assert primary.request_count >= 1 and proxy.endpoint("primary")["status"] == "cooling", context
