@@ -40,14 +40,14 @@ from .logs import EventLog
 from .metrics import Metrics
 from .modes import listen_address, named_config
 from .policy import AttemptFailed, RetryBudget
-from .providers import Provider
+from .providers import HOP_BY_HOP, Provider
 from .resume import ResumingResponse, can_resume
 from .routing import Router
 from .service import Service
 from .shared import LocalState, RedisState, shared_state
 from .sseview import stream_view
 from .timeline import Timeline
-from .upstream import HOP_BY_HOP, ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
+from .upstream import ClientRequest, StreamBroken, UpstreamClient, UpstreamResponse
 
 META_KEY = "claude-code-fallback"
 CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow

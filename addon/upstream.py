@@ -131,8 +131,12 @@ class UpstreamResponse:
             self.body_check.feed(raw)
         if self.translator is None:
             return raw
+        return self._translated(self.translator.feed, raw)
+
+    @staticmethod
+    def _translated(step: Callable[..., bytes], *data: bytes) -> bytes:
         try:
-            return self.translator.feed(raw)
+            return step(*data)
         except Exception as e:
             raise StreamBroken("malformed", f"cannot decode the platform's answer: {e}") from None
 
@@ -216,7 +220,7 @@ class UpstreamResponse:
         # a body cut short of its framing raises ClientPayloadError above; EOF here is a clean end
         if self.body_check is not None and not self.body_check.whole():
             raise StreamBroken("malformed", "compressed body ended before its end marker")
-        if self.translator is not None and (tail := self.translator.end()):
+        if self.translator is not None and (tail := self._translated(self.translator.end)):
             self.observe(tail, sse.USAGE_EVENTS)
             behind += tail
         if behind:

@@ -10,11 +10,14 @@ import struct
 from pathlib import Path
 
 import pytest
-from botocore.eventstream import ChecksumMismatch
+from botocore.eventstream import EventStreamBuffer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from addon.config import ConfigError, load_config
 from addon.providers import Headers, cloud
 from addon.providers.bedrock import EventStreamToSse, aws_error
+from addon.providers.eventstream import FrameError, Frames
 from addon.providers.vertex import Vertex
 
 
@@ -261,8 +264,89 @@ def test_an_exception_frame_becomes_an_error_event() -> None:
     }
 
 
-def test_a_corrupt_frame_is_refused() -> None:
-    broken = bytearray(chunk({"type": "ping"}))
-    broken[-6] ^= 0xFF
-    with pytest.raises(ChecksumMismatch):
-        EventStreamToSse().feed(bytes(broken))
+def test_a_corrupt_or_cut_frame_is_refused() -> None:
+    frame = chunk({"type": "ping"})
+    for at in (2, len(frame) - 6):  # in the prelude, in the payload
+        broken = bytearray(frame)
+        broken[at] ^= 0xFF
+        with pytest.raises(FrameError, match="CRC"):
+            EventStreamToSse().feed(bytes(broken))
+    translator = EventStreamToSse()
+    translator.feed(frame[:-3])
+    with pytest.raises(FrameError, match="ended inside a frame"):
+        translator.end()
+
+
+HEADER_VALUES = st.one_of(
+    st.tuples(st.sampled_from([0, 1]), st.just(b"")),
+    st.tuples(st.just(2), st.binary(min_size=1, max_size=1)),
+    st.tuples(st.just(3), st.binary(min_size=2, max_size=2)),
+    st.tuples(st.just(4), st.binary(min_size=4, max_size=4)),
+    st.tuples(st.sampled_from([5, 8]), st.binary(min_size=8, max_size=8)),
+    st.tuples(st.just(9), st.binary(min_size=16, max_size=16)),
+    st.tuples(st.just(6), st.binary(max_size=40)),
+    st.tuples(st.just(7), st.text(max_size=40).map(str.encode)),
+)
+
+
+def typed_frame(headers: dict[str, tuple[int, bytes]], payload: bytes) -> bytes:
+    encoded = b""
+    for name, (kind, value) in headers.items():
+        encoded += bytes([len(name.encode())]) + name.encode() + bytes([kind])
+        encoded += (len(value).to_bytes(2, "big") if kind in (6, 7) else b"") + value
+    prelude = struct.pack("!II", 16 + len(encoded) + len(payload), len(encoded))
+    prelude += struct.pack("!I", binascii.crc32(prelude))
+    message = prelude + encoded + payload
+    return message + struct.pack("!I", binascii.crc32(message))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(st.text(min_size=1, max_size=12), HEADER_VALUES, max_size=5),
+            st.binary(max_size=64),
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.data(),
+)
+def test_frames_are_read_as_botocore_reads_them(frames, data) -> None:
+    stream = b"".join(typed_frame(h, p) for h, p in frames)
+    expected = EventStreamBuffer()
+    expected.add_data(stream)
+    theirs = [(m.headers, m.payload) for m in expected]
+    cut = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    reader, ours = Frames(), []
+    for start, end in zip([0, *cut], [*cut, len(stream)], strict=True):
+        ours += reader.feed(stream[start:end])
+    assert [p for _, p in ours] == [p for _, p in theirs]
+    for (mine, _), (botos, _) in zip(ours, theirs, strict=True):
+        assert set(mine) == set(botos)
+        for name, value in botos.items():  # strings alike; other types, their bytes
+            if isinstance(value, str):
+                assert mine[name] == value
+
+
+def test_a_config_without_cloud_endpoints_loads_none_of_their_libraries(tmp_path: Path) -> None:
+    # what keeps such a proxy's memory as it was: botocore and google-auth are not imported
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = (
+        "import sys\n"
+        "from addon.proxy import Fallback\n"
+        "from addon.config import load_config\n"
+        "from addon.providers import for_endpoint\n"
+        "from addon.checks import check\n"
+        f"config = load_config({str(tmp_path / 'c.yaml')!r}, {{}})\n"
+        "[for_endpoint(e) for e in config.endpoints]\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'botocore', 'google', 'boto3'}))\n"
+    )
+    (tmp_path / "c.yaml").write_text("endpoints: [{name: a, baseUrl: 'http://127.0.0.1:9'}]\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

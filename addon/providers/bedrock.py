@@ -4,9 +4,9 @@ The runtime: `POST /model/{id}/invoke-with-response-stream` (or `/invoke`); the 
 loses `model` and `stream` and gains `anthropic_version` and the client's betas as
 `anthropic_beta`. A stream comes back as AWS event-stream frames, each `chunk` carrying
 one Anthropic event, and each frame becomes that event as server-sent text as soon as it
-arrives; an exception frame becomes an `error` event, so that before content it fails
-over like any other. Mantle is Anthropic's Messages API itself, under `/anthropic`.
-Both sign with SigV4 (botocore, with the AWS credential chain) or send a Bedrock API key
+arrives (eventstream.py reads the frames); an exception frame becomes an `error` event,
+so that before content it fails over like any other. Mantle is Anthropic's Messages API
+itself, under `/anthropic`. Both sign with SigV4 (botocore, with the AWS credential chain) or send a Bedrock API key
 as a bearer token. The anthropic SDK's `AnthropicBedrock` and `AnthropicBedrockMantle`
 are the reference for all of it.
 """
@@ -23,7 +23,6 @@ from urllib.parse import quote
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import RefreshableCredentials
-from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import BotoCoreError
 from botocore.session import Session
 
@@ -45,6 +44,7 @@ from . import (
     json_headers,
     retry_after,
 )
+from .eventstream import FrameError, Frames
 
 if TYPE_CHECKING:
     from ..upstream import ClientRequest
@@ -232,33 +232,36 @@ def provider(endpoint: Endpoint) -> Provider:
 class EventStreamToSse:
     """AWS event-stream frames in, Anthropic server-sent events out, frame by frame.
 
-    botocore's `EventStreamBuffer` parses the frames and checks their CRCs; a chunk's
-    payload is `{"bytes": base64(one Anthropic event as JSON)}`, passed on as it is.
+    A chunk's payload is `{"bytes": base64(one Anthropic event as JSON)}`, passed on as it is.
     """
 
     def __init__(self) -> None:
-        self.buffer = EventStreamBuffer()
+        self.frames = Frames()
 
     def feed(self, data: bytes) -> bytes:
-        self.buffer.add_data(data)
         out = b""
-        for message in self.buffer:
-            headers = message.headers
+        for headers, payload in self.frames.feed(data):
             kind = headers.get(":message-type")
             if kind == "event":
                 if headers.get(":event-type") == "chunk":
-                    out += _chunk_event(message.payload)
+                    out += _chunk_event(payload)
             elif kind in ("exception", "error"):
                 name = str(headers.get(":exception-type") or headers.get(":error-code") or "")
-                out += _error_event(name, message.payload, headers.get(":error-message"))
+                out += _error_event(name, payload, headers.get(":error-message"))
         return out
 
     def end(self) -> bytes:
+        if self.frames.buffer:
+            raise FrameError("the event stream ended inside a frame")
         return b""
 
 
 def _chunk_event(payload: bytes) -> bytes:
-    event = base64.b64decode(json.loads(payload)["bytes"])
+    start = (
+        payload.find(b'"bytes":"') + 9
+    )  # base64 holds no quote or escape: the value ends at the next quote
+    encoded = payload[start : payload.index(b'"', start)] if start > 8 else json.loads(payload)["bytes"]
+    event = base64.b64decode(encoded)
     if event.startswith(b'{"type":"'):  # as Anthropic writes them: no need to parse the event
         name = event[9 : event.index(b'"', 9)]
     else:

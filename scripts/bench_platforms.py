@@ -1,0 +1,361 @@
+"""Benchmark Claude on the clouds as endpoints against Anthropic's own path, in one run.
+
+Run from the repository root with the project's venv (`scripts/bench.py --platforms` runs it too):
+
+    .venv/bin/python scripts/bench_platforms.py [--quick] [--json out.json]
+
+Every server is its own process: fake upstreams (`python -m addon.fakeapi` for Anthropic's
+API, `python -m addon.fakecloud bedrock|vertex` for the platforms: SigV4 checked, AWS
+event-stream frames, Google tokens) and the proxies run as `ccf` runs them (the lean
+master, one process). Three columns, one per backup's platform: anthropic, bedrock,
+vertex.
+
+* Failover first byte: a proxy whose primary (an Anthropic fake) answers 429 without
+  retry-after, `cooldownSeconds: 0`, so every request tries it and fails over to the
+  column's backup. Non-streamed POSTs, interleaved with direct requests to the primary
+  (its own time to the 429) and to the backup, signed or carrying a token as the proxy's
+  would (the backup's own time to first byte). Over the backup's own = (via the proxy -
+  the primary's 429) - the backup's own, p50. Target: <= +10 ms.
+* CPU per event: 8 streams at once of 1,500 text deltas 2 ms apart, through a proxy whose
+  only endpoint is the column's platform; user + system CPU of the proxy process per 1,000
+  events delivered, the median of the rounds, and its ratio to the anthropic column.
+  Target: bedrock (the event-stream decoding) <= 1.25 x anthropic.
+* RSS at rest of each column's proxy, after a request: a config without cloud endpoints
+  loads none of their libraries (botocore, google-auth), so its figure is the proxy's own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import urllib3
+from bench import (
+    BODY,
+    HEADERS,
+    LONG_DELAY,
+    LONG_STREAMS,
+    LONG_WORDS,
+    STREAM_BODY,
+    BenchError,
+    Service,
+    Services,
+    free_port,
+    http_answers,
+    lean_master,
+    memory_kb,
+    ms,
+    percentile,
+    process_cpu_seconds,
+    session,
+    start_fakes,
+    wait_for_line,
+)
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+from google.auth.transport.urllib3 import Request
+from google.oauth2 import service_account
+
+from addon.providers import cloud
+
+ACCESS_KEY, SECRET_KEY = "AKIABENCHPLATFORMS01", "bench/PLATFORMS/secret/0000000000000001"
+REGION = "us-east-1"
+PLATFORMS = ("anthropic", "bedrock", "vertex")
+TARGET_OVER_MS = 10.0
+TARGET_BEDROCK_CPU = 1.25
+
+
+@dataclass
+class Figures:
+    over_backup_ms: dict[str, float] = field(default_factory=dict)
+    failover_p50_ms: dict[str, float] = field(default_factory=dict)
+    backup_p50_ms: dict[str, float] = field(default_factory=dict)
+    primary_429_p50_ms: float = 0.0
+    cpu_per_1k_events_ms: dict[str, float] = field(default_factory=dict)
+    rss_rest_mb: dict[str, float] = field(default_factory=dict)
+
+
+# -- the fakes and the proxies ---------------------------------------------------------------
+
+
+def start_platform_fakes(services: Services, workdir: Path, long_text: str) -> dict[str, Service]:
+    """A fast and a long fake of each platform; their URLs as the proxy's config names them."""
+    fakes = {}
+    for platform in ("bedrock", "vertex"):
+        for kind, extra in (("fast", []), ("long", ["--text", long_text, "--event-delay", str(LONG_DELAY)])):
+            name = f"{platform}-{kind}"
+            args = ["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--api-key", ""]
+            if platform == "vertex":  # each fake is its own service account
+                args = ["--key-file", str(workdir / f"{name}.json")]
+            command = [sys.executable, "-m", "addon.fakecloud", platform, "--name", name, *args, *extra]
+            fakes[name] = services.spawn(f"fake-{name}", command, capture_stdout=True)
+    for fake in fakes.values():
+        fake.url = wait_for_line(fake, b"base_url: ").decode().removeprefix("base_url: ").strip()
+    return fakes
+
+
+def endpoint(platform: str, url: str) -> str:
+    if platform == "bedrock":
+        return f'{{name: backup, provider: bedrock, region: {REGION}, baseUrl: "{url}"}}'
+    if platform == "vertex":
+        return (
+            f'{{name: backup, provider: vertex, region: us-east5, project: fake-project, baseUrl: "{url}"}}'
+        )
+    return f'{{name: backup, baseUrl: "{url}", apiKey: ""}}'
+
+
+def start_proxy(
+    services: Services, name: str, endpoints: list[str], env: dict[str, str], key_file: Path
+) -> Service:
+    config = services.workdir / f"{name}.yaml"
+    lines = [
+        "endpoints:",
+        *(f"  - {e}" for e in endpoints),
+        "retry: {cooldownSeconds: 0}",
+        "logging: {level: warn}",
+    ]
+    config.write_text("\n".join(lines) + "\n")
+    port = free_port()
+    settings = [
+        f"mode=reverse:http://127.0.0.1:9@{port}",
+        "listen_host=127.0.0.1",
+        "connection_strategy=lazy",
+    ]
+    command = lean_master.command([*settings, "termlog_verbosity=warn", f"fallback_config={config}"])
+    service = services.spawn(name, command, env={**env, "GOOGLE_APPLICATION_CREDENTIALS": str(key_file)})
+    service.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not http_answers(f"{service.url}/health"):
+        if service.proc.poll() is not None or time.monotonic() > deadline:
+            raise BenchError(f"{name} did not start:\n{service.log_tail()}")
+        time.sleep(0.05)
+    return service
+
+
+# -- the backups' own time to first byte -----------------------------------------------------
+
+
+class Direct:
+    """Requests straight to a backup, shaped and signed as the proxy sends them."""
+
+    def __init__(self, platform: str, url: str, key_file: Path) -> None:
+        self.platform, self.url = platform, url
+        self.token = ""
+        if platform == "vertex":
+            scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+            credentials = service_account.Credentials.from_service_account_file(str(key_file), scopes=scopes)
+            credentials.refresh(Request(urllib3.PoolManager()))
+            self.token = credentials.token
+
+    def request(self) -> tuple[str, dict[str, str], bytes]:
+        if self.platform == "anthropic":
+            return f"{self.url}/v1/messages", HEADERS, BODY.encode()
+        body = json.loads(BODY)
+        model = body.pop("model")
+        if self.platform == "vertex":
+            body["anthropic_version"] = "vertex-2023-10-16"
+            where = "projects/fake-project/locations/us-east5/publishers/anthropic/models"
+            url = f"{self.url}/{where}/{cloud.vertex_model(model)}:rawPredict"
+            headers = {"content-type": "application/json", "authorization": f"Bearer {self.token}"}
+            return url, headers, json.dumps(body).encode()
+        body["anthropic_version"] = "bedrock-2023-05-31"
+        url = f"{self.url}/model/{cloud.bedrock_model(model, REGION)}/invoke"
+        data = json.dumps(body).encode()
+        signed = AWSRequest("POST", url, {"content-type": "application/json"}, data)
+        SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "bedrock", REGION).add_auth(signed)
+        return url, dict(signed.headers.items()), data
+
+
+async def first_byte(client: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes) -> float:
+    started = time.perf_counter()
+    async with client.post(url, data=body, headers=headers) as response:
+        at = time.perf_counter()
+        await response.read()
+        if response.status != 200:
+            raise BenchError(f"{url}: HTTP {response.status}")
+    return at - started
+
+
+async def measure_failover(
+    primary: str, directs: dict[str, Direct], proxies: dict[str, str], n: int
+) -> tuple[list[float], dict[str, list[float]], dict[str, list[float]]]:
+    """Interleaved: the primary's 429 direct, each backup direct, each proxy failing over."""
+    primary_429: list[float] = []
+    own: dict[str, list[float]] = {p: [] for p in proxies}
+    via: dict[str, list[float]] = {p: [] for p in proxies}
+    async with session() as a, session() as b, session() as c:
+        for i in range(10 + n):
+            started = time.perf_counter()
+            async with a.post(f"{primary}/v1/messages", data=BODY, headers=HEADERS) as response:
+                took = time.perf_counter() - started
+                await response.read()
+            for platform, url in proxies.items():
+                direct = await first_byte(b, *directs[platform].request())
+                through = await first_byte(c, f"{url}/v1/messages", HEADERS, BODY.encode())
+                if i >= 10:
+                    own[platform].append(direct)
+                    via[platform].append(through)
+            if i >= 10:
+                primary_429.append(took)
+    return primary_429, own, via
+
+
+# -- CPU per event ---------------------------------------------------------------------------
+
+
+async def relay_streams(url: str, n: int) -> int:
+    """`n` long streams at once, read to their end; the events they brought."""
+
+    async def one(client: aiohttp.ClientSession) -> int:
+        async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
+            body = await response.read()
+        if response.status != 200 or b"event: message_stop" not in body[-400:]:
+            raise BenchError(f"long stream via {url}: HTTP {response.status}, ended early")
+        return body.count(b"\n\n")
+
+    async with session(connections=0, total_timeout=120) as client:
+        return sum(await asyncio.gather(*(one(client) for _ in range(n))))
+
+
+def cpu_per_event(proxies: dict[str, Service], rounds: int) -> dict[str, float]:
+    """The median over rounds; each round visits the columns in turn, alternating direction,
+    so that a change in background load weighs on all of them alike."""
+    costs: dict[str, list[float]] = {p: [] for p in proxies}
+    for round_ in range(rounds + 1):
+        for platform in list(proxies)[:: 1 if round_ % 2 else -1]:
+            proxy = proxies[platform]
+            before = process_cpu_seconds(proxy.pid)
+            events = asyncio.run(relay_streams(proxy.url, LONG_STREAMS))
+            if round_:  # the first round warms up
+                costs[platform].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
+    return {p: percentile(values, 50) for p, values in costs.items()}
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+def run(quick: bool) -> Figures:
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="ccf-bench-platforms-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "home").mkdir()
+        services = Services(workdir)
+        try:
+            long_text = " ".join(f"w{i}" for i in range(LONG_WORDS))
+            fakes = start_fakes(
+                services,
+                {
+                    "failing": ["--kind", "status", "--status", "429"],
+                    "fast": [],
+                    "long": ["--text", long_text, "--event-delay", str(LONG_DELAY)],
+                },
+            )
+            fakes.update(start_platform_fakes(services, workdir, long_text))
+            env = {
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+                "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+                "AWS_EC2_METADATA_DISABLED": "true",
+                "AWS_CONFIG_FILE": str(workdir / "none"),
+                "AWS_SHARED_CREDENTIALS_FILE": str(workdir / "none"),
+            }
+            fast = {
+                "anthropic": fakes["fast"].url,
+                "bedrock": fakes["bedrock-fast"].url,
+                "vertex": fakes["vertex-fast"].url,
+            }
+            long = {
+                "anthropic": fakes["long"].url,
+                "bedrock": fakes["bedrock-long"].url,
+                "vertex": fakes["vertex-long"].url,
+            }
+            failing = f'{{name: primary, baseUrl: "{fakes["failing"].url}", apiKey: ""}}'
+            print("failover first byte ...", flush=True)
+            failovers = {
+                p: start_proxy(
+                    services,
+                    f"failover-{p}",
+                    [failing, endpoint(p, fast[p])],
+                    env,
+                    workdir / "vertex-fast.json",
+                )
+                for p in PLATFORMS
+            }
+            directs = {p: Direct(p, fast[p], workdir / "vertex-fast.json") for p in PLATFORMS}
+            n = 40 if quick else 300
+            primary_429, own, via = asyncio.run(
+                measure_failover(fakes["failing"].url, directs, {p: s.url for p, s in failovers.items()}, n)
+            )
+            figures.primary_429_p50_ms = ms(percentile(primary_429, 50))
+            for p in PLATFORMS:
+                figures.failover_p50_ms[p] = ms(percentile(via[p], 50))
+                figures.backup_p50_ms[p] = ms(percentile(own[p], 50))
+                figures.over_backup_ms[p] = (
+                    figures.failover_p50_ms[p] - figures.primary_429_p50_ms - figures.backup_p50_ms[p]
+                )
+                figures.rss_rest_mb[p] = memory_kb([failovers[p].pid], "VmRSS") / 1024
+            services.stop(list(failovers.values()))
+            print(f"CPU per event, {LONG_STREAMS} streams of {LONG_WORDS} events at once ...", flush=True)
+            relays = {
+                p: start_proxy(
+                    services, f"relay-{p}", [endpoint(p, long[p])], env, workdir / "vertex-long.json"
+                )
+                for p in PLATFORMS
+            }
+            figures.cpu_per_1k_events_ms = cpu_per_event(relays, 1 if quick else 7)
+        finally:
+            services.stop()
+    return figures
+
+
+def report(figures: Figures) -> tuple[str, bool]:
+    width = 36
+    lines = [f"{'':{width}}" + "".join(f"{p:>12}" for p in PLATFORMS)]
+
+    def row(label: str, values: dict[str, float], digits: int = 1) -> None:
+        lines.append(f"{label:{width}}" + "".join(f"{values[p]:>12.{digits}f}" for p in PLATFORMS))
+
+    lines.append(f"{'primary 429, direct, p50 ms':{width}}{figures.primary_429_p50_ms:>12.1f}")
+    row("via the proxy, 429 then backup, p50 ms", figures.failover_p50_ms)
+    row("backup's own first byte, p50 ms", figures.backup_p50_ms)
+    row("failover first byte over own, ms", figures.over_backup_ms)
+    row("CPU-ms per 1,000 relayed events", figures.cpu_per_1k_events_ms)
+    base = figures.cpu_per_1k_events_ms["anthropic"]
+    row("  x anthropic", {p: v / base for p, v in figures.cpu_per_1k_events_ms.items()}, 2)
+    row("RSS at rest, MB", figures.rss_rest_mb)
+    verdicts = []
+    for p in PLATFORMS:
+        ok = figures.over_backup_ms[p] <= TARGET_OVER_MS
+        verdicts.append((ok, f"{p}: failover first byte over the backup's own <= +{TARGET_OVER_MS:g} ms"))
+    ratio = figures.cpu_per_1k_events_ms["bedrock"] / base
+    verdicts.append(
+        (ratio <= TARGET_BEDROCK_CPU, f"bedrock: CPU per event <= {TARGET_BEDROCK_CPU} x anthropic")
+    )
+    lines += ["", *(f"{'PASS' if ok else 'FAIL'}  {what}" for ok, what in verdicts)]
+    return "\n".join(lines), all(ok for ok, _ in verdicts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="short smoke run")
+    parser.add_argument("--json", type=Path, help="write every figure to this file")
+    args = parser.parse_args(argv)
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores", flush=True)
+    figures = run(args.quick)
+    text, _ = report(figures)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(figures.__dict__, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
