@@ -6,9 +6,9 @@ loses `model` and `stream` and gains `anthropic_version` and the client's betas 
 one Anthropic event, and each frame becomes that event as server-sent text as soon as it
 arrives (eventstream.py reads the frames); an exception frame becomes an `error` event,
 so that before content it fails over like any other. Mantle is Anthropic's Messages API
-itself, under `/anthropic`. Both sign with SigV4 (botocore, with the AWS credential chain) or send a Bedrock API key
-as a bearer token. The anthropic SDK's `AnthropicBedrock` and `AnthropicBedrockMantle`
-are the reference for all of it.
+itself, under `/anthropic`. Both sign with SigV4 (botocore, with the AWS credential
+chain) or send a Bedrock API key as a bearer token. The anthropic SDK's
+`AnthropicBedrock` and `AnthropicBedrockMantle` are the reference for all of it.
 """
 
 from __future__ import annotations
