@@ -126,6 +126,8 @@ def _messages(message: Any) -> list[dict[str, Any]]:
         return _user(content)
     if role == "assistant":
         return [_assistant(content)]
+    if role == "system":  # Claude Code's mid-conversation instructions: Chat Completions has them too
+        return _system_messages(content)
     raise Untranslatable(f"messages: role {role!r} cannot be sent to a Chat Completions endpoint")
 
 

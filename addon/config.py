@@ -214,7 +214,7 @@ _PORT, _STATUS = _integer(1, 65535), _integer(400, 599)
 _LEVEL = _choice("trace", "debug", "info", "warn", "error", warning="warn")
 
 
-PROVIDERS = ("anthropic", "bedrock", "bedrock-mantle", "vertex")
+PROVIDERS = ("anthropic", "bedrock", "bedrock-mantle", "vertex", "openai")
 # provider -> the pip extra that installs its libraries, and a module of theirs to look for
 PROVIDER_EXTRAS = {
     "bedrock": ("bedrock", "botocore"),
@@ -238,6 +238,9 @@ class Endpoint:
     region: str | None = _key("region", _string, default=None)
     project: str | None = _key("project", _string, default=None)
     aws_profile: str | None = _key("awsProfile", _string, default=None)
+    max_tokens_field: str = _key(
+        "maxTokensField", _choice("max_tokens", "max_completion_tokens"), default="max_tokens"
+    )
 
     @property
     def auth(self) -> str:
@@ -472,13 +475,24 @@ class _Reader:
             ("project", endpoint.project, ("vertex",)),
             ("awsProfile", endpoint.aws_profile, ("bedrock", "bedrock-mantle")),
             ("authHeader", endpoint.auth_header, ("anthropic",)),
-            ("apiKey", endpoint.api_key, ("anthropic", "bedrock", "bedrock-mantle")),
+            ("apiKey", endpoint.api_key, ("anthropic", "bedrock", "bedrock-mantle", "openai")),
         ):
             if value is not None and provider not in takes:
                 self.fail(f"{path}.{key}", f"not used by provider {provider} (only by {', '.join(takes)})")
         if (extra := PROVIDER_EXTRAS.get(provider)) and importlib.util.find_spec(extra[1]) is None:
             install = f"pip install 'claude-code-fallback[{extra[0]}]'"
             self.fail(f"{path}.provider", f"{provider} needs the {extra[0]} extra; install it: {install}")
+        if provider == "openai":
+            if not endpoint.base_url:
+                self.fail(f"{path}.baseUrl", "required for provider openai, like http://127.0.0.1:11434/v1")
+            if not endpoint.models:
+                self.fail(
+                    f"{path}.models",
+                    'required for provider openai: which model serves each client model ("*": all)',
+                )
+            return endpoint
+        if endpoint.max_tokens_field != "max_tokens":
+            self.fail(f"{path}.maxTokensField", f"not used by provider {provider} (only by openai)")
         platform = _PLATFORMS.get(provider)
         if platform is None:
             return replace(endpoint, base_url=endpoint.base_url or DEFAULT_BASE_URL)

@@ -17,10 +17,13 @@ lists models. Requests are parsed with h11; answers are raw bytes, so they can b
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import json
 import re
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -692,6 +695,7 @@ class FakeOpenAI:
         else:
             parts.append(b"content-length: %d\r\n" % length)
         parts.append(b"x-request-id: req_fake_%d\r\nopenai-processing-ms: 1\r\n" % x.number)
+        parts.append(f"x-fake-name: {self.name}\r\n".encode())
         parts += [f"{n}: {v}\r\n".encode("latin-1") for n, v in b.headers]
         if not x.keep_alive:
             parts.append(b"connection: close\r\n")
@@ -778,3 +782,35 @@ def _models() -> bytes:
         for name in ("gpt-fake", "gpt-fake-mini")
     ]
     return json.dumps({"object": "list", "data": models}).encode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m claude_code_fallback.fakeopenai`: one fake in the foreground (the benchmark's)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m claude_code_fallback.fakeopenai",
+        description="Run a fake OpenAI Chat Completions API on 127.0.0.1 in the foreground.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port to listen on (0: any free one)")
+    parser.add_argument("--name", default="fake-openai", help="sent back in the x-fake-name header")
+    parser.add_argument("--text", default=TEXT.text, help="the answer's text, a word per event")
+    parser.add_argument("--event-delay", type=float, default=0.0, help="seconds between events")
+    parser.add_argument("--split", action="store_true", help="cut streams into awkward TCP writes")
+    args = parser.parse_args(argv)
+    fake = FakeOpenAI(args.name, args.port)
+    fake.behavior = Behavior(answer=Answer(text=args.text), event_delay=args.event_delay, split=args.split)
+
+    async def serve() -> None:
+        stopping = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
+        await fake.start()
+        print(f"listening on {fake.url}", flush=True)
+        await stopping.wait()
+        await fake.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -352,8 +352,17 @@ def test_long_tool_names_are_shortened_and_answers_use_the_long_ones() -> None:
 
 
 def test_a_message_with_a_strange_role_is_untranslatable() -> None:
-    with pytest.raises(Untranslatable, match="role 'system'"):
-        chat_request(payload([{"role": "system", "content": "x"}]), "m", streaming=False)
+    with pytest.raises(Untranslatable, match="role 'tool'"):
+        chat_request(payload([{"role": "tool", "content": "x"}]), "m", streaming=False)
+
+
+def test_claude_codes_mid_conversation_system_turns_stay_system_messages() -> None:
+    turns = [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+    ]
+    sent = chat_request(payload(turns), "m", streaming=False)["messages"]
+    assert sent == [{"role": "user", "content": "hi"}, {"role": "system", "content": "be brief"}]
 
 
 def test_translated_claude_code_requests_pass_the_strict_server(fakes: FakeOpenAI) -> None:

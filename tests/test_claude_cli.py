@@ -249,6 +249,38 @@ def test_claude_cli_gets_bedrocks_streamed_answer_when_anthropic_rate_limits(
     body = prompted[0].json()
     assert set(body.get("anthropic_beta", [])) <= cloud.PLATFORM_BETAS, context
     assert not set(body) & {"model", "stream", *cloud.FIRST_PARTY_FIELDS}, context
+    assert {m["role"] for m in body["messages"]} <= {"user", "assistant"}, context
     assert all(r.auth == "sigv4" and r.refusal is None for r in bedrock.requests), context
     # the primary's first 429 (maybe on the CLI's HEAD /) cooled it; the prompt then went to Bedrock
     assert primary.request_count >= 1 and proxy.endpoint("primary")["status"] == "cooling", context
+
+
+def test_claude_cli_gets_an_openai_format_backups_answer(tmp_path, proxy_factory, primary):
+    """The last line of defence: a Chat Completions model answers, translated both ways."""
+    from addon import fakeopenai
+    from addon.fakeopenai import FakeOpenAI
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = find_cli(home)
+    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "60"),))
+    with FakeOpenAI("openai") as openai:
+        openai.behavior = fakeopenai.Behavior(answer=fakeopenai.Answer(text=BACKUP_TEXT))
+        config = endpoints_config(primary)
+        config["endpoints"].append(
+            {"name": "openai", "provider": "openai", "baseUrl": openai.url, "models": {"*": "gpt-fake"}}
+        )
+        proxy = proxy_factory(config)
+        run, context = run_cli(cli, tmp_path, home, proxy, primary)
+        bodies = [r.json() for r in openai.requests]
+        refusals = list(openai.refusals)
+    assert run.returncode == 0, context + f"\nopenai refused: {refusals}"
+    assert BACKUP_TEXT in run.stdout, context
+    assert refusals == [], context  # strict as OpenAI: no argument it does not define
+    prompted = [
+        b for b in bodies if b.get("stream") and any(PROMPT in str(m.get("content")) for m in b["messages"])
+    ]
+    assert prompted, context
+    body = prompted[0]
+    assert body["messages"][0]["role"] == "system" and len(body.get("tools", [])) >= 10, context
+    assert "cache_control" not in json.dumps(body) and "anthropic" not in json.dumps(sorted(body)), context

@@ -350,3 +350,19 @@ def test_a_config_without_cloud_endpoints_loads_none_of_their_libraries(tmp_path
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_mid_conversation_system_turns_become_reminders_in_user_turns() -> None:
+    turns = [
+        {"role": "system", "content": "first"},
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": [{"type": "text", "text": "second"}]},
+        {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": "third"},
+    ]
+    folded = cloud.without_system_turns(turns)
+    assert [m["role"] for m in folded] == ["user", "assistant", "user"]
+    texts = [[b["text"] for b in m["content"]] if m["role"] == "user" else m["content"] for m in folded]
+    reminder = "<system-reminder>\n{}\n</system-reminder>".format
+    assert texts == [[reminder("first"), "hi", reminder("second")], "hello", [reminder("third")]]
+    assert turns[1] == {"role": "user", "content": "hi"}  # the client's request is left as it was

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..upstream import ClientRequest
 
 # provider name -> its module in this package; `anthropic` is `Provider` itself
-MODULES = {"bedrock": "bedrock", "bedrock-mantle": "bedrock", "vertex": "vertex"}
+MODULES = {"bedrock": "bedrock", "bedrock-mantle": "bedrock", "vertex": "vertex", "openai": "openai"}
 HOP_BY_HOP = frozenset(
     {
         "connection",

@@ -72,7 +72,58 @@ def payload(document: dict[str, Any], raw: bytes) -> dict[str, Any]:
         for key in ("system", "messages", "tools"):
             if isinstance(shaped.get(key), list):
                 shaped[key] = [_unscoped(item) for item in shaped[key]]
+    if b'"system"' in raw and isinstance(shaped.get("messages"), list):
+        shaped["messages"] = without_system_turns(shaped["messages"])
     return shaped
+
+
+def without_system_turns(messages: list[Any]) -> list[Any]:
+    """Messages of role `system` (a first-party beta) as reminders in the user's turns.
+
+    Claude Code sends instructions mid-conversation as `system` messages; the platforms
+    take only `user` and `assistant`. Each becomes a `<system-reminder>` text block, as
+    Claude Code writes its other reminders, in the user turn before it, else the one
+    after it, else a user turn of its own, so that the roles still alternate.
+    """
+    if not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+        return messages
+    turns: list[Any] = []
+    pending: list[dict[str, Any]] = []  # reminders waiting for the next user turn
+    for message in messages:
+        if not isinstance(message, dict):
+            turns.append(message)
+        elif message.get("role") == "system":
+            reminder = {
+                "type": "text",
+                "text": f"<system-reminder>\n{_text(message.get('content'))}\n</system-reminder>",
+            }
+            if turns and isinstance(turns[-1], dict) and turns[-1].get("role") == "user":
+                turns[-1] = {**turns[-1], "content": [*_blocks(turns[-1].get("content")), reminder]}
+            else:
+                pending.append(reminder)
+        elif message.get("role") == "user" and pending:
+            turns.append({**message, "content": [*pending, *_blocks(message.get("content"))]})
+            pending = []
+        else:
+            if pending:
+                turns.append({"role": "user", "content": pending})
+                pending = []
+            turns.append(message)
+    if pending:
+        turns.append({"role": "user", "content": pending})
+    return turns
+
+
+def _blocks(content: Any) -> list[Any]:
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n\n".join(
+        b.get("text", "") for b in content or [] if isinstance(b, dict) and b.get("type") == "text"
+    )
 
 
 def _unscoped(item: Any) -> Any:
