@@ -109,7 +109,9 @@ f: (4), w: (5), fw: (6)):
   without a target).
 
 `--quick` shortens everything (a few minutes) for smoke runs; `--json` writes every
-figure. The exit status is 0 when every figure was measured, 1 when a measurement broke.
+figure; `--platforms` runs scripts/bench_platforms.py instead (Claude on Bedrock and
+Vertex AI, and OpenAI-format endpoints, against the Anthropic path). The exit status is
+0 when every figure was measured, 1 when a measurement broke.
 """
 
 from __future__ import annotations
@@ -1617,6 +1619,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="server.workers of (5) and (6), (3) and (4) with worker processes (default 2)",
     )
     parser.add_argument(
+        "--platforms",
+        action="store_true",
+        help="instead: Bedrock, Vertex AI and OpenAI-format backups against the Anthropic path "
+        "(scripts/bench_platforms.py; --quick and --json apply)",
+    )
+    parser.add_argument(
         "--ccr",
         type=Path,
         metavar="DIR",
@@ -1634,6 +1642,12 @@ def _positive(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
+    if args.platforms:
+        import bench_platforms
+
+        return bench_platforms.main(
+            [*(["--quick"] if args.quick else []), *(["--json", str(args.json)] if args.json else [])]
+        )
     if not MITMDUMP.exists():
         print(f"bench: {MITMDUMP} not found; run with the venv's python", file=sys.stderr)
         return 1

@@ -115,6 +115,8 @@ def endpoint(platform: str, url: str) -> str:
         return (
             f'{{name: backup, provider: vertex, region: us-east5, project: fake-project, baseUrl: "{url}"}}'
         )
+    if platform == "openai":
+        return f'{{name: backup, provider: openai, baseUrl: "{url}", models: {{"*": gpt-fake}}}}'
     return f'{{name: backup, baseUrl: "{url}", apiKey: ""}}'
 
 

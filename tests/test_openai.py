@@ -192,3 +192,57 @@ def test_what_has_no_openai_form_is_refused_before_anything_is_sent(proxy_factor
     assert openai.request_count == 0 and proxy.endpoint("openai")["status"] == "healthy"
     counted = httpx.post(proxy.url + "/v1/messages/count_tokens", json=MESSAGE, timeout=10)
     assert counted.status_code == 404 and "openai: Chat Completions serves Messages only" in counted.text
+
+
+def test_a_cut_claude_stream_is_finished_by_the_openai_backup(proxy_factory, primary, openai):
+    import threading
+
+    from .test_failover import open_when
+
+    primary.behavior = AnthropicBehavior(
+        kind="close_mid_stream", text="Hello there from Claude", after_events=5
+    )
+    gate = primary.cut_gate = threading.Event()
+    openai.behavior = fakeopenai.Behavior(answer=fakeopenai.Answer(text=" and the rest from elsewhere."))
+    config = endpoints_config(primary, streaming={"resume": True})
+    config["endpoints"].append(openai_endpoint(openai))
+    proxy = proxy_factory(config)
+    with sdk(proxy).messages.stream(**MESSAGE) as stream:
+        text = "".join(open_when(gate, "Hello there", stream.text_stream))
+        final = stream.get_final_message()
+    assert text == "Hello there and the rest from elsewhere." and final.content[0].text == text
+    continued = openai.requests[0].json()["messages"]
+    assert continued[-1] == {"role": "assistant", "content": "Hello there"}  # the prefill, translated
+    assert proxy.metric("ccf_stream_resumes_total", from_endpoint="primary", to_endpoint="openai") == 1
+
+
+def test_a_session_back_on_claude_loses_the_thinking_no_claude_signed(proxy_factory, primary):
+    proxy = proxy_factory(endpoints_config(primary))
+    answered_elsewhere = [
+        {"role": "user", "content": "hi"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "from an OpenAI-format model", "signature": ""},
+                {"type": "thinking", "thinking": "from Claude", "signature": "c2lnbmVk"},
+                {"type": "text", "text": "Hello!"},
+            ],
+        },
+        {"role": "user", "content": "and now?"},
+    ]
+    httpx.post(proxy.url + "/v1/messages", json=dict(MESSAGE, messages=answered_elsewhere), timeout=10)
+    sent = primary.requests[0].json()["messages"][1]["content"]
+    assert [b["type"] for b in sent] == ["thinking", "text"] and sent[0]["signature"] == "c2lnbmVk"
+
+
+def test_ccf_check_calls_an_openai_format_endpoint(openai, tmp_path):
+    import asyncio
+
+    from addon import checks
+    from addon.config import load_config
+
+    path = tmp_path / "config.yaml"
+    path.write_text(f"endpoints: [{json.dumps(openai_endpoint(openai))}]\n")
+    (verdict,) = asyncio.run(checks.check(load_config(path, {}), call=True)).values()
+    assert verdict.ok and verdict.result.startswith("answered in"), verdict
+    assert openai.requests[0].json()["max_tokens"] == 1 and openai.refusals == []

@@ -16,7 +16,7 @@ import importlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import OAUTH_BETA, Endpoint
 from ..policy import retry_after_seconds
@@ -180,13 +180,36 @@ def client_betas(request: ClientRequest, endpoint: Endpoint) -> list[str]:
 
 
 def anthropic_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
-    """The body byte for byte, unless the endpoint maps the model to a name of its own."""
-    if not (endpoint.models and request.payload and request.model):
+    """The body byte for byte, unless the endpoint maps the model to a name of its own, or
+    the history holds thinking that no Claude signed."""
+    payload = request.payload
+    if payload is None:
         return request.body
-    mapped = endpoint.map_model(request.model)
-    if mapped == request.model:
-        return request.body
-    return compact_json(dict(request.payload, model=mapped))
+    changes: dict[str, Any] = {}
+    if endpoint.models and request.model and (mapped := endpoint.map_model(request.model)) != request.model:
+        changes["model"] = mapped
+    if UNSIGNED in request.body and isinstance(payload.get("messages"), list):
+        changes["messages"] = [signed_only(m) for m in payload["messages"]]
+    return compact_json({**payload, **changes}) if changes else request.body
+
+
+UNSIGNED = b'"signature":""'  # as an OpenAI-format endpoint's reasoning comes back
+
+
+def signed_only(message: Any) -> Any:
+    """A turn without thinking blocks that carry no signature: Claude refuses those, and a
+    session that an OpenAI-format endpoint answered has them."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return message
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    kept = [
+        b
+        for b in content
+        if not (isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature"))
+    ]
+    return {**message, "content": kept} if len(kept) != len(content) else message
 
 
 def compact_json(document: object) -> bytes:

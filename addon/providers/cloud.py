@@ -23,6 +23,7 @@ import re
 from typing import Any
 
 from ..config import Endpoint
+from . import UNSIGNED, signed_only
 
 # Betas Bedrock and Vertex document for Claude; any other is refused with a 400.
 PLATFORM_BETAS = frozenset(
@@ -72,8 +73,11 @@ def payload(document: dict[str, Any], raw: bytes) -> dict[str, Any]:
         for key in ("system", "messages", "tools"):
             if isinstance(shaped.get(key), list):
                 shaped[key] = [_unscoped(item) for item in shaped[key]]
-    if b'"system"' in raw and isinstance(shaped.get("messages"), list):
-        shaped["messages"] = without_system_turns(shaped["messages"])
+    if isinstance(shaped.get("messages"), list):
+        if b'"system"' in raw:
+            shaped["messages"] = without_system_turns(shaped["messages"])
+        if UNSIGNED in raw:
+            shaped["messages"] = [signed_only(m) for m in shaped["messages"]]
     return shaped
 
 
