@@ -60,6 +60,8 @@ from .fakeapi import (
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
 VERTEX_VERSION = "vertex-2023-10-16"
+# Since 2.x the anthropic SDK sends the platforms its own API version instead.
+API_VERSIONS = ("2023-06-01", "2026-10-21")
 CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
@@ -524,7 +526,7 @@ def _bedrock_body_problem(payload: object) -> str | None:
             "Malformed input request: #: required key [anthropic_version] not found, "
             "please reformat your input and try again."
         )
-    if version != BEDROCK_VERSION:
+    if version != BEDROCK_VERSION and version not in API_VERSIONS:
         return (
             f"Malformed input request: #/anthropic_version: {version} is not a valid enum value, "
             "please reformat your input and try again."
@@ -778,7 +780,7 @@ class FakeVertex(FakeAnthropic):
         if not isinstance(payload, dict):
             return await self._send_error(x, b, 400, "Invalid JSON payload received. Expected an object.")
         version = payload.get("anthropic_version")
-        if version != VERTEX_VERSION:
+        if version != VERTEX_VERSION and version not in API_VERSIONS:
             return await self._send_error(
                 x, b, 400, f"anthropic_version: {version!r} is not supported; use {VERTEX_VERSION!r}."
             )

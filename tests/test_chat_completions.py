@@ -6,6 +6,7 @@ and what the translator makes of them is read back by the anthropic SDK's accumu
 
 from __future__ import annotations
 
+import inspect
 import json
 import string
 from collections.abc import Iterable, Iterator
@@ -734,8 +735,12 @@ def check_sequence(events: list[tuple[str, dict[str, Any]]]) -> None:
 def accumulate(events: list[tuple[str, dict[str, Any]]]) -> Any:
     """The final message as the anthropic SDK builds it from the events."""
     snapshot = None
+    # anthropic 2.x keeps each tool call's partial JSON in buffers the caller holds
+    buffers = {"json_bufs": {}} if "json_bufs" in inspect.signature(accumulate_event).parameters else {}
     for _, payload in events:
-        snapshot = accumulate_event(event=EVENTS.validate_python(payload), current_snapshot=snapshot)
+        snapshot = accumulate_event(
+            event=EVENTS.validate_python(payload), current_snapshot=snapshot, **buffers
+        )
     return snapshot
 
 

@@ -37,7 +37,10 @@ from google.oauth2 import service_account
 
 from addon.fakeapi import Behavior, SeenRequest
 from addon.fakecloud import (
+    API_VERSIONS,
+    BEDROCK_VERSION,
     CLOUD_PLATFORM_SCOPE,
+    VERTEX_VERSION,
     CloudRequest,
     FakeBedrock,
     FakeBedrockMantle,
@@ -224,7 +227,7 @@ def test_bedrock_invoke_with_sigv4(bedrock: FakeBedrock) -> None:
     assert raw.headers["x-amzn-requestid"]
     seen = last(bedrock)
     assert (seen.path, seen.model, seen.auth) == (f"/model/{BEDROCK_MODEL}/invoke", BEDROCK_MODEL, "sigv4")
-    assert seen.json()["anthropic_version"] == "bedrock-2023-05-31"
+    assert seen.json()["anthropic_version"] in (BEDROCK_VERSION, *API_VERSIONS)  # anthropic 2.x: its own
     assert seen.anthropic_beta == ["beta-one", "beta-two"]
     assert "model" not in seen.json() and "stream" not in seen.json()
 
@@ -328,7 +331,7 @@ def test_bedrock_api_key_needs_no_aws_credentials(bedrock: FakeBedrock) -> None:
             "extraneous key [stream] is not permitted",
         ),
         ({}, "required key [anthropic_version] not found"),
-        ({"anthropic_version": "2023-06-01"}, "is not a valid enum value"),
+        ({"anthropic_version": "bedrock-2023-01-01"}, "is not a valid enum value"),
     ],
 )
 def test_bedrock_validates_the_body(bedrock: FakeBedrock, body: dict[str, Any], problem: str) -> None:
@@ -360,7 +363,8 @@ def test_bedrock_stream_errors_are_exception_frames(bedrock: FakeBedrock, kind: 
     bedrock.behavior = Behavior(kind, after_events=5)
     bedrock.stream_exception = "modelStreamErrorException"
     seen: list[str] = []
-    with pytest.raises(ValueError, match="modelStreamErrorException"):
+    # anthropic 0.x raises a ValueError for an exception frame, 2.x an APIStatusError
+    with pytest.raises((ValueError, anthropic.APIStatusError), match="modelStreamErrorException"):
         for event in bedrock_client(bedrock).messages.create(**message(BEDROCK_MODEL), stream=True):
             seen.append(event.type)
     expected = {"sse_error_first": 0, "sse_error_after_preamble": 2, "sse_error_after": 4}[kind]
@@ -484,7 +488,7 @@ def test_vertex_raw_predict_stream_and_count_tokens_on_one_token(
         VERTEX_MODEL,
         "oauth",
     )
-    assert seen.json()["anthropic_version"] == "vertex-2023-10-16" and "model" not in seen.json()
+    assert seen.json()["anthropic_version"] in (VERTEX_VERSION, *API_VERSIONS) and "model" not in seen.json()
     with client.messages.stream(**message(VERTEX_MODEL)) as stream:
         assert "".join(stream.text_stream) == TEXT
     seen = last(vertex, 2)
@@ -579,8 +583,9 @@ def test_vertex_other_project_or_region_is_not_found(
             base_url=vertex.base_url,
             max_retries=0,
         )
-        with pytest.raises(anthropic.NotFoundError, match="NOT_FOUND"):
+        with pytest.raises(anthropic.NotFoundError) as caught:
             client.messages.create(**message(VERTEX_MODEL))
+        assert caught.value.body["error"]["status"] == "NOT_FOUND"  # type: ignore[index]
 
 
 @pytest.mark.parametrize(
