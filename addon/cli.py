@@ -35,7 +35,7 @@ from urllib.parse import urlencode, urlsplit
 
 import yaml
 
-from . import __version__, lean
+from . import __version__, lean, workers
 from .access import ACCESS_HEADER, DEFAULT_CLIENT
 from .config import (
     Config,
@@ -203,7 +203,11 @@ def exec_proxy(
         web_port=web_port,
         web_max_flows=web_max_flows,
     )
-    print(f"claude-code-fallback on {settings.url} (Ctrl-C stops it)", file=sys.stderr)
+    serving = f"claude-code-fallback on {settings.url} (Ctrl-C stops it)"
+    if web:
+        print(serving, file=sys.stderr)
+    else:  # the lean master says it once it serves
+        os.environ[workers.ENV_ANNOUNCE] = serving
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(command[0], command)
@@ -310,7 +314,7 @@ def wait_until_up(process: subprocess.Popen[bytes], url: str, deadline: float) -
     """Poll /health until it answers; False once the process exits or the deadline passes."""
     end = time.monotonic() + deadline
     while process.poll() is None and time.monotonic() < end:
-        if fetch_health(url, timeout=1.0) is not None:
+        if (health := fetch_health(url, timeout=1.0)) is not None and health.get("status") != "starting":
             return True
         time.sleep(POLL_INTERVAL)
     return False

@@ -5,7 +5,9 @@ Python. With `server.workers: N`, lean.py starts this supervisor instead of a pr
 - It binds the listening socket itself, so a port in use fails once and clearly, starts
   N workers, each a whole lean master, and accepts every connection itself: each goes,
   as a file descriptor over a Unix socket, to the serving worker with the fewest open
-  connections (a worker still starting, after a crash, gets none). Workers accepting
+  connections (a worker still starting, after a crash, gets none). While none serves
+  (at start), it answers a connection itself with a 503 at once, rather than let the
+  client wait for the workers' start. Workers accepting
   from a shared socket split a burst of connections as the race of their wake-ups falls
   (16 at once landed all on one worker), and a client keeps its connection, so that
   split would stay.
@@ -47,6 +49,7 @@ ENV_LISTEN = "CCF_WORKER_LISTEN"  # port:fd:fd, the listening socket and the wor
 ENV_STATE = "CCF_WORKER_STATE_URL"  # the supervisor's hub, when there is no Redis
 ENV_SUPERVISOR = "CCF_WORKER_SUPERVISOR"  # its pid: a worker whose supervisor is gone stops
 ENV_INCIDENTS = "CCF_WORKER_INCIDENTS"  # where each leaves its incidents for the status page
+ENV_ANNOUNCE = "CCF_ANNOUNCE"  # `ccf dev`: the line to print once the proxy serves
 METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 # On a worker's channel: to it, a connection (its descriptor along); from it, once it
@@ -229,7 +232,8 @@ class Supervisor:
         self.channels: dict[int, socket.socket] = {}  # to each running worker: its connections
         self.connections: dict[int, int] = {}  # open ones, by worker
         self.serving: set[int] = set()  # the workers that said READY: a starting one gets none
-        self.any_serving = asyncio.Event()
+        self.answering: set[asyncio.Task[None]] = set()  # connections answered while none serves
+        self.announce = os.environ.pop(ENV_ANNOUNCE, "")  # printed once the first worker serves
         self.handed = 0
         self.stop_signal: int | None = None  # set once told to stop: what each worker is told
         self.exit_code = 0
@@ -277,12 +281,17 @@ class Supervisor:
         return self.exit_code
 
     async def hand_out(self, listener: socket.socket) -> None:
-        """Accepts each connection and sends it to the running worker with the fewest open."""
+        """Accepts each connection and sends it to the running worker with the fewest open;
+        while none serves (at start, or all restarting), answers it at once itself."""
         loop = asyncio.get_running_loop()
         listener.setblocking(False)
         while True:
-            await self.any_serving.wait()  # until then connections wait in the listen backlog
             connection, _ = await loop.sock_accept(listener)
+            if not self.serving:
+                task = asyncio.ensure_future(answer_starting(connection))
+                self.answering.add(task)
+                task.add_done_callback(self.answering.discard)
+                continue
             with connection:  # the worker has its own copy once sent
                 for index in self.by_load():
                     try:
@@ -320,14 +329,14 @@ class Supervisor:
             self.not_serving(index)
             return
         if READY in told:
+            if not self.serving and self.announce:
+                print(self.announce, file=sys.stderr, flush=True)  # `ccf dev`: now it serves
+                self.announce = ""
             self.serving.add(index)
-            self.any_serving.set()
         self.connections[index] = max(0, self.connections[index] - told.count(CLOSED))
 
     def not_serving(self, index: int) -> None:
         self.serving.discard(index)
-        if not self.serving:
-            self.any_serving.clear()
 
     def close_channel(self, index: int) -> None:
         channel = self.channels.pop(index)
@@ -380,6 +389,39 @@ class Supervisor:
         for process in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
+
+
+STARTING_BODY = b'{"status": "starting"}'
+OVERLOADED_BODY = (
+    b'{"type": "error", "error": {"type": "overloaded_error", '
+    b'"message": "claude-code-fallback is starting; try again in a second."}}'
+)
+HEAD_LIMIT = 1 << 16
+
+
+async def answer_starting(connection: socket.socket) -> None:
+    """Before any worker serves: a 503 at once, not a wait of seconds. `/health` says
+    `{"status": "starting"}` (a load balancer's check), anything else gets Anthropic's
+    `overloaded_error` with `retry-after: 1`, which clients retry on."""
+    loop = asyncio.get_running_loop()
+    with connection:
+        connection.setblocking(False)
+        head = b""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(1.0):
+                while b"\r\n\r\n" not in head and len(head) < HEAD_LIMIT:
+                    if not (data := await loop.sock_recv(connection, HEAD_LIMIT)):
+                        break
+                    head += data
+        method, _, rest = head.partition(b" ")
+        health = rest.split(b" ", 1)[0].split(b"?", 1)[0] == b"/health"
+        body = STARTING_BODY if health else OVERLOADED_BODY
+        response = (
+            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        with contextlib.suppress(OSError):
+            await loop.sock_sendall(connection, response if method == b"HEAD" else response + body)
 
 
 def supervise(specs: list[str], config: Config, command: list[str]) -> int:

@@ -155,8 +155,8 @@ class Proxy:
         if self.process and self.process.poll() is not None:
             raise AssertionError(f"proxy exited with {self.process.returncode}: {self.logs()}")
         try:
-            self.get("/health")
-            return True
+            # workers' supervisor answers "starting" until a worker serves
+            return b'"starting"' not in self.get("/health")[1]
         except OSError:
             return False
 

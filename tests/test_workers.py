@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from addon import lean, workers
 from addon.config import load_config
@@ -390,3 +391,62 @@ def test_a_worker_tells_each_closed_connection_even_when_its_channel_is_full():
     assert served == [b"hello"] * 5
     supervisor_end.close()
     worker_end.close()
+
+
+def test_until_a_worker_serves_the_port_answers_503_at_once(tmp_path, primary):
+    config, port = tmp_path / "config.yaml", free_port()
+    config.write_text(yaml.safe_dump(endpoints_config(primary, server={"workers": 2})))
+    log = tmp_path / "dev.log"
+    with log.open("wb") as out:
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "addon.cli", "-c", str(config), "-p", str(port), "dev"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=clean_env(tmp_path / "home"),
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: accepts(port), 10, "the supervisor's port")
+        answers = []
+
+        def served() -> bool:
+            started = time.monotonic()
+            for method, path in (("GET", "/health"), ("POST", "/v1/messages")):
+                response = httpx.request(method, url + path, json=MESSAGE, timeout=5)
+                answers.append(
+                    (path, response.status_code, response.json(), response.headers.get("retry-after"))
+                )
+            assert time.monotonic() - started < 2.0  # both answered at once, none waited for a worker
+            return answers[-1][1] == 200
+
+        wait_until(served, 30, "a worker to serve")
+        starting = [a for a in answers if a[1] == 503]
+        assert ("/health", 503, {"status": "starting"}, "1") in starting
+        assert any(a[0] == "/v1/messages" and a[2]["error"]["type"] == "overloaded_error" for a in starting)
+        assert "claude-code-fallback on " in log.read_text()  # said once a worker served
+    finally:
+        dev.terminate()
+        dev.wait(20)
+
+
+def test_the_starting_answer_is_a_whole_http_response():
+    async def exchange(request: bytes) -> bytes:
+        ours, theirs = socket.socketpair()
+        with theirs:
+            theirs.sendall(request)
+            await workers.answer_starting(ours)
+            return theirs.recv(65536)
+
+    health = asyncio.run(exchange(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n"))
+    head, _, body = health.partition(b"\r\n\r\n")
+    assert (
+        head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head and body == b'{"status": "starting"}'
+    )
+    assert b"content-length: %d" % len(body) in head
+    probe = asyncio.run(exchange(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n"))
+    assert probe.endswith(b"\r\n\r\n")  # a HEAD gets no body
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
