@@ -89,6 +89,12 @@ its primary's. What is measured, and how:
   by k processes counts 1/k in each) is printed too: what several processes cost the
   machine. How many streams were open at the same moment is printed, so a short count
   shows.
+* Start: fresh instances of (3) and (5), three starts each: from the moment the port
+  accepts a connection, the time to the first HTTP answer to GET /health (any status: a
+  supervisor whose workers are still starting answers 503 `starting` at once) and to the
+  first 200 (a worker serves); the medians. With workers, the RSS at rest of the largest
+  process and of the supervisor are printed beside (3)'s, and the CPU per event as a
+  ratio to the one-process column.
 * Noise: the CPU time that processes outside the benchmark used during each phase (from
   /proc/stat minus the benchmark's own processes) is printed, with a note when it is high.
 
@@ -103,6 +109,9 @@ f: (4), w: (5), fw: (6)):
   connection <= the floor's + 1 ms; time to first content event <= the floor's + 1 ms (the
   preamble hold adds nothing measurable);
 * (4) against (3) and (6) against (5): req/s >= 0.95 x, JSON and SSE;
+* workers against one process, in the same run: CPU per event of (5) <= 1.2 x (3)'s and
+  of (6) <= 1.2 x (4)'s; the largest worker at rest <= (3) at rest + 8 MB; the first
+  answer after the port accepts <= 1 s, for (3) and (5);
 * fixed, for (3) and (4) (the failover one for (4)): added jitter p99 <= 1 ms; 429 ->
   backup first byte (p50) <= the backup's own time to first byte + 5 ms; peak RSS <= 115 MB
   with 500 streams (one process, as the proxy runs by default: (5) and (6) show theirs
@@ -138,7 +147,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,12 +228,13 @@ class Settings:
     failover_samples: int
     rss_hold: float
     relay_rounds: int
+    starts: int
 
     @classmethod
     def make(cls, quick: bool, duration: int | None) -> Settings:
-        quick_run = cls(2, 1, 300, 100, 4, 60, 1.0, 1)
+        quick_run = cls(2, 1, 300, 100, 4, 60, 1.0, 1, 1)
         # six 5 s rounds per load: with two, a comparison of two columns within 5% could flip
-        base = quick_run if quick else cls(30, 2, 2000, 200, 16, 400, 4.0, 3)
+        base = quick_run if quick else cls(30, 2, 2000, 200, 16, 400, 4.0, 3, 3)
         return base if duration is None else cls(**{**asdict(base), "duration": duration})
 
 
@@ -1051,6 +1061,7 @@ async def measure_failover(failing: str, backup: str, proxies: dict[str, str], n
 @dataclass
 class Memory:
     idle_mb: float
+    idle_each_mb: list[float]  # per process at rest: for workers, the supervisor first
     peak_mb: float
     peak_pss_mb: float
     peak_open: int
@@ -1073,6 +1084,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
     tree = process_tree(pid)
     peak_kb = [memory_kb(tree, "VmRSS"), pss_kb(tree)]
     idle_mb = peak_kb[0] / 1024
+    idle_each = [memory_kb([p], "VmRSS") / 1024 for p in tree]
 
     async def stream(client: aiohttp.ClientSession) -> None:
         is_open = False
@@ -1116,7 +1128,7 @@ async def hold_streams(url: str, pid: int, n: int, served_by: str | None, hold: 
         await asyncio.gather(*tasks, sampler, return_exceptions=True)
     if len(tree) == 1:
         peak_kb[0] = max(peak_kb[0], memory_kb(tree, "VmHWM"))
-    return Memory(idle_mb, peak_kb[0] / 1024, peak_kb[1] / 1024, count[1], count[2], ramp)
+    return Memory(idle_mb, idle_each, peak_kb[0] / 1024, peak_kb[1] / 1024, count[1], count[2], ramp)
 
 
 # -- the run ------------------------------------------------------------------------------
@@ -1303,6 +1315,10 @@ def phase_memory(results: Results, services: Services, fakes: dict[str, Service]
                 hold_streams(proxy.url, proxy.pid, RSS_STREAMS, served_by, results.settings.rss_hold)
             )
             results.put("rss_idle_mb", variant, memory.idle_mb)
+            # a worker's own, beside one process's: what each worker loads or keeps beyond it
+            results.put("rss_idle_process_mb", variant, max(memory.idle_each_mb))
+            if len(memory.idle_each_mb) > 1:
+                results.put("rss_idle_supervisor_mb", variant, memory.idle_each_mb[0])
             results.put("rss_peak_mb", variant, memory.peak_mb)
             results.put("pss_peak_mb", variant, memory.peak_pss_mb)
             results.put("open_streams", variant, memory.peak_open)
@@ -1331,6 +1347,68 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
                     costs[variant].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
         for variant, values in costs.items():
             results.put("cpu_per_1k_events_ms", variant, percentile(values, 50))
+        cpu = results.figures["cpu_per_1k_events_ms"]
+        for variant, one in (("workers", "healthy"), ("failover-w", "failover")):
+            if cpu.get(variant) is not None and cpu.get(one):
+                results.put("cpu_vs_one_process", variant, cpu[variant] / cpu[one])  # type: ignore[operator]
+
+
+def phase_start(results: Results, services: Services, fakes: dict[str, Service], tools: Tools) -> None:
+    """How soon a fresh proxy answers once its port accepts a connection, and serves: what a
+    client (or a load balancer's probe) meets right after `ccf start` or a restart."""
+    upstream = fakes[FAST_NAME].url
+    specs = {"healthy": ProxySpec("start-healthy", upstream, (("primary", upstream),))}
+    if RUNNER == "lean":
+        specs["workers"] = ProxySpec("start-workers", upstream, (("primary", upstream),), workers=WORKERS)
+    print("first answers after a start ...", flush=True)
+    for variant, spec in specs.items():
+        answers, serves = [], []
+        for i in range(results.settings.starts):
+            answer, served_ms = first_answers(services, replace(spec, name=f"{spec.name}-{i}"))
+            answers.append(answer)
+            serves.append(served_ms)
+        results.put("start_answer_ms", variant, percentile(answers, 50))
+        results.put("start_served_ms", variant, percentile(serves, 50))
+
+
+def first_answers(services: Services, spec: ProxySpec) -> tuple[float, float]:
+    """(ms from the port accepting to the first HTTP answer to GET /health, of any status;
+    ms to the first 200)."""
+    config = services.workdir / f"{spec.name}.yaml"
+    write_config(spec, config)
+    port = free_port()
+    service = services.spawn(spec.name, proxy_command(spec, port, config))
+    try:
+        deadline = time.monotonic() + 30
+        while not _accepts(port):
+            if service.proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{spec.name} did not listen:\n{service.log_tail()}")
+            time.sleep(0.005)
+        accepted = time.perf_counter()
+        first = None
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as response:
+                    status = response.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+            except OSError:
+                status = 0
+            if status and first is None:
+                first = time.perf_counter()
+            if status == 200:
+                assert first is not None
+                return ms(first - accepted), ms(time.perf_counter() - accepted)
+            if time.monotonic() > deadline:
+                raise BenchError(f"{spec.name} never served:\n{service.log_tail()}")
+            time.sleep(0.005)
+    finally:
+        services.stop([service])
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 async def relay_streams(url: str, n: int) -> int:
@@ -1402,6 +1480,10 @@ TARGETS = (
     Target("jitter_p99_added_ms", "<=1 ms", "<=", offset=1.0, columns=SINGLE),
     Target("failover_gap_p50_ms", "<=backup TTFB+5", "<=", "direct", offset=5.0, columns=("failover",)),
     Target("rss_peak_mb", f"<={RSS_LIMIT_MB:g} MB", "<=", offset=RSS_LIMIT_MB, columns=SINGLE),
+    Target("cpu_per_1k_events_ms", "<=1.2 x (3)", "<=", "healthy", 1.2, columns=("workers",)),
+    Target("cpu_per_1k_events_ms", "<=1.2 x (4)", "<=", "failover", 1.2, columns=("failover-w",)),
+    Target("rss_idle_process_mb", "<=(3)+8 MB", "<=", "healthy", offset=8.0, columns=WORKER_VARIANTS),
+    Target("start_answer_ms", "<=1000 ms", "<=", offset=1000.0, columns=("healthy", "workers")),
 )
 
 
@@ -1460,7 +1542,12 @@ ROWS = (
     Row("failover_gap_p99_ms", "429->backup 1st byte ms p99", 2, False),
     Row("failover_first_ms", "first failover TTFB ms, cold", 2, False),
     Row("cpu_per_1k_events_ms", "CPU ms per 1000 SSE events", 0, True),
+    Row("cpu_vs_one_process", "  x (3) or (4), one process", 2, False),
     Row("rss_idle_mb", "RSS idle MB", 1, False),
+    Row("rss_idle_process_mb", "  largest process at rest", 1, False),
+    Row("rss_idle_supervisor_mb", "  the supervisor at rest", 1, False),
+    Row("start_answer_ms", "start: port -> 1st answer ms", 0, False),
+    Row("start_served_ms", "start: port -> served ms", 0, False),
     Row("rss_peak_mb", f"RSS peak MB, {RSS_STREAMS} streams", 1, True),
     Row("pss_peak_mb", f"PSS peak MB, {RSS_STREAMS} streams", 1, False),
     Row("open_streams", "  streams open at once", 0, False),
@@ -1578,7 +1665,7 @@ def run(settings: Settings, tools: Tools, found: dict[str, str]) -> Results:
         services = Services(workdir)
         try:
             fakes = start_fakes(services, fake_specs(settings))
-            for phase in (phase_requests, phase_streams, phase_relay, phase_memory):
+            for phase in (phase_requests, phase_streams, phase_relay, phase_memory, phase_start):
                 name = phase.__name__.removeprefix("phase_")
                 started, busy, own = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds(services)
                 phase(results, services, fakes, tools)
