@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .sse import Usage
+from .sse import Usage, error_type
 
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
@@ -717,19 +717,6 @@ def _compact(value: Any) -> str:
 
 # -- errors ----------------------------------------------------------------------------------
 
-_STATUS_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
 _DEFAULT_MESSAGES = {
     "invalid_request_error": "The endpoint refused the request as invalid.",
     "authentication_error": "The endpoint refused the API key.",
@@ -765,13 +752,6 @@ _ERROR_WORDS = (
     ("invalid", "invalid_request_error"),
     ("bad_request", "invalid_request_error"),
 )
-
-
-def error_type(status: int) -> str:
-    """Anthropic's error type for an HTTP status."""
-    if status in _STATUS_TYPES:
-        return _STATUS_TYPES[status]
-    return "api_error" if status >= 500 or status < 400 else "invalid_request_error"
 
 
 def anthropic_error(status: int, body: bytes) -> bytes:

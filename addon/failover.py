@@ -8,7 +8,6 @@ to send whole.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from . import limits
+from . import limits, sse
 from .config import Config
 from .endpoints import LIMITS_OK, EndpointPool, EndpointState, iso_time
 from .logs import EventLog
@@ -346,5 +345,6 @@ def final_failure(failures: list[AttemptFailed]) -> Failure:
 
 
 def error_failure(status: int, error_type: str, message: str) -> Failure:
-    body = json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
-    return Failure(status, ((b"content-type", b"application/json"),), body, message)
+    return Failure(
+        status, ((b"content-type", b"application/json"),), sse.error_body(error_type, message), message
+    )

@@ -86,6 +86,33 @@ ERROR_STATUS = {
 }
 
 
+# Anthropic's error type for an HTTP status: what a platform's or a server's error becomes.
+STATUS_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def error_type(status: int) -> str:
+    """Anthropic's error type for an HTTP status."""
+    if status in STATUS_ERRORS:
+        return STATUS_ERRORS[status]
+    return "api_error" if status >= 500 or status < 400 else "invalid_request_error"
+
+
+def error_body(error_type: str, message: str) -> bytes:
+    """Anthropic's error body: `{"type": "error", "error": {"type": ..., "message": ...}}`."""
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
+
+
 def error_status(event: Event) -> int:
     """The HTTP status an in-stream `error` event stands for (529 when unknown)."""
     error = (event.json() or {}).get("error") or {}

@@ -486,7 +486,7 @@ class UpstreamClient:
             return await provider.authenticate(provider.outgoing(request))
         except providers.Untranslatable as e:
             # Not the endpoint's fault: nothing cools, and the client hears why if no other can.
-            body = providers.anthropic_error("invalid_request_error", str(e))
+            body = sse.error_body("invalid_request_error", str(e))
             refusal = ErrorResponse(400, ((b"content-type", b"application/json"),), body)
             raise AttemptFailed(
                 name, "untranslatable", str(e), status=400, response=refusal, final=True

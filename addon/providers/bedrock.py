@@ -27,6 +27,7 @@ from botocore.exceptions import BotoCoreError
 from botocore.session import Session
 
 from ..config import Endpoint
+from ..sse import error_body, error_type
 from . import (
     NOT_FORWARDED,
     CredentialsError,
@@ -36,10 +37,8 @@ from . import (
     Provider,
     Reply,
     Untranslatable,
-    anthropic_error,
     cloud,
     compact_json,
-    error_type,
     is_anthropic_error,
     json_headers,
     retry_after,
@@ -275,7 +274,7 @@ def _error_event(name: str, payload: bytes, message: object = None) -> bytes:
     except (ValueError, AttributeError):
         text = message
     kind = ERRORS.get(name[:1].upper() + name[1:], ("api_error", None))[0]
-    body = anthropic_error(kind, str(text or name or "Bedrock stream error"))
+    body = error_body(kind, str(text or name or "Bedrock stream error"))
     return b"event: error\ndata: %b\n\n" % body
 
 
@@ -298,7 +297,7 @@ def aws_error(status: int, headers: Headers, body: bytes) -> PlatformError:
     return PlatformError(
         status,
         json_headers(headers) + _request_id(headers),
-        anthropic_error(kind, text),
+        error_body(kind, text),
         recoverable,
         retry_after(headers),
         credentials=name in CREDENTIALS_REFUSED,

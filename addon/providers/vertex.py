@@ -23,6 +23,7 @@ from google.auth.exceptions import GoogleAuthError
 from google.auth.transport.urllib3 import Request
 
 from ..config import Endpoint
+from ..sse import error_body, error_type
 from . import (
     CredentialsError,
     Headers,
@@ -30,10 +31,8 @@ from . import (
     PlatformError,
     Provider,
     Untranslatable,
-    anthropic_error,
     cloud,
     compact_json,
-    error_type,
     is_anthropic_error,
     json_headers,
     retry_after,
@@ -180,7 +179,7 @@ class Vertex(Provider):
             self.google.forget()
         kind, recoverable = ERRORS.get(name, (error_type(status), None))
         text = str(error.get("message") or name or f"HTTP {status} from Vertex AI")
-        body = anthropic_error(kind, text)
+        body = error_body(kind, text)
         return PlatformError(status, json_headers(headers), body, recoverable, retry_after(headers), refused)
 
 
