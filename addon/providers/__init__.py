@@ -12,11 +12,12 @@ endpoint names it, so that its libraries cost nothing otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from ..config import OAUTH_BETA, Endpoint
 from ..policy import retry_after_seconds
@@ -42,6 +43,7 @@ HOP_BY_HOP = frozenset(
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length"}
 
 Headers = tuple[tuple[bytes, bytes], ...]
+T = TypeVar("T")
 
 
 class Translator(Protocol):
@@ -92,6 +94,21 @@ class CredentialsError(Exception):
 
 class Untranslatable(Exception):
     """The client's request has no form on this platform; the message is for the client."""
+
+
+class InThread(Generic[T]):
+    """Blocking work (finding credentials, refreshing a token) run in a thread, one run at a
+    time: a caller that comes while it runs waits for that run's result, and a failed run
+    is tried again by the next caller."""
+
+    def __init__(self, work: Callable[[], T]) -> None:
+        self.work = work
+        self.running: asyncio.Future[T] | None = None
+
+    async def __call__(self) -> T:
+        if self.running is None or self.running.done():
+            self.running = asyncio.ensure_future(asyncio.to_thread(self.work))
+        return await asyncio.shield(self.running)
 
 
 class Provider:

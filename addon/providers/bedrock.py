@@ -32,6 +32,7 @@ from . import (
     NOT_FORWARDED,
     CredentialsError,
     Headers,
+    InThread,
     Outgoing,
     PlatformError,
     Provider,
@@ -93,12 +94,10 @@ class AwsSigner:
     def __init__(self, service: str, region: str, profile: str | None) -> None:
         self.service, self.region, self.profile = service, region, profile
         self.credentials: Any = None
-        self.finding: asyncio.Future[Any] | None = None  # one search serves every request waiting
+        self.finding = InThread(self._find)
 
     async def find(self) -> str:
-        if self.finding is None or self.finding.done():
-            self.finding = asyncio.ensure_future(asyncio.to_thread(self._find))
-        self.credentials = await asyncio.shield(self.finding)
+        self.credentials = await self.finding()
         return f"AWS credentials ({self.credentials.method}), SigV4 for {self.service} in {self.region}"
 
     def _find(self) -> Any:

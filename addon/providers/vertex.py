@@ -12,7 +12,6 @@ SDK's `AnthropicVertex` is the reference.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -27,6 +26,7 @@ from ..sse import error_body, error_type
 from . import (
     CredentialsError,
     Headers,
+    InThread,
     Outgoing,
     PlatformError,
     Provider,
@@ -78,14 +78,12 @@ class GoogleToken:
     def __init__(self) -> None:
         self.credentials: Any = None
         self.project: str | None = None
-        self.refreshing: asyncio.Future[None] | None = None
-        self.finding: asyncio.Future[tuple[Any, str | None]] | None = None
+        self.finding = InThread(self._find)
+        self.refreshing = InThread(self._refresh)
         self.transport = Request(urllib3.PoolManager())
 
     async def find(self) -> str:
-        if self.finding is None or self.finding.done():
-            self.finding = asyncio.ensure_future(asyncio.to_thread(self._find))
-        self.credentials, self.project = await asyncio.shield(self.finding)
+        self.credentials, self.project = await self.finding()
         kind = type(self.credentials).__module__.removeprefix("google.").replace(".credentials", "")
         return f"Google credentials ({kind}), project {self.project or 'not named by them'}"
 
@@ -99,9 +97,7 @@ class GoogleToken:
         if self.credentials is None:
             await self.find()
         if not self.credentials.valid:
-            if self.refreshing is None or self.refreshing.done():
-                self.refreshing = asyncio.ensure_future(asyncio.to_thread(self._refresh))
-            await asyncio.shield(self.refreshing)
+            await self.refreshing()
         return str(self.credentials.token)
 
     def _refresh(self) -> None:
