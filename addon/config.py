@@ -453,7 +453,9 @@ class Server:
         "maxBodyBytes",
         _integer(1),
         default=32 * 1024 * 1024,
-        doc="A larger request body gets Anthropic's 413 `request_too_large`; it is read and dropped",
+        doc="A larger request body, with or without `content-length`, gets Anthropic's 413 "
+        "`request_too_large`; it is read and dropped, never kept in memory (the addon sets mitmproxy's "
+        "`stream_large_bodies` to this)",
     )
     workers: int = _key(
         "workers",

@@ -30,15 +30,18 @@ from addon.endpoints import EndpointPool, EndpointState  # noqa: E402
 from addon.limits import Window  # noqa: E402
 
 MARKER = re.compile(r"<!-- reference: ([a-z]+) -->")
+# What a section's table opens with; links are relative to docs/reference/configuration.md
 SECTIONS = {
-    "endpoints": "Each entry of `endpoints` (an endpoint given as a plain URL is its `baseUrl`).",
-    "server": "",
-    "retry": "",
+    "endpoints": "Each entry of `endpoints` (an endpoint given as a plain URL is its `baseUrl`). "
+    "The platforms' keys are explained in [Claude on the clouds](../clouds.md) and "
+    "[OpenAI-format endpoints](../openai.md).",
+    "server": "Access keys and workers: [Running it for a team](../team.md).",
+    "retry": "What fails over, cooldowns and the retry budget: [How failover works](../failover.md).",
     "logging": "",
     "timeouts": "Durations in milliseconds.",
-    "streaming": "",
-    "routing": "",
-    "state": "",
+    "streaming": "The preamble hold, resume and rate-limit headers: [Streams](../failover.md#streams).",
+    "routing": "Usage windows and sessions: [Claude subscriptions](../subscriptions.md).",
+    "state": "A fleet sharing state through Redis: [Running it for a team](../team.md).",
 }
 
 
