@@ -913,20 +913,37 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 }
 
 
+# The page of the documentation (docs/ in the repository) that explains each command
+PAGES = {
+    **dict.fromkeys(
+        ("ccf", "start", "stop", "status", "logs", "open", "dev", "web"), "docs/operating.md#commands"
+    ),
+    **dict.fromkeys(("init", "env", "check"), "docs/getting-started.md#point-claude-code-at-the-proxy"),
+    "demo": "docs/getting-started.md#no-api-key-at-hand-ccf-demo",
+}
+
+
+def docs_line(name: str) -> str:
+    return f"documentation: {PAGES[name]} in the repository (`mkdocs serve` shows the docs as a site)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = global_options()
     parser = argparse.ArgumentParser(
         prog="ccf",
-        description="claude-code-fallback: a local proxy for Claude Code that fails over "
+        description="claude-code-fallback: a local proxy for Claude Code that fails over\n"
         "between Anthropic-compatible endpoints.",
-        epilog='quick start: ccf init; ccf check; ccf start; eval "$(ccf env)"',
+        epilog=f'quick start: ccf init; ccf check; ccf start; eval "$(ccf env)"\n{docs_line("ccf")}',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         add_help=False,
         parents=[common],
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub = {
-        name: commands.add_parser(name, help=summary, description=summary, add_help=False, parents=[common])
+        name: commands.add_parser(
+            name, help=summary, description=summary, epilog=docs_line(name), add_help=False, parents=[common]
+        )
         for name, (_, summary) in COMMANDS.items()
     }
     for name, parser_of in sub.items():

@@ -18,7 +18,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import Field, dataclass, field, fields, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
@@ -80,20 +80,35 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _number(low: float, high: float = math.inf, *, integer: bool = False, per_second: float = 1) -> Check:
-    noun = "an integer" if integer else "a number" + (" of milliseconds" if per_second > 1 else "")
-    expected = f"{noun} from {low:g} to {high:g}" if high < math.inf else f"{noun} >= {low:g}"
+@dataclass(frozen=True)
+class _Number:
+    """A number within bounds; with ``per_second`` 1000, milliseconds in the file become seconds."""
 
-    def check(value: Any) -> float:
-        value = _parsed(value, int if integer else float)
-        kinds = int if integer else (int, float)
+    low: float
+    high: float = math.inf
+    integer: bool = False
+    per_second: float = 1
+
+    @property
+    def expected(self) -> str:
+        noun = (
+            "an integer" if self.integer else "a number" + (" of milliseconds" if self.per_second > 1 else "")
+        )
+        bounds = f"from {self.low:g} to {self.high:g}" if self.high < math.inf else f">= {self.low:g}"
+        return f"{noun} {bounds}"
+
+    def __call__(self, value: Any) -> float:
+        value = _parsed(value, int if self.integer else float)
+        kinds = int if self.integer else (int, float)
         if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
-            raise _Invalid(expected, _describe(value))
-        if not low <= value <= high:
-            raise _Invalid(expected, _describe(value))
-        return value if integer else value / per_second
+            raise _Invalid(self.expected, _describe(value))
+        if not self.low <= value <= self.high:
+            raise _Invalid(self.expected, _describe(value))
+        return value if self.integer else value / self.per_second
 
-    return check
+
+def _number(low: float, high: float = math.inf, *, integer: bool = False, per_second: float = 1) -> Check:
+    return _Number(low, high, integer, per_second)
 
 
 def _ms(low: float = 1) -> Check:
@@ -204,9 +219,17 @@ _REQUIRED: Any = object()
 _DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
 
-def _key(name: str, check: Check, default: Any = _REQUIRED, secret: bool = False) -> Any:
-    """A dataclass field read from the file key ``name`` and converted by ``check``."""
-    options: dict[str, Any] = {"metadata": {"key": name, "check": check}, "repr": not secret}
+def _key(
+    name: str, check: Check, default: Any = _REQUIRED, secret: bool = False, *, doc: str, shown: str = ""
+) -> Any:
+    """A dataclass field read from the file key ``name`` and converted by ``check``.
+
+    ``doc`` is the key's meaning in one line and ``shown`` its default in words where the
+    value alone would mislead (a default worked out from other keys or the environment):
+    the configuration reference is rendered from them (`reference`).
+    """
+    metadata = {"key": name, "check": check, "doc": doc, "shown": shown}
+    options: dict[str, Any] = {"metadata": metadata, "repr": not secret}
     return field(**options) if default is _REQUIRED else field(default=default, **options)
 
 
@@ -227,19 +250,83 @@ PROVIDER_EXTRAS = {
 class Endpoint:
     """One upstream API, tried in configuration order: Anthropic's own, or Claude on a platform."""
 
-    name: str = _key("name", _string)
-    base_url: str = _key("baseUrl", _url)
-    provider: str = _key("provider", _choice(*PROVIDERS), default="anthropic")
-    api_key: str | None = _key("apiKey", _secret, default=None, secret=True)
-    auth_header: str | None = _key("authHeader", _choice("x-api-key", "bearer", "oauth"), default=None)
-    headers: tuple[tuple[str, str], ...] = _key("headers", _pairs("header names"), (), secret=True)
-    models: tuple[tuple[str, str], ...] = _key("models", _pairs("model names"), default=())
-    enabled: bool = _key("enabled", _boolean, default=True)
-    region: str | None = _key("region", _string, default=None)
-    project: str | None = _key("project", _string, default=None)
-    aws_profile: str | None = _key("awsProfile", _string, default=None)
+    name: str = _key(
+        "name",
+        _string,
+        doc="Unique; names the endpoint in logs, metrics, `/health` and the status page",
+        shown="the host of `baseUrl`, with `-2`, `-3`… when hosts repeat",
+    )
+    base_url: str = _key(
+        "baseUrl",
+        _url,
+        doc="`http(s)://host[:port][/path/prefix]`; the request path is appended, a trailing slash dropped",
+        shown="`https://api.anthropic.com`; on a cloud, the platform's URL for `region`",
+    )
+    provider: str = _key(
+        "provider",
+        _choice(*PROVIDERS),
+        default="anthropic",
+        doc="Which platform serves it: Anthropic's API (or any that speaks it), AWS Bedrock's runtime, "
+        "Anthropic's API on AWS, Google Vertex AI, or an OpenAI-format Chat Completions API",
+    )
+    api_key: str | None = _key(
+        "apiKey",
+        _secret,
+        default=None,
+        secret=True,
+        doc="The key sent upstream; without one, the client's own `x-api-key`/`Authorization` pass "
+        "through (on a cloud: the platform's credentials sign instead)",
+        shown="`ANTHROPIC_API_KEY` on anthropic.com hosts, a Bedrock API key variable on Bedrock, else none",
+    )
+    auth_header: str | None = _key(
+        "authHeader",
+        _choice("x-api-key", "bearer", "oauth"),
+        default=None,
+        doc="How the key is sent: `x-api-key: <key>`, `Authorization: Bearer <key>`, or `oauth` "
+        "(a subscription's token: bearer plus the `oauth-2025-04-20` beta)",
+        shown="`oauth` for an `sk-ant-oat…` key, else `x-api-key`",
+    )
+    headers: tuple[tuple[str, str], ...] = _key(
+        "headers", _pairs("header names"), (), secret=True, doc="Extra request headers, in this order"
+    )
+    models: tuple[tuple[str, str], ...] = _key(
+        "models",
+        _pairs("model names"),
+        default=(),
+        doc='Client model → model at this endpoint; `"*"` for every model without an entry of its own '
+        "(required with `provider: openai`)",
+    )
+    enabled: bool = _key(
+        "enabled", _boolean, default=True, doc="`false` keeps the endpoint in the file but never sends to it"
+    )
+    region: str | None = _key(
+        "region",
+        _string,
+        default=None,
+        doc="A cloud platform's region (`bedrock`, `bedrock-mantle`, `vertex`); Vertex AI also takes "
+        "`global`, `us`, `eu`",
+        shown="none: a cloud endpoint needs one, from here or the environment",
+    )
+    project: str | None = _key(
+        "project",
+        _string,
+        default=None,
+        doc="Vertex AI's Google Cloud project",
+        shown="the credentials' project",
+    )
+    aws_profile: str | None = _key(
+        "awsProfile",
+        _string,
+        default=None,
+        doc="The AWS profile whose credentials sign Bedrock's requests",
+        shown="`AWS_PROFILE`, else AWS's default credential chain",
+    )
     max_tokens_field: str = _key(
-        "maxTokensField", _choice("max_tokens", "max_completion_tokens"), default="max_tokens"
+        "maxTokensField",
+        _choice("max_tokens", "max_completion_tokens"),
+        default="max_tokens",
+        doc="`provider: openai`: the field that carries the token limit; some models want "
+        "`max_completion_tokens`",
     )
 
     @property
@@ -263,74 +350,194 @@ class Endpoint:
 class Timeouts:
     """Deadlines in seconds; see config.example.yaml for what each one bounds."""
 
-    connect: float = _key("connect", _ms(), default=10.0)
-    first_byte: float = _key("firstByte", _ms(), default=30.0)
-    response: float = _key("response", _ms(), default=600.0)
-    idle: float = _key("idle", _ms(), default=90.0)
-    total: float = _key("total", _ms(), default=600.0)
+    connect: float = _key(
+        "connect", _ms(), default=10.0, doc="To open a connection to an endpoint, TLS included"
+    )
+    first_byte: float = _key(
+        "firstByte", _ms(), default=30.0, doc="Streaming requests: to the response headers"
+    )
+    response: float = _key(
+        "response",
+        _ms(),
+        default=600.0,
+        doc="Non-streaming requests: to the response headers (they may think for minutes)",
+    )
+    idle: float = _key("idle", _ms(), default=90.0, doc="The longest silence inside a stream")
+    total: float = _key(
+        "total",
+        _ms(),
+        default=600.0,
+        doc="One client request, across all attempts and backoffs, until a response is chosen",
+    )
 
 
 @dataclass(frozen=True)
 class Retry:
     """Retry, backoff, cooldown and retry-budget settings; delays in seconds."""
 
-    enabled: bool = _key("enabled", _boolean, default=True)
-    initial_delay: float = _key("initialDelay", _ms(0), default=1.0)
-    max_delay: float = _key("maxDelay", _ms(0), default=60.0)
-    backoff_factor: float = _key("backoffFactor", _number(1), default=2.0)
-    max_retries: int = _key("maxRetries", _integer(1), default=3)
-    cooldown_seconds: float = _key("cooldownSeconds", _number(0), default=300.0)
-    statuses: frozenset[int] = _key("statuses", _statuses, default=_DEFAULT_STATUSES)
-    budget_ratio: float = _key("budgetRatio", _number(0), default=0.2)
-    budget_min_retries: int = _key("budgetMinRetries", _integer(0), default=10)
+    enabled: bool = _key(
+        "enabled",
+        _boolean,
+        default=True,
+        doc="`false`: still fail over to each healthy endpoint once, never wait to retry one that failed",
+    )
+    initial_delay: float = _key(
+        "initialDelay", _ms(0), default=1.0, doc="The first backoff, once no healthy endpoint is left"
+    )
+    max_delay: float = _key("maxDelay", _ms(0), default=60.0, doc="The longest backoff")
+    backoff_factor: float = _key(
+        "backoffFactor", _number(1), default=2.0, doc="Each backoff is the previous one times this"
+    )
+    max_retries: int = _key("maxRetries", _integer(1), default=3, doc="Attempts per endpoint per request")
+    cooldown_seconds: float = _key(
+        "cooldownSeconds",
+        _number(0),
+        default=300.0,
+        doc="Seconds a failed endpoint is skipped (its `Retry-After`, if longer); then one request probes it",
+    )
+    statuses: frozenset[int] = _key(
+        "statuses",
+        _statuses,
+        default=_DEFAULT_STATUSES,
+        doc="Upstream statuses that fail over; any other goes back to the client untouched",
+    )
+    budget_ratio: float = _key(
+        "budgetRatio",
+        _number(0),
+        default=0.2,
+        doc="Retry budget: retries to endpoints that already failed, as a fraction of client requests",
+    )
+    budget_min_retries: int = _key(
+        "budgetMinRetries",
+        _integer(0),
+        default=10,
+        doc="Retry budget: such retries always allowed in each 10-second window",
+    )
 
 
 @dataclass(frozen=True)
 class Server:
     """Where the proxy listens and what it accepts."""
 
-    port: int = _key("port", _PORT, default=8765)
-    host: str = _key("host", _string, default="127.0.0.1")
-    access_key: str | None = _key("accessKey", _secret, default=None, secret=True)
-    access_keys: tuple[tuple[str, str], ...] = _key("accessKeys", _named_keys, default=(), secret=True)
-    metrics_port: int | None = _key("metricsPort", _PORT, default=None)
-    max_body_bytes: int = _key("maxBodyBytes", _integer(1), default=32 * 1024 * 1024)
-    workers: int = _key("workers", _integer(1, 64), default=1)
+    port: int = _key("port", _PORT, default=8765, doc="The port the proxy listens on")
+    host: str = _key(
+        "host",
+        _string,
+        default="127.0.0.1",
+        doc="The address it listens on; `127.0.0.1` is this machine only",
+    )
+    access_key: str | None = _key(
+        "accessKey",
+        _secret,
+        default=None,
+        secret=True,
+        doc="Clients must present it (`x-ccf-access-key`, or as their `x-api-key` or bearer token); "
+        "never forwarded",
+        shown="none: every client is served",
+    )
+    access_keys: tuple[tuple[str, str], ...] = _key(
+        "accessKeys",
+        _named_keys,
+        default=(),
+        secret=True,
+        doc="Named client keys, `[{name, key}]`; the name shows in logs, metrics and `/health`",
+    )
+    metrics_port: int | None = _key(
+        "metricsPort",
+        _PORT,
+        default=None,
+        doc="A second listener that serves only Prometheus's `/metrics`",
+        shown="none (off)",
+    )
+    max_body_bytes: int = _key(
+        "maxBodyBytes",
+        _integer(1),
+        default=32 * 1024 * 1024,
+        doc="A larger request body, with or without `content-length`, gets Anthropic's 413 "
+        "`request_too_large`; it is read and dropped, never kept in memory (the addon sets mitmproxy's "
+        "`stream_large_bodies` to this)",
+    )
+    workers: int = _key(
+        "workers",
+        _integer(1, 64),
+        default=1,
+        doc="Processes serving the port under `ccf start` and `ccf dev`",
+    )
 
 
 @dataclass(frozen=True)
 class Logging:
     """Log level (normalized, ``warning`` becomes ``warn``), format and key redaction."""
 
-    level: str = _key("level", _LEVEL, default="info")
-    format: str = _key("format", _choice("json", "pretty"), default="json")
-    redact_keys: bool = _key("redactKeys", _boolean, default=True)
+    level: str = _key("level", _LEVEL, default="info", doc="The lowest level logged")
+    format: str = _key(
+        "format",
+        _choice("json", "pretty"),
+        default="json",
+        doc="`json`, one object a line, or `pretty` for reading in a terminal",
+    )
+    redact_keys: bool = _key(
+        "redactKeys", _boolean, default=True, doc="Mask keys in logs and flows: `sk-ant-…abcd`"
+    )
 
 
 @dataclass(frozen=True)
 class Streaming:
     """How much of a stream may be held back before committing to an endpoint."""
 
-    resume: bool = _key("resume", _boolean, default=False)
-    hold_max: float = _key("holdMaxMs", _ms(0), default=15.0)
-    hold_max_bytes: int = _key("holdMaxBytes", _integer(0), default=65536)
-    ratelimit_threshold: int = _key("ratelimitThreshold", _integer(0), default=0)
+    resume: bool = _key(
+        "resume", _boolean, default=False, doc="Continue a stream that breaks mid-answer on the next endpoint"
+    )
+    hold_max: float = _key(
+        "holdMaxMs",
+        _ms(0),
+        default=15.0,
+        doc="How long a stream's preamble may be held while it can still fail over",
+    )
+    hold_max_bytes: int = _key(
+        "holdMaxBytes", _integer(0), default=65536, doc="How many bytes of a stream's preamble may be held"
+    )
+    ratelimit_threshold: int = _key(
+        "ratelimitThreshold",
+        _integer(0),
+        default=0,
+        doc="An `anthropic-ratelimit-*-remaining` at or below this cools the endpoint until its reset",
+    )
 
 
 @dataclass(frozen=True)
 class RedisSettings:
     """Where the shared state lives and how long the proxy waits for it."""
 
-    url: str | None = _key("url", _redis_url, default=None, secret=True)
-    key_prefix: str = _key("keyPrefix", _string, default="ccf:")
-    timeout: float = _key("timeout", _ms(), default=0.05)
+    url: str | None = _key(
+        "url",
+        _redis_url,
+        default=None,
+        secret=True,
+        doc="The Redis to share through (required with `backend: redis`); a password goes in the URL",
+    )
+    key_prefix: str = _key(
+        "keyPrefix", _string, default="ccf:", doc="Put before every key, so that fleets can share one Redis"
+    )
+    timeout: float = _key(
+        "timeout",
+        _ms(),
+        default=0.05,
+        doc="The longest a request waits for Redis (to claim a probe, to look up a session); "
+        "a healthy request never waits",
+    )
 
 
 @dataclass(frozen=True)
 class State:
     """Where endpoint state lives: this process only, or shared by a fleet through Redis."""
 
-    backend: str = _key("backend", _choice("memory", "redis"), default="memory")
+    backend: str = _key(
+        "backend",
+        _choice("memory", "redis"),
+        default="memory",
+        doc="`memory`: this process only; `redis`: endpoint state shared by every instance on that Redis",
+    )
     redis: RedisSettings = field(
         default_factory=RedisSettings, metadata={"key": "redis", "section": True, "check": None}
     )
@@ -340,9 +547,27 @@ class State:
 class Routing:
     """Which usable endpoint a request goes to first; see routing.py."""
 
-    strategy: str = _key("strategy", _choice("priority", "least-utilized"), default="priority")
-    session_affinity: bool = _key("sessionAffinity", _boolean, default=True)
-    step_aside_at: float | None = _key("stepAsideAt", _number(0, 1), default=None)
+    strategy: str = _key(
+        "strategy",
+        _choice("priority", "least-utilized"),
+        default="priority",
+        doc="`priority`: the configured order; `least-utilized`: the endpoint whose fullest usage "
+        "window is emptiest",
+    )
+    session_affinity: bool = _key(
+        "sessionAffinity",
+        _boolean,
+        default=True,
+        doc="With `least-utilized`, a session stays on the endpoint that last served it while it is usable",
+    )
+    step_aside_at: float | None = _key(
+        "stepAsideAt",
+        _number(0, 1),
+        default=None,
+        doc="A fraction: an endpoint whose fullest window is at or above it is skipped while another "
+        "is usable",
+        shown="none (off)",
+    )
 
 
 _SECTIONS: dict[str, type] = {
@@ -555,6 +780,80 @@ _PLATFORMS = {
         project_variable="ANTHROPIC_VERTEX_PROJECT_ID",
     ),
 }
+
+
+@dataclass(frozen=True)
+class KeyDoc:
+    """One key of the configuration file, as the configuration reference shows it."""
+
+    path: str  # as problems name it: server.port, endpoints[].apiKey, state.redis.url
+    accepts: str  # what its check accepts, in the words of its error message
+    default: Any  # in the file's units: milliseconds where the file takes milliseconds
+    shown: str  # the default in words, where the value alone would mislead
+    variables: tuple[str, ...]  # the environment variables that set it
+    doc: str
+
+
+def reference() -> list[KeyDoc]:
+    """Every key of the file, in schema order, described by its field's metadata.
+
+    The environment variables come from the tables that read them (`_ENV_OPTIONS`,
+    `_PLATFORMS`, `ANTHROPIC_API_KEY`), so the reference cannot name one the code ignores.
+    """
+    docs = [
+        KeyDoc(
+            "endpoints",
+            "a list of endpoints, each a mapping or a URL",
+            None,
+            f"one endpoint, `default`, at `{DEFAULT_BASE_URL}`",
+            ("CLAUDE_FALLBACK_ENDPOINTS",),
+            "The upstream endpoints, tried in this order; the variable (a JSON array, or "
+            "comma-separated URLs) replaces the whole list",
+        )
+    ]
+    docs += _key_docs(Endpoint, "endpoints[]")
+    for name, cls in _SECTIONS.items():
+        docs += _key_docs(cls, name)
+    return docs
+
+
+def _key_docs(cls: type, prefix: str) -> list[KeyDoc]:
+    docs = []
+    for spec in fields(cls):
+        if "key" not in spec.metadata:
+            continue
+        path = f"{prefix}.{spec.metadata['key']}"
+        if spec.metadata.get("section"):
+            docs += _key_docs(spec.default_factory, path)  # type: ignore[arg-type]
+            continue
+        check, default = spec.metadata["check"], None if spec.default is MISSING else spec.default
+        try:
+            check(object())  # nothing passes a check: its complaint says what it takes
+            accepts = ""
+        except _Invalid as e:
+            accepts = e.expected
+        if isinstance(check, _Number) and isinstance(default, float):
+            default = round(default * check.per_second, 6)
+            default = int(default) if default.is_integer() else default
+        meta = spec.metadata
+        docs.append(KeyDoc(path, accepts, default, meta["shown"], _variables(path), meta["doc"]))
+    return docs
+
+
+def _variables(path: str) -> tuple[str, ...]:
+    """The environment variables that set the key at `path`, as `load_config` reads them."""
+    names = [variable for variable, option in _ENV_OPTIONS.items() if option == path]
+    platforms = _PLATFORMS.values()
+    match path.removeprefix("endpoints[]."):
+        case "apiKey":
+            names += ["ANTHROPIC_API_KEY", *(v for p in platforms for v in p.key_variables)]
+        case "baseUrl":
+            names += [p.base_url_variable for p in platforms]
+        case "region":
+            names += [v for p in platforms for v in p.region_variables]
+        case "project":
+            names += [p.project_variable for p in platforms if p.project_variable]
+    return tuple(dict.fromkeys(names))
 
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
