@@ -58,7 +58,7 @@ class _EndpointCollector(Collector):
         )
         info = GaugeMetricFamily(
             f"{NAMESPACE}_endpoint_info",
-            "Always 1: which platform each endpoint is (anthropic, bedrock, bedrock-mantle, vertex).",
+            "Always 1: which platform each endpoint is (anthropic, bedrock, bedrock-mantle, vertex, openai).",
             labels=["endpoint", "provider"],
         )
         for state in self.pool():
@@ -97,7 +97,10 @@ class Metrics:
             "client",
         )
         self.attempts = counter(
-            "upstream_attempts", "Upstream attempts by endpoint and outcome.", "endpoint", "outcome"
+            "upstream_attempts",
+            "Upstream attempts by endpoint and outcome: ok, client_error, or why it failed.",
+            "endpoint",
+            "outcome",
         )
         self.failovers = counter(
             "failovers", "Requests that moved from one endpoint to the next.", "from_endpoint", "to_endpoint"
@@ -149,9 +152,12 @@ class Metrics:
         self.cooldowns = counter(
             "endpoint_cooldowns", "Times an endpoint was put to cool, by reason.", "endpoint", "reason"
         )
-        self.reloads = counter("config_reloads", "Config reloads by result.", "result")
+        self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
         self.tokens = counter(
-            "tokens", "Tokens reported by endpoints in streamed usage fields.", "endpoint", "kind"
+            "tokens",
+            "Tokens reported in usage fields, by kind: input, output, cache_read, cache_creation.",
+            "endpoint",
+            "kind",
         )
         # What /metrics serves: this registry, or with workers every worker's counts
         self.exposition = r

@@ -264,7 +264,7 @@ class Fallback:
             outcome.response.close()
             self.finish(flow, state, "client_cancel", 499, outcome.response.endpoint.name)
             return
-        state.endpoint_url = outcome.response.endpoint.base_url + flow.request.path
+        state.endpoint_url = outcome.response.url  # what mitmweb shows: where the request went
         if whole is not None:
             self.answer_whole(flow, state, whole)
             return

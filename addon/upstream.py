@@ -117,6 +117,7 @@ class UpstreamResponse:
     rest: AsyncIterator[bytes] | None = None  # the relay's own reader, when `read_whole` stopped early
     broken: StreamBroken | None = None  # what `read_whole` met, for the relay to meet again
     translator: providers.Translator | None = None  # a platform's body into Anthropic's
+    url: str = ""  # where the request went, as the platform addresses it
 
     @property
     def is_event_stream(self) -> bool:
@@ -441,6 +442,7 @@ class UpstreamClient:
             idle_timeout=timeouts.idle,
             copy_limit=self.copy_limit,
             body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
+            url=outgoing.url,
         )
         if resp.status >= 400 and provider.reads_errors:
             return await self._platform_error(provider, answer)

@@ -343,3 +343,37 @@ def test_a_request_no_endpoint_serves_gets_a_clear_404(tmp_path, proxy_factory, 
     response = httpx.post(proxy.url + "/v1/messages/count_tokens", json=MESSAGE, timeout=10)
     assert response.status_code == 404
     assert "bedrock: Bedrock's runtime serves Messages only" in response.json()["error"]["message"]
+
+
+def test_mitmweb_shows_where_a_cloud_request_went_and_no_secret(tmp_path, primary, bedrock):
+    from .conftest import Proxy, free_port
+    from .test_operations import WEB_AUTH, mitmweb_command
+
+    primary.behavior = Behavior(kind="status", status=429)
+    config = config_with(primary, then=[platform("bedrock", "bedrock", bedrock.url)])
+    proxy = Proxy(tmp_path, config, with_keys(tmp_path))
+    web_port = free_port()
+    proxy.command = lambda *extra, _c=proxy.command: mitmweb_command(_c(*extra), web_port)  # type: ignore[method-assign]
+    proxy.start()
+    try:
+        with client(proxy).messages.stream(**MESSAGE) as stream:
+            assert stream.get_final_text() == "Hello from the fake."
+        with httpx.Client(base_url=f"http://127.0.0.1:{web_port}", headers=WEB_AUTH, timeout=5) as web:
+
+            def answered():
+                flows = web.get("/flows").json()
+                return next(
+                    (f for f in flows if f.get("response") and "/model/" in f["request"]["path"]), None
+                )
+
+            flow = wait_until(answered, 10, "the flow in mitmweb")
+            assert (
+                flow["request"]["path"] == "/model/us.anthropic.claude-sonnet-4-6/invoke-with-response-stream"
+            )
+            assert "primary: status" in flow["comment"] and "bedrock: ok" in flow["comment"]
+            shown = json.dumps(flow) + web.get(f"/flows/{flow['id']}/request/content.data").text
+            for secret in (SECRET_KEY, CLIENT_KEY, "Signature=", "AWS4-HMAC-SHA256"):
+                assert secret not in shown
+    finally:
+        proxy.stop()
+    no_secrets(proxy)
