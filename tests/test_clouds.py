@@ -41,8 +41,8 @@ def aws_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
-def with_keys(tmp_path: Path) -> dict[str, str]:
-    return aws_env(tmp_path, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
+def with_keys(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return aws_env(tmp_path, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, **extra)
 
 
 def platform(name: str, provider: str, base_url: str, **more: str) -> dict[str, str]:
@@ -377,3 +377,22 @@ def test_mitmweb_shows_where_a_cloud_request_went_and_no_secret(tmp_path, primar
     finally:
         proxy.stop()
     no_secrets(proxy)
+
+
+def test_credentials_the_platform_refuses_fail_over_and_cool_the_endpoint(tmp_path, proxy_factory, backup):
+    # an AWS session token that expired or was revoked: the proxy's own, never the client's
+    with FakeBedrock(
+        region=REGION,
+        aws_access_key=ACCESS_KEY,
+        aws_secret_key=SECRET_KEY,
+        aws_session_token="the-current-session-token",
+    ) as bedrock:
+        env = with_keys(tmp_path, AWS_SESSION_TOKEN="an-expired-session-token")
+        proxy = proxy_factory(
+            config_with(backup, first=[platform("bedrock", "bedrock", bedrock.url)], then=[]), env
+        )
+        assert client(proxy).messages.create(**MESSAGE).content[0].text == "Hello from the fake."
+        assert bedrock.request_count == 1 and bedrock.auth_failures == 1
+    state = proxy.endpoint("bedrock")
+    assert state["status"] == "cooling" and state["reason"] == "credentials"
+    assert proxy.metric("ccf_upstream_attempts_total", endpoint="bedrock", outcome="credentials") == 1
