@@ -35,6 +35,7 @@ import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -403,38 +404,21 @@ class FakeBedrock(_AwsFake):
 
     service = "bedrock"
     stream_type = _EVENT_STREAM
-
-    def __init__(
-        self,
-        name: str = "bedrock",
-        port: int = 0,
-        *,
-        region: str = "us-east-1",
-        aws_access_key: str | None = None,
-        aws_secret_key: str | None = None,
-        aws_session_token: str | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            name,
-            port,
-            region=region,
-            aws_access_key=aws_access_key,
-            aws_secret_key=aws_secret_key,
-            aws_session_token=aws_session_token,
-            api_key=api_key,
-        )
-        self.status_errors = dict(BEDROCK_STATUS_ERRORS)
-        self.stream_exception = "throttlingException"
+    stream_exception = "throttlingException"
 
     def __repr__(self) -> str:
         return f"FakeBedrock({self.name!r}, {self.url}, {self.region})"
+
+    @cached_property
+    def status_errors(self) -> dict[int, str]:
+        """Which error `Behavior("status", N)` sends: this fake's own copy of `BEDROCK_STATUS_ERRORS`."""
+        return dict(BEDROCK_STATUS_ERRORS)
 
     def reset(self) -> None:
         """`FakeAnthropic.reset`, and the default `status_errors` and `stream_exception`."""
         super().reset()
         self.status_errors = dict(BEDROCK_STATUS_ERRORS)
-        self.stream_exception = "throttlingException"
+        self.stream_exception = FakeBedrock.stream_exception
 
     def _model(self, seen: SeenRequest) -> str | None:
         match = _fullmatch(_BEDROCK_PATH, seen.path)
