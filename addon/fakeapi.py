@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
 
-from .fakeserver import READ_SIZE, Exchange, FakeServer, SeenRequest, serve_until_signal
+from .fakeserver import READ_SIZE, Exchange, FakeServer, SeenRequest, serve_in_foreground
 
 KINDS = frozenset(
     {
@@ -804,13 +804,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fake = FakeAnthropic(args.name, args.port)
     fake.behavior = behavior
     fake.account = account
-    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
-    try:
-        asyncio.run(serve_until_signal(fake))
-    except OSError as e:
-        print(f"fakeapi: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return serve_in_foreground(fake, "fakeapi")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ runs one in the foreground.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import calendar
 import hashlib
@@ -48,7 +47,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .fakeapi import _COUNT_TOKENS, Behavior, FakeAnthropic, behavior_from, error_body, serve_options
-from .fakeserver import Exchange, SeenRequest, serve_until_signal
+from .fakeserver import Exchange, SeenRequest, serve_in_foreground
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
 VERTEX_VERSION = "vertex-2023-10-16"
@@ -838,13 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fakecloud: {e}", file=sys.stderr)
         return 2
     fake.behavior = behavior
-    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
-    try:
-        asyncio.run(serve_until_signal(fake, lambda: _notes(fake, args)))
-    except OSError as e:
-        print(f"fakecloud: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return serve_in_foreground(fake, "fakecloud", lambda: _notes(fake, args))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-from .fakeserver import Exchange, FakeServer, serve_until_signal
+from .fakeserver import Exchange, FakeServer, serve_in_foreground
 
 KINDS = frozenset({"ok", "status", "error_chunk", "cut", "stall", "hang"})
 """Every `Behavior.kind` the server understands."""
@@ -624,8 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fake = FakeOpenAI(args.name, args.port)
     fake.behavior = Behavior(answer=Answer(text=args.text), event_delay=args.event_delay, split=args.split)
-    asyncio.run(serve_until_signal(fake))
-    return 0
+    return serve_in_foreground(fake, "fakeopenai")
 
 
 if __name__ == "__main__":

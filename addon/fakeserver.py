@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -317,8 +318,21 @@ class FakeServer(Generic[B]):
         return Exchange(reader, writer, seen, keep_alive, next(self._numbers))
 
 
-async def serve_until_signal(fake: FakeServer[Any], notes: Callable[[], Sequence[str]] = tuple) -> None:
-    """Serve `fake` until SIGINT or SIGTERM; once listening, print its URL, then `notes()`."""
+def serve_in_foreground(
+    fake: FakeServer[Any], program: str, notes: Callable[[], Sequence[str]] = tuple
+) -> int:
+    """A fake's command line: serve `fake` until SIGINT or SIGTERM; once listening, print its
+    URL, then `notes()`. The exit status: 0, or 1 when it cannot listen (`program` says so)."""
+    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
+    try:
+        asyncio.run(_serve_until_signal(fake, notes))
+    except OSError as e:
+        print(f"{program}: cannot listen on 127.0.0.1:{fake.port}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(fake: FakeServer[Any], notes: Callable[[], Sequence[str]]) -> None:
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
