@@ -126,6 +126,14 @@ TEXT_THEN_TOOL = Answer(text="Let me look that up for you.", tool_calls=(WEATHER
 REASONING = Answer(
     reasoning="The user says hello; a short, friendly answer fits.", text="Hello! How can I help?"
 )
+ANSWERS = {
+    "text": TEXT,
+    "tool": TOOL,
+    "two_tools": TWO_TOOLS,
+    "text_then_tool": TEXT_THEN_TOOL,
+    "reasoning": REASONING,
+}
+"""The scripted answers by name."""
 
 
 @dataclass(frozen=True)
