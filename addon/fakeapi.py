@@ -1,13 +1,13 @@
 """A fake Anthropic Messages API on loopback that can misbehave on demand.
 
 Tests, the demo and the benchmark point the proxy at one or more `FakeAnthropic`
-servers. Requests are parsed with h11 (keep-alive, multi-MB bodies, `Expect:
-100-continue`); responses are written as raw bytes so a `Behavior` can break HTTP on
-purpose: error statuses with the real error bodies, SSE streams that carry an error,
-stop, stall or get cut, connections that hang or close, garbage, bad chunking, truncated
-gzip and oversized headers. Each server records what it saw (`requests`) and when a
-client went away mid-answer (`disconnects`). It runs in its own daemon thread
-(`start_in_thread`) for synchronous tests or inside a running loop (`start`), and
+servers. The server under it, `fakeserver.FakeServer`, reads requests with h11 and
+records them (`requests`), and runs in its own daemon thread (`start_in_thread`) for
+synchronous tests or inside a running loop (`start`). Responses are written as raw
+bytes so a `Behavior` can break HTTP on purpose: error statuses with the real error
+bodies, SSE streams that carry an error, stop, stall or get cut, connections that hang
+or close, garbage, bad chunking, truncated gzip and oversized headers. Each server also
+records when a client went away mid-answer (`disconnects`), and
 `python -m claude_code_fallback.fakeapi` runs one in the foreground. Routes match on the
 path suffix, so a base URL with a provider prefix (`<url>/api/anthropic`) works too.
 With an `account` set it plays a Claude subscription: each Messages request uses up its
@@ -21,24 +21,21 @@ import argparse
 import asyncio
 import contextlib
 import gzip
-import itertools
 import json
 import math
 import re
 import select
-import signal
 import socket
 import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from http import HTTPStatus
-from typing import Any, Self
 
-import h11
+from .fakeserver import READ_SIZE, Exchange, FakeServer, SeenRequest, serve_in_foreground
 
 KINDS = frozenset(
     {
@@ -142,12 +139,8 @@ _EVENT_STREAM = b"text/event-stream; charset=utf-8"
 _HUGE_HEADER = b"x-fake-padding: " + b"a" * (200 * 1024) + b"\r\n"
 _GARBAGE = b"NOT-HTTP garbage\r\n\r\n"
 _BAD_CHUNK = b"zz\r\nxx\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _SSE_PIECE = 16 * 1024  # longest text_delta when a padded ("large") text is streamed
-_READ_SIZE = 256 * 1024
-_MAX_HEAD = 64 * 1024
 _WORDS = re.compile(r"^\s+|\S+\s*")
 _WINDOW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _UNIFIED = "anthropic-ratelimit-unified-"
@@ -192,29 +185,6 @@ class Behavior:
         object.__setattr__(self, "headers", tuple((str(n), str(v)) for n, v in self.headers))
         if self.kind not in KINDS:
             raise ValueError(f"unknown fake behavior kind {self.kind!r}; use one of {sorted(KINDS)}")
-
-
-@dataclass(frozen=True)
-class SeenRequest:
-    """One request as the fake received it (header names lower-cased, in order).
-
-    `connection` numbers the TCP connections from 1, so tests can tell reuse apart.
-    """
-
-    method: str
-    path: str
-    headers: list[tuple[str, str]]
-    body: bytes
-    time: float
-    connection: int = 0
-
-    def header(self, name: str) -> str | None:
-        """The first value of header `name` (any case), or None."""
-        name = name.lower()
-        return next((v for n, v in self.headers if n == name), None)
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -331,24 +301,8 @@ class Account:
             return headers, None
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """One request being answered on one connection."""
-
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    seen: SeenRequest
-    keep_alive: bool
-    number: int
-    extra_headers: bytes = b""
-
-    @property
-    def head_only(self) -> bool:
-        return self.seen.method == "HEAD"
-
-    @property
-    def is_messages(self) -> bool:
-        return self.seen.method == "POST" and self.seen.path.split("?", 1)[0].endswith("/v1/messages")
+def _is_messages(seen: SeenRequest) -> bool:
+    return seen.method == "POST" and seen.path.split("?", 1)[0].endswith("/v1/messages")
 
 
 def _reason(status: int) -> str:
@@ -431,7 +385,7 @@ def _gzip(body: bytes) -> bytes:
 async def _read_until_eof(reader: asyncio.StreamReader, sink: bytearray) -> None:
     """Keep pipelined bytes in `sink` and return once the client has gone away."""
     with contextlib.suppress(ConnectionError):
-        while data := await reader.read(_READ_SIZE):
+        while data := await reader.read(READ_SIZE):
             sink += data
 
 
@@ -439,118 +393,24 @@ async def _forever() -> None:
     await asyncio.Event().wait()
 
 
-class FakeAnthropic:
+class FakeAnthropic(FakeServer[Behavior]):
     """A loopback HTTP/1.1 server that speaks the Anthropic API and misbehaves on demand.
 
-    `behavior` answers every request unless `script` holds behaviours, which are then used
-    one per request, in order. Set either from any thread at any time. Every request is
-    counted in `request_count` and recorded in `requests` once fully read and before it is
-    answered; set `keep` to remember only the latest few (long load runs). With an
-    `account` (settable likewise), POST .../v1/messages goes through it before `behavior`.
+    `behavior`, `script`, `requests` and `keep` work as in `FakeServer`. With an `account`
+    (settable from any thread at any time), POST .../v1/messages goes through it before
+    `behavior`. A client that goes away mid-answer is counted in `disconnects`; a slow
+    answer (a delay, a stall, a hang) watches for that and ends early.
     """
 
     stream_type = _EVENT_STREAM  # the content-type of a streamed answer
 
     def __init__(self, name: str = "fake", port: int = 0) -> None:
-        self.name = name
-        self.port = port
-        self.behavior = Behavior()
-        self.script: list[Behavior] = []
-        self.requests: list[SeenRequest] = []
-        self.request_count = 0
-        self.keep: int | None = None
+        super().__init__(name, port, Behavior())
         self.account: Account | None = None
         self.disconnects: list[float] = []
         self.cut_gate: threading.Event | None = None  # `close_mid_stream` waits for it, if set
-        self.open_connections = 0
-        # A keep-alive connection idle for longer than this is closed (with a reset) when
-        # the next request arrives on it: the server's idle timer fired while that
-        # request was on its way, so the client had already picked the connection.
-        self.idle_close: float | None = None
-        self.idle_closes = 0
         self.events_sent = 0  # SSE events written, to tell when a stream is under way
-        self._cond = threading.Condition()
-        self._numbers = itertools.count(1)
-        self._connections = itertools.count(1)
         self._name_line = f"x-fake-name: {name}\r\n".encode()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def __repr__(self) -> str:
-        return f"FakeAnthropic({self.name!r}, {self.url})"
-
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start listening in the running event loop."""
-        self._server = await asyncio.start_server(
-            self._serve, "127.0.0.1", self.port, limit=_READ_SIZE, backlog=1024
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop every open connection."""
-        if self._server is None:
-            return
-        self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    def start_in_thread(self) -> Self:
-        """Serve from a daemon thread with its own loop; return once listening."""
-        loop = asyncio.new_event_loop()
-        started: list[BaseException | None] = []
-        ready = threading.Event()
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as e:
-                started.append(e)
-                ready.set()
-                loop.close()
-                return
-            started.append(None)
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name=f"fakeapi-{self.name}", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if started[0] is not None:
-            raise started[0]
-        return self
-
-    def stop_thread(self) -> None:
-        """Undo `start_in_thread`."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start_in_thread()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_thread()
 
     # -- what tests read ------------------------------------------------------------------
 
@@ -558,106 +418,50 @@ class FakeAnthropic:
         """Forget requests, disconnects, script, `keep`, `account` and the connection faults;
         answer `ok` again."""
         with self._cond:
-            self.requests.clear()
-            self.request_count = 0
+            super().reset()
             self.disconnects.clear()
-            self.script = []
-            self.behavior = Behavior()
-            self.keep = None
             self.account = None
             self.cut_gate = None
-            self.idle_close = None
-            self.idle_closes = 0
             self.events_sent = 0
-
-    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
-        """Block until `n` requests have been seen (from another thread than the server's)."""
-        self._wait(lambda: self.request_count, n, timeout, "request(s)")
-        return list(self.requests)
 
     def wait_for_disconnects(self, n: int, timeout: float = 5.0) -> list[float]:
         """Block until clients have gone away mid-answer `n` times."""
         self._wait(lambda: len(self.disconnects), n, timeout, "disconnect(s)")
         return list(self.disconnects)
 
-    async def wait_for_requests_async(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
-        """`wait_for_requests` for coroutines, safe also when the server shares their loop."""
-        return await asyncio.to_thread(self.wait_for_requests, n, timeout)
-
-    def _wait(self, count: Callable[[], int], n: int, timeout: float, what: str) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: count() >= n, timeout):
-                raise AssertionError(
-                    f"fake {self.name!r}: expected {n} {what} within {timeout} s, got {count()}"
-                )
-
     def _note_disconnect(self) -> None:
         with self._cond:
             self.disconnects.append(time.monotonic())
             self._cond.notify_all()
 
-    # -- one connection -------------------------------------------------------------------
+    # -- one request ----------------------------------------------------------------------
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        transport = writer.transport
-        # A drain() that waits for an empty buffer makes every SSE event a real flush and
-        # guarantees the events before a "cut" left the process before the abort.
-        transport.set_write_buffer_limits(0)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.open_connections += 1
-        connection = next(self._connections)
-        pending = bytearray()
-        idle_since: float | None = None
+    async def _handle(self, x: Exchange, pending: bytearray) -> bool:
+        reuse = await self._answer_aside(x)
+        if reuse is not None:
+            return reuse
         try:
-            while exchange := await self._read_request(reader, writer, pending, connection, idle_since):
-                reuse = await self._answer_aside(exchange)
-                if reuse is None:
-                    try:
-                        reuse = await self._answer_recorded(exchange, pending)
-                    except ConnectionError:
-                        self._note_disconnect()
-                        return
-                if not reuse:
-                    return
-                idle_since = time.monotonic()
-        except h11.RemoteProtocolError:
-            if not transport.is_closing():
-                writer.write(_BAD_REQUEST)
+            return await self._answer_recorded(x, pending)
         except ConnectionError:
-            pass
-        except asyncio.CancelledError:
-            # Only stop() cancels; ending normally keeps asyncio 3.11 from logging the
-            # cancellation as an unhandled client_connected_cb error.
-            pass
-        finally:
-            self.open_connections -= 1
-            self._tasks.discard(task)
-            transport.close()
+            self._note_disconnect()
+            return False
 
-    async def _answer_recorded(self, exchange: _Exchange, pending: bytearray) -> bool:
+    async def _answer_recorded(self, x: Exchange, pending: bytearray) -> bool:
         """Record the request, then answer it as `script`, `behavior` and `account` say."""
-        with self._cond:
-            self.request_count += 1
-            self.requests.append(exchange.seen)
-            if self.keep is not None and len(self.requests) > self.keep:
-                del self.requests[: len(self.requests) - self.keep]
-            behavior = self.script.pop(0) if self.script else self.behavior
-            self._cond.notify_all()
+        behavior = self._record(x.seen)
         account = self.account
-        if account is not None and exchange.is_messages:
+        if account is not None and _is_messages(x.seen):
             headers, retry_after = account.admit()
-            exchange.extra_headers = _lines(headers)
+            x.extra_headers = _lines(headers)
             if retry_after is not None:
                 refusal = (*behavior.headers, ("retry-after", str(retry_after)))
                 behavior = Behavior("status", 429, headers=refusal)
         slow = behavior.delay or behavior.event_delay or behavior.kind in ("hang", "stall")
         if slow:
-            return await self._answer_watching(exchange, behavior, pending)
-        return await self._answer(exchange, behavior)
+            return await self._answer_watching(x, behavior, pending)
+        return await self._answer(x, behavior)
 
-    async def _answer_aside(self, x: _Exchange) -> bool | None:
+    async def _answer_aside(self, x: Exchange) -> bool | None:
         """Answer a request that is no part of the API under test (None: there is none here).
 
         Such a request is neither recorded nor given a behaviour: a platform's token
@@ -665,59 +469,7 @@ class FakeAnthropic:
         """
         return None
 
-    async def _read_request(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        pending: bytearray,
-        connection: int,
-        idle_since: float | None = None,
-    ) -> _Exchange | None:
-        if idle_since is not None and self.idle_close is not None and not pending:
-            pending += await reader.read(_READ_SIZE)
-            if pending and time.monotonic() - idle_since > self.idle_close:
-                self.idle_closes += 1
-                writer.transport.abort()
-                return None
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        if pending:
-            conn.receive_data(bytes(pending))
-            pending.clear()
-        request: h11.Request | None = None
-        body: list[bytes] = []
-        continued = False
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if not continued and conn.they_are_waiting_for_100_continue:
-                    writer.write(_CONTINUE)
-                    continued = True
-                conn.receive_data(await reader.read(_READ_SIZE))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:  # the client closed between requests
-                return None
-        assert request is not None
-        pending += conn.trailing_data[0]
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers]
-        keep_alive = request.http_version == b"1.1" and not any(
-            n == "connection" and "close" in v.lower() for n, v in headers
-        )
-        seen = SeenRequest(
-            request.method.decode("ascii"),
-            request.target.decode("latin-1"),
-            headers,
-            b"".join(body),
-            time.monotonic(),
-            connection,
-        )
-        return _Exchange(reader, writer, seen, keep_alive, next(self._numbers))
-
-    async def _answer_watching(self, x: _Exchange, b: Behavior, pending: bytearray) -> bool:
+    async def _answer_watching(self, x: Exchange, b: Behavior, pending: bytearray) -> bool:
         """Answer while watching for the client to leave, which ends the answer early."""
         answering = asyncio.ensure_future(self._answer(x, b))
         watching = asyncio.ensure_future(_read_until_eof(x.reader, pending))
@@ -741,7 +493,7 @@ class FakeAnthropic:
 
     def _head(
         self,
-        x: _Exchange,
+        x: Exchange,
         b: Behavior,
         status: int,
         content_type: bytes,
@@ -765,7 +517,7 @@ class FakeAnthropic:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _answer(self, x: _Exchange, b: Behavior) -> bool:
+    async def _answer(self, x: Exchange, b: Behavior) -> bool:
         """Send the response `b` asks for; return whether the connection can be reused."""
         if b.delay:
             await asyncio.sleep(b.delay)
@@ -782,9 +534,9 @@ class FakeAnthropic:
             return await self._send_error(x, b, b.status)
         return await self._route(x, b)
 
-    async def _route(self, x: _Exchange, b: Behavior) -> bool:
+    async def _route(self, x: Exchange, b: Behavior) -> bool:
         """Answer by route, once the behaviour has not broken or refused the request."""
-        if x.is_messages:
+        if _is_messages(x.seen):
             return await self._messages(x, b)
         path = x.seen.path.split("?", 1)[0]
         method = x.seen.method
@@ -796,7 +548,7 @@ class FakeAnthropic:
             body = json.dumps({"path": x.seen.path, "method": method}).encode()
         return await self._send_json(x, b, 200, body)
 
-    async def _messages(self, x: _Exchange, b: Behavior) -> bool:
+    async def _messages(self, x: Exchange, b: Behavior) -> bool:
         try:
             payload = json.loads(x.seen.body)
             model = json.dumps(payload.get("model", "claude-fake"))
@@ -805,7 +557,7 @@ class FakeAnthropic:
             return await self._send_error(x, b, 400, "The request body is not a valid JSON object (fake).")
         return await self._reply(x, b, model, stream)
 
-    async def _reply(self, x: _Exchange, b: Behavior, model: str, stream: bool) -> bool:
+    async def _reply(self, x: Exchange, b: Behavior, model: str, stream: bool) -> bool:
         """Answer a Messages request for `model` (a JSON string) as a message or a stream."""
         msg_id = f"msg_fake_{x.number}"
         kind = b.kind
@@ -834,11 +586,11 @@ class FakeAnthropic:
             return await self._send_sse(x, b, events[:after], "stall")
         return await self._send_sse(x, b, events, "end")
 
-    async def _send_error(self, x: _Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
+    async def _send_error(self, x: Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
         """Send the error the API sends with `status` (a platform sends its own shape)."""
         return await self._send_json(x, b, status, error_body(status, message))
 
-    async def _send_json(self, x: _Exchange, b: Behavior, status: int, body: bytes) -> bool:
+    async def _send_json(self, x: Exchange, b: Behavior, status: int, body: bytes) -> bool:
         writer = x.writer
         kind = b.kind
         if kind == "bad_chunked":
@@ -861,11 +613,11 @@ class FakeAnthropic:
         await writer.drain()
         return x.keep_alive
 
-    def _encode_events(self, x: _Exchange, events: list[bytes]) -> list[bytes]:
+    def _encode_events(self, x: Exchange, events: list[bytes]) -> list[bytes]:
         """The stream's events as written, one write each (a platform frames them its way)."""
         return events
 
-    async def _send_sse(self, x: _Exchange, b: Behavior, events: list[bytes], then: str) -> bool:
+    async def _send_sse(self, x: Exchange, b: Behavior, events: list[bytes], then: str) -> bool:
         """Send `events` as chunks, one write each, then end, abort or stall the stream."""
         writer = x.writer
         writer.write(self._head(x, b, 200, self.stream_type, None, b.gzip))
@@ -1047,30 +799,12 @@ def _arguments(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Behavior
     return args, behavior, account
 
 
-async def serve_until_signal(fake: FakeAnthropic, notes: Callable[[], Sequence[str]] = tuple) -> None:
-    """Serve `fake` until SIGINT or SIGTERM; once listening, print its URL, then `notes()`."""
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
-    await fake.start()
-    print(f"listening on {fake.url}", *notes(), sep="\n", flush=True)
-    await stopping.wait()
-    await fake.stop()
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args, behavior, account = _arguments(argv)
     fake = FakeAnthropic(args.name, args.port)
     fake.behavior = behavior
     fake.account = account
-    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
-    try:
-        asyncio.run(serve_until_signal(fake))
-    except OSError as e:
-        print(f"fakeapi: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return serve_in_foreground(fake, "fakeapi")
 
 
 if __name__ == "__main__":

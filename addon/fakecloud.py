@@ -16,7 +16,6 @@ runs one in the foreground.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import calendar
 import hashlib
@@ -35,6 +34,7 @@ import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, unquote
@@ -46,17 +46,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from .fakeapi import (
-    _COUNT_TOKENS,
-    Behavior,
-    FakeAnthropic,
-    SeenRequest,
-    _Exchange,
-    behavior_from,
-    error_body,
-    serve_options,
-    serve_until_signal,
-)
+from .fakeapi import _COUNT_TOKENS, Behavior, FakeAnthropic, behavior_from, error_body, serve_options
+from .fakeserver import Exchange, SeenRequest, serve_in_foreground
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
 VERTEX_VERSION = "vertex-2023-10-16"
@@ -368,36 +359,27 @@ class _AwsFake(FakeAnthropic):
             keys[self.aws_access_key] = (self.aws_secret_key, self.aws_session_token)
         return "sigv4", verify_sigv4(seen, self.service, self.region, keys)
 
-    async def _read_request(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        pending: bytearray,
-        connection: int,
-        idle_since: float | None = None,
-    ) -> _Exchange | None:
-        x = await super()._read_request(reader, writer, pending, connection, idle_since)
-        if x is not None:
-            x.extra_headers = f"x-amzn-RequestId: {uuid.uuid4()}\r\n".encode()
-            auth, refusal = self._authenticate(x.seen)
-            if refusal is not None:
-                self.auth_failures += 1
-                x.seen = _cloud(x.seen, model=self._model(x.seen), refusal=refusal)
-            else:
-                x.seen = _cloud(x.seen, model=self._model(x.seen), auth=auth)
-        return x
+    async def _handle(self, x: Exchange, pending: bytearray) -> bool:
+        x.extra_headers = f"x-amzn-RequestId: {uuid.uuid4()}\r\n".encode()
+        auth, refusal = self._authenticate(x.seen)
+        if refusal is not None:
+            self.auth_failures += 1
+            x.seen = _cloud(x.seen, model=self._model(x.seen), refusal=refusal)
+        else:
+            x.seen = _cloud(x.seen, model=self._model(x.seen), auth=auth)
+        return await super()._handle(x, pending)
 
     def _model(self, seen: SeenRequest) -> str | None:
         return None
 
-    async def _answer(self, x: _Exchange, b: Behavior) -> bool:
+    async def _answer(self, x: Exchange, b: Behavior) -> bool:
         refusal = x.seen.refusal if isinstance(x.seen, CloudRequest) else None
         if refusal is not None:
             return await self._send_aws_error(x, b, *refusal)
         return await super()._answer(x, b)
 
     async def _send_aws_error(
-        self, x: _Exchange, b: Behavior, name: str, message: str | None = None, status: int | None = None
+        self, x: Exchange, b: Behavior, name: str, message: str | None = None, status: int | None = None
     ) -> bool:
         """Send error `name` as AWS does, with its own status unless `status` is given."""
         own_status, default = BEDROCK_ERRORS[name]
@@ -421,50 +403,33 @@ class FakeBedrock(_AwsFake):
 
     service = "bedrock"
     stream_type = _EVENT_STREAM
-
-    def __init__(
-        self,
-        name: str = "bedrock",
-        port: int = 0,
-        *,
-        region: str = "us-east-1",
-        aws_access_key: str | None = None,
-        aws_secret_key: str | None = None,
-        aws_session_token: str | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        super().__init__(
-            name,
-            port,
-            region=region,
-            aws_access_key=aws_access_key,
-            aws_secret_key=aws_secret_key,
-            aws_session_token=aws_session_token,
-            api_key=api_key,
-        )
-        self.status_errors = dict(BEDROCK_STATUS_ERRORS)
-        self.stream_exception = "throttlingException"
+    stream_exception = "throttlingException"
 
     def __repr__(self) -> str:
         return f"FakeBedrock({self.name!r}, {self.url}, {self.region})"
+
+    @cached_property
+    def status_errors(self) -> dict[int, str]:
+        """Which error `Behavior("status", N)` sends: this fake's own copy of `BEDROCK_STATUS_ERRORS`."""
+        return dict(BEDROCK_STATUS_ERRORS)
 
     def reset(self) -> None:
         """`FakeAnthropic.reset`, and the default `status_errors` and `stream_exception`."""
         super().reset()
         self.status_errors = dict(BEDROCK_STATUS_ERRORS)
-        self.stream_exception = "throttlingException"
+        self.stream_exception = FakeBedrock.stream_exception
 
     def _model(self, seen: SeenRequest) -> str | None:
         match = _fullmatch(_BEDROCK_PATH, seen.path)
         return unquote(match[1]) if match else None
 
-    async def _send_error(self, x: _Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
+    async def _send_error(self, x: Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
         name = self.status_errors.get(status) or (
             "InternalServerException" if status >= 500 else "ValidationException"
         )
         return await self._send_aws_error(x, b, name, message, status)
 
-    async def _route(self, x: _Exchange, b: Behavior) -> bool:
+    async def _route(self, x: Exchange, b: Behavior) -> bool:
         seen = x.seen
         match = _fullmatch(_BEDROCK_PATH, seen.path)
         if seen.method != "POST" or match is None or not isinstance(seen, CloudRequest):
@@ -477,7 +442,7 @@ class FakeBedrock(_AwsFake):
             return await self._send_aws_error(x, b, "ValidationException", problem)
         return await self._reply(x, b, json.dumps(seen.model), match[2] == "invoke-with-response-stream")
 
-    def _encode_events(self, x: _Exchange, events: list[bytes]) -> list[bytes]:
+    def _encode_events(self, x: Exchange, events: list[bytes]) -> list[bytes]:
         frames = []
         for event in events:
             name, _, data = event.partition(b"\ndata: ")
@@ -489,7 +454,7 @@ class FakeBedrock(_AwsFake):
             frames.append(chunk_frame(data.rstrip(b"\n")))
         return frames
 
-    def _with_metrics(self, x: _Exchange, events: list[bytes], data: bytes) -> bytes:
+    def _with_metrics(self, x: Exchange, events: list[bytes], data: bytes) -> bytes:
         usage = next(
             (
                 json.loads(e.partition(b"data: ")[2])["usage"]
@@ -551,7 +516,7 @@ class FakeBedrockMantle(_AwsFake):
     def base_url(self) -> str:
         return self.url + "/anthropic"
 
-    async def _route(self, x: _Exchange, b: Behavior) -> bool:
+    async def _route(self, x: Exchange, b: Behavior) -> bool:
         if not x.seen.path.startswith("/anthropic/"):
             return await self._send_error(x, b, 404, f"Not found: {x.seen.path}")
         return await super()._route(x, b)
@@ -705,25 +670,20 @@ class FakeVertex(FakeAnthropic):
             return "invalid_scope", "Invalid OAuth scope or ID token audience provided."
         return None
 
-    async def _answer_aside(self, x: _Exchange) -> bool | None:
+    async def _answer_aside(self, x: Exchange) -> bool | None:
         if x.seen.method != "POST" or x.seen.path.partition("?")[0] != "/token":
             return None
         self.token_requests += 1
         status, answer = self._grant(x.seen.body)
         return await self._send_json(x, _PLAIN, status, json.dumps(answer).encode())
 
-    async def _read_request(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        pending: bytearray,
-        connection: int,
-        idle_since: float | None = None,
-    ) -> _Exchange | None:
-        x = await super()._read_request(reader, writer, pending, connection, idle_since)
-        if x is None or x.seen.path.partition("?")[0] == "/token":
-            return x
-        seen = x.seen
+    async def _handle(self, x: Exchange, pending: bytearray) -> bool:
+        if x.seen.path.partition("?")[0] != "/token":
+            x.seen = self._authenticated(x.seen)
+        return await super()._handle(x, pending)
+
+    def _authenticated(self, seen: SeenRequest) -> CloudRequest:
+        """`seen` with its model, and the token it presented checked."""
         match = _fullmatch(_VERTEX_PATH, seen.path)
         model = unquote(match[3]) if match else None
         if model == "count-tokens":
@@ -733,26 +693,24 @@ class FakeVertex(FakeAnthropic):
                 model = None
         scheme, _, token = (seen.header("authorization") or "").partition(" ")
         if scheme.lower() == "bearer" and self._token_valid(token):
-            x.seen = _cloud(seen, model=model, auth="oauth")
-        else:
-            self.auth_failures += 1
-            x.seen = _cloud(seen, model=model, refusal=("UNAUTHENTICATED", GOOGLE_STATUSES[401][1]))
-        return x
+            return _cloud(seen, model=model, auth="oauth")
+        self.auth_failures += 1
+        return _cloud(seen, model=model, refusal=("UNAUTHENTICATED", GOOGLE_STATUSES[401][1]))
 
-    async def _answer(self, x: _Exchange, b: Behavior) -> bool:
+    async def _answer(self, x: Exchange, b: Behavior) -> bool:
         if isinstance(x.seen, CloudRequest) and x.seen.refusal is not None:
             x.extra_headers += b'www-authenticate: Bearer realm="https://accounts.google.com/"\r\n'
             return await self._send_error(x, b, 401)
         return await super()._answer(x, b)
 
-    async def _send_error(self, x: _Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
+    async def _send_error(self, x: Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
         if status not in GOOGLE_STATUSES:
             return await self._send_json(x, b, status, error_body(status, message))
         name, default = GOOGLE_STATUSES[status]
         body = {"error": {"code": status, "message": message or default, "status": name}}
         return await self._send_json(x, b, status, json.dumps(body).encode())
 
-    async def _route(self, x: _Exchange, b: Behavior) -> bool:
+    async def _route(self, x: Exchange, b: Behavior) -> bool:
         seen = x.seen
         path, _, query = seen.path.partition("?")
         for name in parse_qs(query, keep_blank_values=True):
@@ -879,13 +837,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fakecloud: {e}", file=sys.stderr)
         return 2
     fake.behavior = behavior
-    fake.keep = 0  # nobody can read them here; count only, so memory stays flat under load
-    try:
-        asyncio.run(serve_until_signal(fake, lambda: _notes(fake, args)))
-    except OSError as e:
-        print(f"fakecloud: cannot listen on 127.0.0.1:{args.port}: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return serve_in_foreground(fake, "fakecloud", lambda: _notes(fake, args))
 
 
 if __name__ == "__main__":

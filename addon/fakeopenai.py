@@ -12,7 +12,8 @@ with a 400 any top-level argument Chat Completions does not define, and tool mes
 that answer no call. Behaviours: the scripted answers (`TEXT`, `TOOL`, `TWO_TOOLS`,
 `TEXT_THEN_TOOL`, `REASONING`), error statuses with OpenAI's error bodies and headers, an
 error chunk inside the stream, a cut (TCP reset) or a stall mid-stream. `GET .../v1/models`
-lists models. Requests are parsed with h11; answers are raw bytes, so they can break.
+lists models. `fakeserver.FakeServer` reads and records the requests (h11); answers are
+raw bytes, so they can break.
 """
 
 from __future__ import annotations
@@ -22,17 +23,13 @@ import asyncio
 import itertools
 import json
 import re
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
-import h11
-
-from .fakeapi import SeenRequest
+from .fakeserver import Exchange, FakeServer, serve_in_foreground
 
 KINDS = frozenset({"ok", "status", "error_chunk", "cut", "stall", "hang"})
 """Every `Behavior.kind` the server understands."""
@@ -81,10 +78,6 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 _USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _WORDS = re.compile(r"\S+\s*|\s+")
-_READ_SIZE = 256 * 1024
-_MAX_HEAD = 64 * 1024
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _LAST_CHUNK = b"0\r\n\r\n"
 _JSON = b"application/json"
 _EVENT_STREAM = b"text/event-stream; charset=utf-8"
@@ -133,6 +126,14 @@ TEXT_THEN_TOOL = Answer(text="Let me look that up for you.", tool_calls=(WEATHER
 REASONING = Answer(
     reasoning="The user says hello; a short, friendly answer fits.", text="Hello! How can I help?"
 )
+ANSWERS = {
+    "text": TEXT,
+    "tool": TOOL,
+    "two_tools": TWO_TOOLS,
+    "text_then_tool": TEXT_THEN_TOOL,
+    "reasoning": REASONING,
+}
+"""The scripted answers by name."""
 
 
 @dataclass(frozen=True)
@@ -487,15 +488,6 @@ def awkward_writes(data: bytes) -> list[bytes]:
 # -- the server ------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Exchange:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    seen: SeenRequest
-    keep_alive: bool
-    number: int
-
-
 def _status_line(status: int) -> bytes:
     try:
         reason = HTTPStatus(status).phrase
@@ -504,191 +496,33 @@ def _status_line(status: int) -> bytes:
     return f"HTTP/1.1 {status} {reason}\r\n".encode()
 
 
-class FakeOpenAI:
+class FakeOpenAI(FakeServer[Behavior]):
     """A loopback HTTP/1.1 server that speaks OpenAI's Chat Completions and misbehaves on demand.
 
-    `behavior` answers every request unless `script` holds behaviours, used one per
-    request in order; set either from any thread. Every request is counted in
-    `request_count` and recorded in `requests` (`SeenRequest`, `.json()` for the body)
-    before it is answered; `refusals` holds what was refused as invalid. With
+    `behavior`, `script`, `requests` (`SeenRequest`, `.json()` for the body) and `keep`
+    work as in `FakeServer`; `refusals` holds what was refused as invalid. With
     `max_tokens_ok` False it refuses `max_tokens` like OpenAI's reasoning models.
     """
 
     def __init__(self, name: str = "fake-openai", port: int = 0) -> None:
-        self.name = name
-        self.port = port
-        self.behavior = Behavior()
-        self.script: list[Behavior] = []
-        self.requests: list[SeenRequest] = []
+        super().__init__(name, port, Behavior())
         self.refusals: list[Refusal] = []
-        self.request_count = 0
         self.max_tokens_ok = True
-        self._cond = threading.Condition()
-        self._numbers = itertools.count(1)
-        self._connections = itertools.count(1)
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __repr__(self) -> str:
-        return f"FakeOpenAI({self.name!r}, {self.url})"
-
-    # -- lifecycle ---------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        """Start listening in the running event loop."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, limit=_READ_SIZE)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def stop(self) -> None:
-        """Stop listening and drop every open connection."""
-        if self._server is None:
-            return
-        self._server.close()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-
-    def start_in_thread(self) -> FakeOpenAI:
-        """Serve from a daemon thread with its own loop; return once listening."""
-        loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            asyncio.set_event_loop(loop)
-            try:
-                loop.run_until_complete(self.start())
-            except BaseException as e:
-                failed.append(e)
-                ready.set()
-                loop.close()
-                return
-            ready.set()
-            try:
-                loop.run_forever()
-            finally:
-                loop.close()
-
-        self._loop = loop
-        self._thread = threading.Thread(target=run, name=f"fakeopenai-{self.name}", daemon=True)
-        self._thread.start()
-        ready.wait()
-        if failed:
-            raise failed[0]
-        return self
-
-    def stop_thread(self) -> None:
-        """Undo `start_in_thread`."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=10)
-        self._loop = self._thread = None
-
-    def __enter__(self) -> FakeOpenAI:
-        return self.start_in_thread()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_thread()
-
-    # -- what tests read ---------------------------------------------------------------------
+        return super().url + "/v1"
 
     def reset(self) -> None:
-        """Forget requests, refusals and the script; answer `TEXT` again."""
+        """`FakeServer.reset` (answer `TEXT` again), and forget the refusals and `max_tokens_ok`."""
         with self._cond:
-            self.requests.clear()
+            super().reset()
             self.refusals.clear()
-            self.request_count = 0
-            self.script = []
-            self.behavior = Behavior()
             self.max_tokens_ok = True
-
-    def wait_for_requests(self, n: int, timeout: float = 5.0) -> list[SeenRequest]:
-        """Block until `n` requests have been seen (from another thread than the server's)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.request_count >= n, timeout):
-                raise AssertionError(
-                    f"fake {self.name!r}: expected {n} request(s) in {timeout} s, got {self.request_count}"
-                )
-            return list(self.requests)
-
-    # -- one connection ----------------------------------------------------------------------
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Every drain() then waits for an empty buffer: each write leaves as it was cut.
-        writer.transport.set_write_buffer_limits(0)
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        connection = next(self._connections)
-        pending = bytearray()
-        try:
-            while exchange := await self._read_request(reader, writer, pending, connection):
-                with self._cond:
-                    self.request_count += 1
-                    self.requests.append(exchange.seen)
-                    behavior = self.script.pop(0) if self.script else self.behavior
-                    self._cond.notify_all()
-                if not await self._answer(exchange, behavior):
-                    return
-        except h11.RemoteProtocolError:
-            if not writer.transport.is_closing():
-                writer.write(_BAD_REQUEST)
-        except (ConnectionError, asyncio.CancelledError):
-            pass  # the client left, or stop() cancelled
-        finally:
-            self._tasks.discard(task)
-            writer.transport.close()
-
-    async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: bytearray, connection: int
-    ) -> _Exchange | None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
-        if pending:
-            conn.receive_data(bytes(pending))
-            pending.clear()
-        request: h11.Request | None = None
-        body: list[bytes] = []
-        continued = False
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                if not continued and conn.they_are_waiting_for_100_continue:
-                    writer.write(_CONTINUE)
-                    continued = True
-                conn.receive_data(await reader.read(_READ_SIZE))
-            elif isinstance(event, h11.Request):
-                request = event
-            elif isinstance(event, h11.Data):
-                body.append(event.data)
-            elif isinstance(event, h11.EndOfMessage):
-                break
-            else:  # the client closed between requests
-                return None
-        assert request is not None
-        pending += conn.trailing_data[0]
-        headers = [(n.decode("latin-1"), v.decode("latin-1")) for n, v in request.headers]
-        keep_alive = request.http_version == b"1.1" and not any(
-            n == "connection" and "close" in v.lower() for n, v in headers
-        )
-        method, target = request.method.decode("ascii"), request.target.decode("latin-1")
-        seen = SeenRequest(method, target, headers, b"".join(body), time.monotonic(), connection)
-        return _Exchange(reader, writer, seen, keep_alive, next(self._numbers))
 
     # -- answers -----------------------------------------------------------------------------
 
-    def _head(self, x: _Exchange, b: Behavior, status: int, content_type: bytes, length: int | None) -> bytes:
+    def _head(self, x: Exchange, b: Behavior, status: int, content_type: bytes, length: int | None) -> bytes:
         parts = [_status_line(status), b"content-type: ", content_type, b"\r\n"]
         if length is None:
             parts.append(b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n")
@@ -702,12 +536,12 @@ class FakeOpenAI:
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    async def _send_json(self, x: _Exchange, b: Behavior, status: int, body: bytes) -> bool:
+    async def _send_json(self, x: Exchange, b: Behavior, status: int, body: bytes) -> bool:
         x.writer.write(self._head(x, b, status, _JSON, len(body)) + body)
         await x.writer.drain()
         return x.keep_alive
 
-    async def _answer(self, x: _Exchange, b: Behavior) -> bool:
+    async def _answer(self, x: Exchange, b: Behavior) -> bool:
         """Send the response `b` asks for; return whether the connection can be reused."""
         if b.delay:
             await asyncio.sleep(b.delay)
@@ -723,7 +557,7 @@ class FakeOpenAI:
         message = f"Invalid URL ({x.seen.method} {path})"
         return await self._send_json(x, b, 404, error_body(404, message=message))
 
-    async def _completions(self, x: _Exchange, b: Behavior) -> bool:
+    async def _completions(self, x: Exchange, b: Behavior) -> bool:
         try:
             payload = json.loads(x.seen.body)
         except ValueError:
@@ -757,7 +591,7 @@ class FakeOpenAI:
             events = events[: b.after_events]
         return await self._stream(x, b, events)
 
-    async def _stream(self, x: _Exchange, b: Behavior, events: list[bytes]) -> bool:
+    async def _stream(self, x: Exchange, b: Behavior, events: list[bytes]) -> bool:
         writer = x.writer
         writer.write(self._head(x, b, 200, _EVENT_STREAM, None))
         await writer.drain()
@@ -798,18 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fake = FakeOpenAI(args.name, args.port)
     fake.behavior = Behavior(answer=Answer(text=args.text), event_delay=args.event_delay, split=args.split)
-
-    async def serve() -> None:
-        stopping = asyncio.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            asyncio.get_running_loop().add_signal_handler(signum, stopping.set)
-        await fake.start()
-        print(f"listening on {fake.url}", flush=True)
-        await stopping.wait()
-        await fake.stop()
-
-    asyncio.run(serve())
-    return 0
+    return serve_in_foreground(fake, "fakeopenai")
 
 
 if __name__ == "__main__":

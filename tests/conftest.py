@@ -20,6 +20,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from addon.fakeapi import FakeAnthropic
+from addon.fakeopenai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "fallback.py"
@@ -246,6 +247,13 @@ def fakes() -> Iterator[Callable[[str], FakeAnthropic]]:
     yield make
     for fake in started:
         fake.stop_thread()
+
+
+@pytest.fixture(scope="module")
+def openai_server() -> Iterator[FakeOpenAI]:
+    """One fake OpenAI upstream for a module's tests; reset it in each test's own fixture."""
+    with FakeOpenAI() as fake:
+        yield fake
 
 
 @pytest.fixture

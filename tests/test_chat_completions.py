@@ -31,7 +31,16 @@ from addon.chat_completions import (
     long_tool_names,
     tool_use_id,
 )
-from addon.fakeopenai import Answer, Behavior, FakeOpenAI, Quirks, ToolCall, check_request, stream_events
+from addon.fakeopenai import (
+    ANSWERS,
+    Answer,
+    Behavior,
+    FakeOpenAI,
+    Quirks,
+    ToolCall,
+    check_request,
+    stream_events,
+)
 
 EVENTS = TypeAdapter(RawMessageStreamEvent)
 WEATHER_TOOL: dict[str, Any] = {
@@ -658,25 +667,11 @@ def test_error_bodies_of_every_shape_keep_their_words(body: bytes, message: str)
 
 # -- streams ---------------------------------------------------------------------------------
 
-ANSWERS = {
-    "text": fakeopenai.TEXT,
-    "tool": fakeopenai.TOOL,
-    "two_tools": fakeopenai.TWO_TOOLS,
-    "text_then_tool": fakeopenai.TEXT_THEN_TOOL,
-    "reasoning": fakeopenai.REASONING,
-}
-
-
-@pytest.fixture(scope="module")
-def fake_server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
 
 @pytest.fixture
-def fakes(fake_server: FakeOpenAI) -> FakeOpenAI:
-    fake_server.reset()
-    return fake_server
+def fakes(openai_server: FakeOpenAI) -> FakeOpenAI:
+    openai_server.reset()
+    return openai_server
 
 
 def parse(data: bytes) -> list[tuple[str, dict[str, Any]]]:

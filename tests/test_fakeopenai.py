@@ -13,6 +13,7 @@ import pytest
 
 from addon import fakeopenai
 from addon.fakeopenai import (
+    ANSWERS,
     Answer,
     Behavior,
     FakeOpenAI,
@@ -23,13 +24,6 @@ from addon.fakeopenai import (
 )
 
 MESSAGES: Any = [{"role": "user", "content": "hi"}]  # Any: the SDK wants its TypedDicts
-ANSWERS = {
-    "text": fakeopenai.TEXT,
-    "tool": fakeopenai.TOOL,
-    "two_tools": fakeopenai.TWO_TOOLS,
-    "text_then_tool": fakeopenai.TEXT_THEN_TOOL,
-    "reasoning": fakeopenai.REASONING,
-}
 STRICT_TOOLS: Any = [
     {
         "type": "function",
@@ -48,16 +42,10 @@ STRICT_TOOLS: Any = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as fake:
-        yield fake
-
-
 @pytest.fixture
-def fake(server: FakeOpenAI) -> FakeOpenAI:
-    server.reset()
-    return server
+def fake(openai_server: FakeOpenAI) -> FakeOpenAI:
+    openai_server.reset()
+    return openai_server
 
 
 @pytest.fixture
@@ -116,17 +104,22 @@ def accumulate(chunks: Iterator[Any]) -> dict[str, Any]:
     return {"text": text, "reasoning": reasoning, "calls": calls, "finish": finish, "usage": usage}
 
 
-@pytest.mark.parametrize("name", ANSWERS)
-def test_streamed_answers_parse(fake: FakeOpenAI, client: openai.OpenAI, name: str) -> None:
-    answer = ANSWERS[name]
-    fake.behavior = Behavior(answer=answer)
+def streamed_with_usage(client: openai.OpenAI) -> dict[str, Any]:
+    """What `accumulate` builds from a streamed answer that asks for the usage chunk."""
     stream = client.chat.completions.create(
         model="gpt-x",
         messages=MESSAGES,
         stream=True,
         stream_options={"include_usage": True},
     )
-    got = accumulate(iter(stream))
+    return accumulate(iter(stream))
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+def test_streamed_answers_parse(fake: FakeOpenAI, client: openai.OpenAI, name: str) -> None:
+    answer = ANSWERS[name]
+    fake.behavior = Behavior(answer=answer)
+    got = streamed_with_usage(client)
     assert got["text"] == answer.text
     assert got["reasoning"] == answer.reasoning
     calls = [(c["id"], c["name"], c["arguments"]) for _, c in sorted(got["calls"].items())]
@@ -166,13 +159,7 @@ def test_the_sdk_stream_helper_accumulates(fake: FakeOpenAI, client: openai.Open
 
 def test_provider_quirks_in_the_framing_still_parse(fake: FakeOpenAI, client: openai.OpenAI) -> None:
     fake.behavior = Behavior(answer=fakeopenai.TWO_TOOLS, quirks=Quirks(crlf=True, comments=True))
-    stream = client.chat.completions.create(
-        model="gpt-x",
-        messages=MESSAGES,
-        stream=True,
-        stream_options={"include_usage": True},
-    )
-    got = accumulate(iter(stream))
+    got = streamed_with_usage(client)
     assert [c["name"] for c in got["calls"].values()] == ["get_weather", "get_time"]
 
 
