@@ -24,7 +24,7 @@ from yarl import URL
 from . import providers, sse
 from .config import Config, Endpoint
 from .policy import AttemptFailed, ErrorResponse, retry_after_seconds
-from .providers import HOP_BY_HOP, Outgoing, Provider
+from .providers import HOP_BY_HOP, Outgoing, Provider, content_type, header_value
 
 ERROR_BODY_LIMIT = 1 << 20
 READ_SIZE = 1 << 16
@@ -608,16 +608,6 @@ class UpstreamClient:
                 started = started or not sse.is_preamble(event)
             if started or answer.events is None:
                 return
-
-
-def header_value(headers: tuple[tuple[bytes, bytes], ...], name: bytes) -> str | None:
-    """The first value of header `name` (lower case), decoded; None when absent."""
-    return next((v.decode("latin-1") for k, v in headers if k.lower() == name), None)
-
-
-def content_type(headers: tuple[tuple[bytes, bytes], ...]) -> str:
-    """The media type alone, lower case: `text/event-stream` of `text/event-stream; charset=utf-8`."""
-    return (header_value(headers, b"content-type") or "").split(";", 1)[0].strip().lower()
 
 
 def _str_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> dict[str, str]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -255,5 +255,19 @@ def retry_after(headers: Headers) -> float | None:
     return retry_after_seconds({k.decode("latin-1").lower(): v.decode("latin-1") for k, v in headers})
 
 
-def header(headers: Iterable[tuple[str, str]], name: str) -> str | None:
-    return next((v for k, v in headers if k.lower() == name), None)
+def header_value(headers: Headers, name: bytes) -> str | None:
+    """The first value of header `name` (lower case), decoded; None when absent."""
+    return next((v.decode("latin-1") for k, v in headers if k.lower() == name), None)
+
+
+def content_type(headers: Headers) -> str:
+    """The media type alone, lower case: `text/event-stream` of `text/event-stream; charset=utf-8`."""
+    return (header_value(headers, b"content-type") or "").split(";", 1)[0].strip().lower()
+
+
+MESSAGES = frozenset({"/v1/messages"})
+
+
+def posted_to(request: ClientRequest, paths: frozenset[str]) -> bool:
+    """Whether `request` is a POST to one of `paths`, whatever its query (`?beta=true`)."""
+    return request.method == "POST" and request.path.split("?", 1)[0] in paths

@@ -29,6 +29,7 @@ from botocore.session import Session
 from ..config import Endpoint
 from ..sse import error_body, error_type
 from . import (
+    MESSAGES,
     NOT_FORWARDED,
     CredentialsError,
     Headers,
@@ -40,8 +41,11 @@ from . import (
     Untranslatable,
     cloud,
     compact_json,
+    content_type,
+    header_value,
     is_anthropic_error,
     json_headers,
+    posted_to,
     retry_after,
 )
 from .eventstream import FrameError, Frames
@@ -140,9 +144,7 @@ class Bedrock(Provider):
         self.signer = None if endpoint.api_key else AwsSigner(self.service, self.region, endpoint.aws_profile)
 
     def declines(self, request: ClientRequest) -> str | None:
-        if request.method == "POST" and request.path.split("?", 1)[0] == "/v1/messages":
-            return None
-        return "Bedrock's runtime serves Messages only"
+        return None if posted_to(request, MESSAGES) else "Bedrock's runtime serves Messages only"
 
     def model(self, model: str) -> str:
         return self.endpoint.mapped_model(model) or cloud.bedrock_model(model, self.region)
@@ -180,7 +182,7 @@ class Bedrock(Provider):
         return await self.signer.find()
 
     def reply(self, headers: Headers, request: ClientRequest) -> Reply:
-        if not _is_event_stream(headers):
+        if content_type(headers) != EVENT_STREAM:
             return Reply(headers)
         sse = (*json_headers(headers, b"text/event-stream"), (b"cache-control", b"no-cache"))
         return Reply((*sse, *_request_id(headers)), EventStreamToSse())
@@ -281,10 +283,7 @@ def aws_error(status: int, headers: Headers, body: bytes) -> PlatformError:
     """An AWS error (`x-amzn-ErrorType`, `{"message": ...}`) as Anthropic's, its status kept."""
     if is_anthropic_error(body):
         return PlatformError(status, headers, body, retry_after=retry_after(headers))
-    name = ""
-    for key, value in headers:
-        if key.lower() == b"x-amzn-errortype":
-            name = value.decode("latin-1").split(":", 1)[0]
+    name = (header_value(headers, b"x-amzn-errortype") or "").split(":", 1)[0]
     try:
         document = json.loads(body)
         message = document.get("message") or document.get("Message")
@@ -303,13 +302,9 @@ def aws_error(status: int, headers: Headers, body: bytes) -> PlatformError:
     )
 
 
-def _is_event_stream(headers: Headers) -> bool:
-    return any(k.lower() == b"content-type" and v.startswith(EVENT_STREAM.encode()) for k, v in headers)
-
-
 def _request_id(headers: Headers) -> Headers:
     """Bedrock's request id under Anthropic's name, which clients show with their errors."""
-    if any(k.lower() == b"request-id" for k, _ in headers):
+    if header_value(headers, b"request-id") is not None:
         return ()
-    found = next((v for k, v in headers if k.lower() == b"x-amzn-requestid"), None)
-    return ((b"request-id", found),) if found else ()
+    found = header_value(headers, b"x-amzn-requestid")
+    return ((b"request-id", found.encode("latin-1")),) if found else ()

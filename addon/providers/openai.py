@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from .. import chat_completions, sse
 from ..config import Endpoint
 from . import (
+    MESSAGES,
     Headers,
     Outgoing,
     PlatformError,
@@ -25,7 +26,9 @@ from . import (
     Reply,
     Untranslatable,
     compact_json,
+    header_value,
     json_headers,
+    posted_to,
     retry_after,
 )
 
@@ -40,9 +43,7 @@ class OpenAI(Provider):
     reads_errors = True
 
     def declines(self, request: ClientRequest) -> str | None:
-        if request.method == "POST" and request.path.split("?", 1)[0] == "/v1/messages":
-            return None
-        return "Chat Completions serves Messages only"
+        return None if posted_to(request, MESSAGES) else "Chat Completions serves Messages only"
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
         if request.payload is None:
@@ -70,7 +71,7 @@ class OpenAI(Provider):
     def reply(self, headers: Headers, request: ClientRequest) -> Reply:
         model = request.model or ""
         names = chat_completions.long_tool_names(request.payload or {})
-        encoding = next((v.decode("latin-1") for k, v in headers if k.lower() == b"content-encoding"), None)
+        encoding = header_value(headers, b"content-encoding")
         if request.streaming:
             sse_headers = (*json_headers(headers, b"text/event-stream"), (b"cache-control", b"no-cache"))
             return Reply(sse_headers, _Decoded(chat_completions.StreamTranslator(model, names), encoding))

@@ -35,6 +35,7 @@ from . import (
     compact_json,
     is_anthropic_error,
     json_headers,
+    posted_to,
     retry_after,
 )
 
@@ -62,7 +63,8 @@ ERRORS: dict[str, tuple[str, bool | None]] = {
     "UNAUTHENTICATED": ("authentication_error", None),
     "NOT_FOUND": ("not_found_error", None),
 }
-PATHS = {"/v1/messages", "/v1/messages/count_tokens"}
+COUNT_TOKENS = "/v1/messages/count_tokens"
+PATHS = frozenset({"/v1/messages", COUNT_TOKENS})
 NO_PROJECT = "no Google Cloud project: set the endpoint's project, or ANTHROPIC_VERTEX_PROJECT_ID"
 
 
@@ -127,9 +129,7 @@ class Vertex(Provider):
         return self.endpoint.project or self.google.project
 
     def declines(self, request: ClientRequest) -> str | None:
-        if request.method == "POST" and request.path.split("?", 1)[0] in PATHS:
-            return None
-        return "Vertex AI serves Messages and token counts only"
+        return None if posted_to(request, PATHS) else "Vertex AI serves Messages and token counts only"
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
         if request.payload is None:
@@ -137,7 +137,7 @@ class Vertex(Provider):
         body = cloud.payload(request.payload, request.body)
         model = str(body.pop("model", ""))
         model = self.endpoint.mapped_model(model) or cloud.vertex_model(model)
-        if request.path.split("?", 1)[0] == "/v1/messages/count_tokens":
+        if request.path.split("?", 1)[0] == COUNT_TOKENS:
             body["model"], target = model, "count-tokens:rawPredict"
         else:
             target = f"{model}:{'streamRawPredict' if body.get('stream') else 'rawPredict'}"
