@@ -75,9 +75,10 @@ its primary's. What is measured, and how:
   backup's first byte = the proxy's time to first byte minus the primary's own direct time
   to its 429; the reference is the backup's own direct time to first byte.
 * CPU per event: 8 streams at once, each 1,500 text deltas 2 ms apart (a long answer), through
-  every variant but (1) in turn, a warm-up round and then three; the user + system CPU time
-  (from /proc) of the proxy's process tree per 1,000 events delivered, the median of the
-  rounds. A descendant that ended counts once its parent has reaped it.
+  every variant but (1) in turn (the order alternating from round to round), a warm-up round
+  and then three; the user + system CPU time (from /proc) of the proxy's process tree per
+  1,000 events delivered, the median of the rounds. A descendant that ended counts once its
+  parent has reaped it.
 * Memory: 500 SSE streams opened at once through fresh instances of every variant but (1);
   the fake sends 40 events 0.25 s apart and then stalls, so the streams stay open until
   the client leaves. Once all 500 have delivered a first byte they are held a few seconds
@@ -949,6 +950,11 @@ class StreamSample:
     gaps: list[float]
 
 
+def event_name(block: bytes) -> str:
+    """The `event:` field of one SSE block ('' when it has none)."""
+    return next((x[6:].strip() for x in block.split(b"\n") if x.startswith(b"event:")), b"").decode()
+
+
 async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str | None) -> StreamSample:
     """One SSE request; event arrival times are those of the chunks that completed them."""
     started = time.perf_counter()
@@ -965,8 +971,7 @@ async def one_stream(client: aiohttp.ClientSession, url: str, served_by: str | N
             buffer += chunk
             *blocks, buffer = buffer.split(b"\n\n")
             for block in blocks:
-                name = next((x[6:].strip() for x in block.split(b"\n") if x.startswith(b"event:")), b"")
-                names.append(name.decode())
+                names.append(event_name(block))
                 times.append(now)
     if len(names) != EVENTS_PER_STREAM or names[-1] != "message_stop":
         raise BenchError(f"stream via {url}: got events {names}")
@@ -1340,15 +1345,8 @@ def phase_relay(results: Results, services: Services, fakes: dict[str, Service],
         print(f"CPU per event, {LONG_STREAMS} streams of {LONG_WORDS} events at once ...", flush=True)
         for variant in [v for v in measured if v in FAILOVERS]:
             asyncio.run(_trip_primary(measured[variant].url, LONG_NAME))
-        costs: dict[str, list[float]] = {v: [] for v in measured}
-        for round_ in range(results.settings.relay_rounds + 1):
-            for variant, proxy in measured.items():
-                before = process_cpu_seconds(proxy.pid)
-                events = asyncio.run(relay_streams(proxy.url, LONG_STREAMS))
-                if round_:  # the first round warms up
-                    costs[variant].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
-        for variant, values in costs.items():
-            results.put("cpu_per_1k_events_ms", variant, percentile(values, 50))
+        for variant, cost in cpu_per_event(measured, results.settings.relay_rounds).items():
+            results.put("cpu_per_1k_events_ms", variant, cost)
         cpu = results.figures["cpu_per_1k_events_ms"]
         for variant, one in (("workers", "healthy"), ("failover-w", "failover")):
             if cpu.get(variant) is not None and cpu.get(one):
@@ -1413,6 +1411,21 @@ def _accepts(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
+def cpu_per_event(proxies: dict[str, Service], rounds: int) -> dict[str, float]:
+    """Each proxy's CPU-ms per 1,000 events of `LONG_STREAMS` long streams, the median over
+    `rounds` after a warm-up; each round visits the proxies in turn, alternating direction,
+    so that a change in background load weighs on all of them alike."""
+    costs: dict[str, list[float]] = {name: [] for name in proxies}
+    for round_ in range(rounds + 1):
+        for name in list(proxies)[:: 1 if round_ % 2 else -1]:
+            proxy = proxies[name]
+            before = process_cpu_seconds(proxy.pid)
+            events = asyncio.run(relay_streams(proxy.url, LONG_STREAMS))
+            if round_:  # the first round warms up
+                costs[name].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
+    return {name: percentile(values, 50) for name, values in costs.items()}
+
+
 async def relay_streams(url: str, n: int) -> int:
     """`n` long streams at once, read to their end; how many events they brought."""
 
@@ -1421,7 +1434,7 @@ async def relay_streams(url: str, n: int) -> int:
             if response.status != 200:
                 raise BenchError(f"long stream via {url}: HTTP {response.status}")
             body = await response.read()
-        if not body.rstrip().endswith(b'{"type":"message_stop"}'):
+        if event_name(body.rstrip().rsplit(b"\n\n", 1)[-1]) != "message_stop":
             raise BenchError(f"long stream via {url} ended early")
         return body.count(b"\n\n")
 

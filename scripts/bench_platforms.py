@@ -45,17 +45,16 @@ from bench import (
     LONG_DELAY,
     LONG_STREAMS,
     LONG_WORDS,
-    STREAM_BODY,
     BenchError,
     Service,
     Services,
+    cpu_per_event,
     free_port,
     http_answers,
     lean_master,
     memory_kb,
     ms,
     percentile,
-    process_cpu_seconds,
     session,
     start_fakes,
     wait_for_line,
@@ -221,37 +220,6 @@ async def measure_failover(
             if i >= 10:
                 primary_429.append(took)
     return primary_429, own, via
-
-
-# -- CPU per event ---------------------------------------------------------------------------
-
-
-async def relay_streams(url: str, n: int) -> int:
-    """`n` long streams at once, read to their end; the events they brought."""
-
-    async def one(client: aiohttp.ClientSession) -> int:
-        async with client.post(f"{url}/v1/messages", data=STREAM_BODY, headers=HEADERS) as response:
-            body = await response.read()
-        if response.status != 200 or b"event: message_stop" not in body[-400:]:
-            raise BenchError(f"long stream via {url}: HTTP {response.status}, ended early")
-        return body.count(b"\n\n")
-
-    async with session(connections=0, total_timeout=120) as client:
-        return sum(await asyncio.gather(*(one(client) for _ in range(n))))
-
-
-def cpu_per_event(proxies: dict[str, Service], rounds: int) -> dict[str, float]:
-    """The median over rounds; each round visits the columns in turn, alternating direction,
-    so that a change in background load weighs on all of them alike."""
-    costs: dict[str, list[float]] = {p: [] for p in proxies}
-    for round_ in range(rounds + 1):
-        for platform in list(proxies)[:: 1 if round_ % 2 else -1]:
-            proxy = proxies[platform]
-            before = process_cpu_seconds(proxy.pid)
-            events = asyncio.run(relay_streams(proxy.url, LONG_STREAMS))
-            if round_:  # the first round warms up
-                costs[platform].append((process_cpu_seconds(proxy.pid) - before) / events * 1e6)
-    return {p: percentile(values, 50) for p, values in costs.items()}
 
 
 # -- the run ---------------------------------------------------------------------------------
