@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from addon.config import ConfigError, load_config
-from addon.providers import Headers, cloud
+from addon.providers import Headers, Untranslatable, cloud, for_endpoint
 from addon.providers.bedrock import EventStreamToSse, aws_error
 from addon.providers.eventstream import FrameError, Frames
 from addon.providers.vertex import Vertex
+from addon.upstream import ClientRequest
 
 
 def load(tmp_path: Path, text: str, env: dict[str, str] | None = None):
@@ -350,6 +351,19 @@ def test_a_config_without_cloud_endpoints_loads_none_of_their_libraries(tmp_path
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == "[]"
+
+
+def test_a_body_that_is_not_a_json_object_is_refused_before_it_is_sent(tmp_path: Path) -> None:
+    text = (
+        "endpoints:\n"
+        "  - {name: b, provider: bedrock, region: us-east-1, apiKey: k}\n"
+        "  - {name: v, provider: vertex, region: global, project: p}\n"
+        "  - {name: o, provider: openai, baseUrl: 'http://127.0.0.1:9/v1', apiKey: k, models: {'*': m}}\n"
+    )
+    request = ClientRequest.parse("POST", "/v1/messages", [("content-type", "application/json")], b"[1]")
+    for endpoint in load(tmp_path, text).endpoints:
+        with pytest.raises(Untranslatable, match="not a JSON object"):
+            for_endpoint(endpoint).outgoing(request)
 
 
 def test_mid_conversation_system_turns_become_reminders_in_user_turns() -> None:

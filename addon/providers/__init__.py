@@ -147,6 +147,13 @@ class Provider:
         return "API key" if self.endpoint.api_key else "the client's own key, passed through"
 
 
+def json_object(request: ClientRequest) -> dict[str, Any]:
+    """The request's body, for a platform that must rewrite it; refused when it is not a JSON object."""
+    if request.payload is None:
+        raise Untranslatable("The request body is not a JSON object.")
+    return request.payload
+
+
 def for_endpoint(endpoint: Endpoint) -> Provider:
     if (module := MODULES.get(endpoint.provider)) is None:
         return Provider(endpoint)
@@ -192,8 +199,13 @@ def anthropic_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[
 
 def client_betas(request: ClientRequest, endpoint: Endpoint) -> list[str]:
     """Every `anthropic-beta` value of the client and the endpoint's own headers, in order, once each."""
-    values = (v for n, v in (*request.headers, *endpoint.headers) if n.lower() == "anthropic-beta")
-    return list(dict.fromkeys(b.strip() for value in values for b in value.split(",") if b.strip()))
+    return list(dict.fromkeys(beta_values((*request.headers, *endpoint.headers))))
+
+
+def beta_values(headers: tuple[tuple[str, str], ...]) -> list[str]:
+    """The betas named in `headers`' `anthropic-beta` values, in order."""
+    values = (v for n, v in headers if n.lower() == "anthropic-beta")
+    return [b.strip() for value in values for b in value.split(",") if b.strip()]
 
 
 def anthropic_body(endpoint: Endpoint, request: ClientRequest) -> bytes:

@@ -38,7 +38,6 @@ from . import (
     PlatformError,
     Provider,
     Reply,
-    Untranslatable,
     cloud,
     compact_json,
     content_type,
@@ -149,13 +148,8 @@ class Bedrock(Provider):
     def model(self, model: str) -> str:
         return self.endpoint.mapped_model(model) or cloud.bedrock_model(model, self.region)
 
-    def shaped(self, request: ClientRequest) -> dict[str, Any]:
-        if request.payload is None:
-            raise Untranslatable("The request body is not a JSON object.")
-        return cloud.payload(request.payload, request.body)
-
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        body = self.shaped(request)
+        body = cloud.shaped(request)
         model = self.model(str(body.pop("model", "")))
         action = "invoke-with-response-stream" if body.pop("stream", False) else "invoke"
         body.setdefault("anthropic_version", VERSION)
@@ -168,7 +162,7 @@ class Bedrock(Provider):
 
     def auth_headers(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """The endpoint's extra headers, and its API key as a bearer token when it has one."""
-        headers += [(n, v) for n, v in self.endpoint.headers if n.lower() != "anthropic-beta"]
+        headers += cloud.extra_headers(self.endpoint)
         if self.endpoint.api_key:
             headers.append(("authorization", f"Bearer {self.endpoint.api_key}"))
         return headers
@@ -204,17 +198,14 @@ class BedrockMantle(Bedrock):
         return self.endpoint.mapped_model(model) or cloud.mantle_model(model)
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        skip = NOT_FORWARDED | {
-            "x-api-key",
-            "authorization",
-            "anthropic-beta",
-        }  # the client's own key stays here
+        # the client's own key stays here
+        skip = NOT_FORWARDED | {"x-api-key", "authorization", "anthropic-beta"}
         headers = [(n, v) for n, v in request.headers if n.lower() not in skip]
         if betas := cloud.betas(request.headers, self.endpoint):
             headers.append(("anthropic-beta", ",".join(betas)))
         body = request.body
         if request.payload is not None:
-            shaped = self.shaped(request)
+            shaped = cloud.shaped(request)
             if isinstance(shaped.get("model"), str):
                 shaped["model"] = self.model(shaped["model"])
             body = compact_json(shaped)
@@ -257,9 +248,8 @@ class EventStreamToSse:
 
 
 def _chunk_event(payload: bytes) -> bytes:
-    start = (
-        payload.find(b'"bytes":"') + 9
-    )  # base64 holds no quote or escape: the value ends at the next quote
+    # base64 holds no quote or escape: the value ends at the next quote
+    start = payload.find(b'"bytes":"') + 9
     encoded = payload[start : payload.index(b'"', start)] if start > 8 else json.loads(payload)["bytes"]
     event = base64.b64decode(encoded)
     if event.startswith(b'{"type":"'):  # as Anthropic writes them: no need to parse the event

@@ -20,10 +20,13 @@ An id already in the platform's form passes unchanged.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Endpoint
-from . import UNSIGNED, signed_only
+from . import UNSIGNED, beta_values, json_object, signed_only
+
+if TYPE_CHECKING:
+    from ..upstream import ClientRequest
 
 # Betas Bedrock and Vertex document for Claude; any other is refused with a 400.
 PLATFORM_BETAS = frozenset(
@@ -57,13 +60,18 @@ VERSION = re.compile(r"claude-(?:(?:opus|sonnet|haiku)-(\d+)(?:-(\d))?|(\d+)-(\d
 
 def betas(request_headers: tuple[tuple[str, str], ...], endpoint: Endpoint) -> list[str]:
     """The client's betas that the platforms take, then the endpoint's own, once each."""
+    kept = [b for b in beta_values(request_headers) if b in PLATFORM_BETAS]
+    return list(dict.fromkeys([*kept, *beta_values(endpoint.headers)]))
 
-    def listed(headers: tuple[tuple[str, str], ...]) -> list[str]:
-        values = (v for n, v in headers if n.lower() == "anthropic-beta")
-        return [b.strip() for value in values for b in value.split(",") if b.strip()]
 
-    kept = [b for b in listed(request_headers) if b in PLATFORM_BETAS]
-    return list(dict.fromkeys([*kept, *listed(endpoint.headers)]))
+def extra_headers(endpoint: Endpoint) -> list[tuple[str, str]]:
+    """The endpoint's own headers but its betas, which `betas` has merged."""
+    return [(n, v) for n, v in endpoint.headers if n.lower() != "anthropic-beta"]
+
+
+def shaped(request: ClientRequest) -> dict[str, Any]:
+    """The request's body as the platforms take it; refused when it is not a JSON object."""
+    return payload(json_object(request), request.body)
 
 
 def payload(document: dict[str, Any], raw: bytes) -> dict[str, Any]:

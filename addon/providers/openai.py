@@ -28,6 +28,7 @@ from . import (
     compact_json,
     header_value,
     json_headers,
+    json_object,
     posted_to,
     retry_after,
 )
@@ -46,12 +47,11 @@ class OpenAI(Provider):
         return None if posted_to(request, MESSAGES) else "Chat Completions serves Messages only"
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        if request.payload is None:
-            raise Untranslatable("The request body is not a JSON object.")
+        document = json_object(request)
         model = self.endpoint.mapped_model(request.model or "") or request.model or ""
         try:
             body = chat_completions.chat_request(
-                request.payload,
+                document,
                 model,
                 streaming=request.streaming,
                 max_tokens_field=self.endpoint.max_tokens_field,

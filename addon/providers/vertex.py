@@ -30,7 +30,6 @@ from . import (
     Outgoing,
     PlatformError,
     Provider,
-    Untranslatable,
     cloud,
     compact_json,
     is_anthropic_error,
@@ -132,9 +131,7 @@ class Vertex(Provider):
         return None if posted_to(request, PATHS) else "Vertex AI serves Messages and token counts only"
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        if request.payload is None:
-            raise Untranslatable("The request body is not a JSON object.")
-        body = cloud.payload(request.payload, request.body)
+        body = cloud.shaped(request)
         model = str(body.pop("model", ""))
         model = self.endpoint.mapped_model(model) or cloud.vertex_model(model)
         if request.path.split("?", 1)[0] == COUNT_TOKENS:
@@ -147,7 +144,7 @@ class Vertex(Provider):
         headers = [("content-type", "application/json")]
         if betas := cloud.betas(request.headers, self.endpoint):
             headers.append(("anthropic-beta", ",".join(betas)))
-        headers += [(n, v) for n, v in self.endpoint.headers if n.lower() != "anthropic-beta"]
+        headers += cloud.extra_headers(self.endpoint)
         return Outgoing("POST", url, headers, compact_json(body))
 
     async def authenticate(self, outgoing: Outgoing) -> Outgoing:
