@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .sse import Usage, error_type
+from .sse import Usage, error_type, int_or_zero
 
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
@@ -399,12 +399,12 @@ def usage_of(usage: Any) -> Usage:
     """
     if not isinstance(usage, dict):
         return Usage()
-    prompt = _int(usage.get("prompt_tokens"))
+    prompt = int_or_zero(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
-    cached = cached or _int(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
+    cached = int_or_zero(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    cached = cached or int_or_zero(usage.get("prompt_cache_hit_tokens"))  # DeepSeek
     return Usage(
-        input=max(prompt - cached, 0), output=_int(usage.get("completion_tokens")), cache_read=cached
+        input=max(prompt - cached, 0), output=int_or_zero(usage.get("completion_tokens")), cache_read=cached
     )
 
 
@@ -415,10 +415,6 @@ def _usage_dict(usage: Usage) -> dict[str, int]:
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": usage.cache_read,
     }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 # -- stream: Chat Completions chunks -> Anthropic events -------------------------------------
@@ -547,10 +543,11 @@ class StreamTranslator:
     @property
     def stop_reason(self) -> str | None:
         """Anthropic's stop_reason once a finish_reason came."""
-        if self.finish_reason is None:
-            return None
+        return None if self.finish_reason is None else self._stop()[0]
+
+    def _stop(self) -> tuple[str, str | None]:
         choice = {"finish_reason": self.finish_reason, "stop_reason": self._matched_stop}
-        return stop_reason(choice, bool(self._calls))[0]
+        return stop_reason(choice, bool(self._calls))
 
     # -- one chunk ---------------------------------------------------------------------------
 
@@ -559,6 +556,10 @@ class StreamTranslator:
         if error:
             self._error(error, out)
             return
+        usage = chunk.get("usage")
+        if usage:
+            self.usage = usage_of(usage)
+            self._usage_seen = True
         if not self.started:
             self._start(chunk, out)
         choices = chunk.get("choices")
@@ -571,10 +572,6 @@ class StreamTranslator:
             if finish:
                 self.finish_reason = finish
                 self._matched_stop = choice.get("stop_reason") or choice.get("matched_stop")
-        usage = chunk.get("usage")
-        if usage:
-            self.usage = usage_of(usage)
-            self._usage_seen = True
 
     def _delta(self, delta: dict[str, Any], out: list[str]) -> None:
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
@@ -602,8 +599,6 @@ class StreamTranslator:
 
     def _start(self, chunk: dict[str, Any], out: list[str]) -> None:
         self.started = True
-        if chunk.get("usage"):
-            self.usage = usage_of(chunk["usage"])
         message = _quote(message_id(chunk.get("id")))
         out.append(
             _MESSAGE_START % (message, _quote(self.client_model), self.usage.input, self.usage.cache_read)
@@ -669,8 +664,7 @@ class StreamTranslator:
         if self._open is not None:
             out.append(_BLOCK_STOP % self._block)
             self._open = None
-        choice = {"finish_reason": self.finish_reason, "stop_reason": self._matched_stop}
-        reason, sequence = stop_reason(choice, bool(self._calls))
+        reason, sequence = self._stop()
         usage: dict[str, int] = {"output_tokens": self.usage.output}
         if self._usage_seen:
             usage["input_tokens"] = self.usage.input
@@ -776,7 +770,9 @@ def stream_error(error: Any) -> tuple[str, str]:
     if not isinstance(error, dict):
         error = {"message": str(error)}
     code = error.get("code")
-    status = code if isinstance(code, int) and not isinstance(code, bool) else _int(error.get("status"))
+    status = (
+        code if isinstance(code, int) and not isinstance(code, bool) else int_or_zero(error.get("status"))
+    )
     if isinstance(code, str) and code.isdigit():
         status = int(code)
     if 400 <= status < 600:
@@ -882,8 +878,8 @@ def context_message(error: Mapping[str, Any], message: str) -> str | None:
     words = f"{error.get('type')} {error.get('code')} {message}".lower()
     if not any(word in words for word in _CONTEXT_WORDS):
         return None
-    limit = _int(error.get("n_ctx")) or _first(_LIMIT, message)
-    total = _int(error.get("n_prompt_tokens")) or _first(_TOTAL, message)
+    limit = int_or_zero(error.get("n_ctx")) or _first(_LIMIT, message)
+    total = int_or_zero(error.get("n_prompt_tokens")) or _first(_TOTAL, message)
     split = _split(message)
     if limit and split and split[0] <= limit:
         return (

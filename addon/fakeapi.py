@@ -33,9 +33,20 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from http import HTTPStatus
 
-from .fakeserver import READ_SIZE, Exchange, FakeServer, SeenRequest, serve_in_foreground
+from .fakeserver import (
+    EVENT_STREAM,
+    JSON,
+    LAST_CHUNK,
+    READ_SIZE,
+    Exchange,
+    FakeServer,
+    SeenRequest,
+    chunk,
+    reason,
+    response_head,
+    serve_in_foreground,
+)
 
 KINDS = frozenset(
     {
@@ -134,12 +145,9 @@ _MODELS = json.dumps(
     separators=(",", ":"),
 ).encode()
 _COUNT_TOKENS = b'{"input_tokens":42}'
-_JSON = b"application/json"
-_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 _HUGE_HEADER = b"x-fake-padding: " + b"a" * (200 * 1024) + b"\r\n"
 _GARBAGE = b"NOT-HTTP garbage\r\n\r\n"
 _BAD_CHUNK = b"zz\r\nxx\r\n"
-_LAST_CHUNK = b"0\r\n\r\n"
 _SSE_PIECE = 16 * 1024  # longest text_delta when a padded ("large") text is streamed
 _WORDS = re.compile(r"^\s+|\S+\s*")
 _WINDOW_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -305,18 +313,6 @@ def _is_messages(seen: SeenRequest) -> bool:
     return seen.method == "POST" and seen.path.split("?", 1)[0].endswith("/v1/messages")
 
 
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Overloaded" if status == 529 else "Unknown"
-
-
-@lru_cache(maxsize=64)
-def _status_line(status: int) -> bytes:
-    return f"HTTP/1.1 {status} {_reason(status)}\r\n".encode()
-
-
 def _lines(headers: Sequence[tuple[str, str]]) -> bytes:
     return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers)
 
@@ -374,7 +370,7 @@ def _stream_events(msg_id: str, model: str, deltas: Sequence[bytes]) -> list[byt
 def error_body(status: int, message: str | None = None) -> bytes:
     """The Anthropic JSON error body the real API sends with `status`."""
     kind = ERROR_TYPES.get(status, "api_error")
-    text = message or _ERROR_MESSAGES.get(status) or _reason(status)
+    text = message or _ERROR_MESSAGES.get(status) or reason(status)
     return json.dumps({"type": "error", "error": {"type": kind, "message": text}}).encode()
 
 
@@ -402,7 +398,7 @@ class FakeAnthropic(FakeServer[Behavior]):
     answer (a delay, a stall, a hang) watches for that and ends early.
     """
 
-    stream_type = _EVENT_STREAM  # the content-type of a streamed answer
+    stream_type = EVENT_STREAM  # the content-type of a streamed answer
 
     def __init__(self, name: str = "fake", port: int = 0) -> None:
         super().__init__(name, port, Behavior())
@@ -500,22 +496,13 @@ class FakeAnthropic(FakeServer[Behavior]):
         length: int | None,
         gzipped: bool,
     ) -> bytes:
-        parts = [_status_line(status), b"content-type: ", content_type, b"\r\n"]
-        if length is None:
-            parts.append(b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n")
-        else:
-            parts.append(b"content-length: %d\r\n" % length)
-        if gzipped:
-            parts.append(b"content-encoding: gzip\r\n")
-        parts += [b"request-id: req_fake_%d\r\n" % x.number, self._name_line, x.extra_headers]
+        lines = [b"content-encoding: gzip\r\n"] if gzipped else []
+        lines += [b"request-id: req_fake_%d\r\n" % x.number, self._name_line, x.extra_headers]
         if b.headers:
-            parts.append(_header_lines(b.headers))
+            lines.append(_header_lines(b.headers))
         if b.kind == "huge_headers":
-            parts.append(_HUGE_HEADER)
-        if not x.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            lines.append(_HUGE_HEADER)
+        return response_head(status, content_type, length, lines, x.keep_alive)
 
     async def _answer(self, x: Exchange, b: Behavior) -> bool:
         """Send the response `b` asks for; return whether the connection can be reused."""
@@ -594,11 +581,11 @@ class FakeAnthropic(FakeServer[Behavior]):
         writer = x.writer
         kind = b.kind
         if kind == "bad_chunked":
-            writer.write(self._head(x, b, status, _JSON, None, False) + _BAD_CHUNK)
+            writer.write(self._head(x, b, status, JSON, None, False) + _BAD_CHUNK)
             return False
         if kind == "short_body":
             # Honest content-length, then the connection ends halfway through the body.
-            writer.write(self._head(x, b, status, _JSON, len(body), False) + body[: len(body) // 2])
+            writer.write(self._head(x, b, status, JSON, len(body), False) + body[: len(body) // 2])
             await writer.drain()
             return False
         gzipped = b.gzip or kind == "truncated_gzip"
@@ -608,7 +595,7 @@ class FakeAnthropic(FakeServer[Behavior]):
             # Well-framed HTTP (content-length matches what is sent) around half a gzip
             # member: only a client that decodes the body notices.
             body = body[: len(body) // 2]
-        head = self._head(x, b, status, _JSON, len(body), gzipped)
+        head = self._head(x, b, status, JSON, len(body), gzipped)
         writer.write(head if x.head_only else head + body)
         await writer.drain()
         return x.keep_alive
@@ -629,7 +616,7 @@ class FakeAnthropic(FakeServer[Behavior]):
                 await asyncio.sleep(b.event_delay)
             if compressor is not None:
                 event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
-            writer.write(b"%x\r\n%s\r\n" % (len(event), event))
+            writer.write(chunk(event))
             await writer.drain()
             self.events_sent += 1
         if then == "abort":
@@ -646,10 +633,9 @@ class FakeAnthropic(FakeServer[Behavior]):
             return False
         if then == "stall":
             await _forever()
-        tail = _LAST_CHUNK
+        tail = LAST_CHUNK
         if compressor is not None:
-            rest = compressor.flush()
-            tail = b"%x\r\n%s\r\n" % (len(rest), rest) + tail
+            tail = chunk(compressor.flush()) + tail
         writer.write(tail)
         await writer.drain()
         return x.keep_alive

@@ -26,10 +26,18 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
-from http import HTTPStatus
 from typing import Any
 
-from .fakeserver import Exchange, FakeServer, serve_in_foreground
+from .fakeserver import (
+    EVENT_STREAM,
+    JSON,
+    LAST_CHUNK,
+    Exchange,
+    FakeServer,
+    chunk,
+    response_head,
+    serve_in_foreground,
+)
 
 KINDS = frozenset({"ok", "status", "error_chunk", "cut", "stall", "hang"})
 """Every `Behavior.kind` the server understands."""
@@ -78,9 +86,6 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 _USER_PARTS = frozenset({"text", "image_url", "input_audio", "file"})
 _FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _WORDS = re.compile(r"\S+\s*|\s+")
-_LAST_CHUNK = b"0\r\n\r\n"
-_JSON = b"application/json"
-_EVENT_STREAM = b"text/event-stream; charset=utf-8"
 _DONE = b"data: [DONE]\n\n"
 # Write sizes cycled through when a stream is cut awkwardly: single bytes, pieces of a
 # line, and writes that hold several events.
@@ -488,14 +493,6 @@ def awkward_writes(data: bytes) -> list[bytes]:
 # -- the server ------------------------------------------------------------------------------
 
 
-def _status_line(status: int) -> bytes:
-    try:
-        reason = HTTPStatus(status).phrase
-    except ValueError:
-        reason = "Unknown"
-    return f"HTTP/1.1 {status} {reason}\r\n".encode()
-
-
 class FakeOpenAI(FakeServer[Behavior]):
     """A loopback HTTP/1.1 server that speaks OpenAI's Chat Completions and misbehaves on demand.
 
@@ -523,21 +520,13 @@ class FakeOpenAI(FakeServer[Behavior]):
     # -- answers -----------------------------------------------------------------------------
 
     def _head(self, x: Exchange, b: Behavior, status: int, content_type: bytes, length: int | None) -> bytes:
-        parts = [_status_line(status), b"content-type: ", content_type, b"\r\n"]
-        if length is None:
-            parts.append(b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n")
-        else:
-            parts.append(b"content-length: %d\r\n" % length)
-        parts.append(b"x-request-id: req_fake_%d\r\nopenai-processing-ms: 1\r\n" % x.number)
-        parts.append(f"x-fake-name: {self.name}\r\n".encode())
-        parts += [f"{n}: {v}\r\n".encode("latin-1") for n, v in b.headers]
-        if not x.keep_alive:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+        lines = [b"x-request-id: req_fake_%d\r\nopenai-processing-ms: 1\r\n" % x.number]
+        lines.append(f"x-fake-name: {self.name}\r\n".encode())
+        lines += [f"{n}: {v}\r\n".encode("latin-1") for n, v in b.headers]
+        return response_head(status, content_type, length, lines, x.keep_alive)
 
     async def _send_json(self, x: Exchange, b: Behavior, status: int, body: bytes) -> bool:
-        x.writer.write(self._head(x, b, status, _JSON, len(body)) + body)
+        x.writer.write(self._head(x, b, status, JSON, len(body)) + body)
         await x.writer.drain()
         return x.keep_alive
 
@@ -575,7 +564,7 @@ class FakeOpenAI(FakeServer[Behavior]):
                 await asyncio.Event().wait()
             body = completion_body(b.answer, chat_id, model, int(time.time()))
             if b.kind == "cut":
-                x.writer.write(self._head(x, b, 200, _JSON, len(body)) + body[: len(body) // 2])
+                x.writer.write(self._head(x, b, 200, JSON, len(body)) + body[: len(body) // 2])
                 await x.writer.drain()
                 x.writer.transport.abort()
                 return False
@@ -593,19 +582,19 @@ class FakeOpenAI(FakeServer[Behavior]):
 
     async def _stream(self, x: Exchange, b: Behavior, events: list[bytes]) -> bool:
         writer = x.writer
-        writer.write(self._head(x, b, 200, _EVENT_STREAM, None))
+        writer.write(self._head(x, b, 200, EVENT_STREAM, None))
         await writer.drain()
         for i, piece in enumerate(awkward_writes(b"".join(events)) if b.split else events):
             if i and b.event_delay:
                 await asyncio.sleep(b.event_delay)
-            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            writer.write(chunk(piece))
             await writer.drain()
         if b.kind == "cut":
             writer.transport.abort()
             return False
         if b.kind == "stall":
             await asyncio.Event().wait()
-        writer.write(_LAST_CHUNK)
+        writer.write(LAST_CHUNK)
         await writer.drain()
         return x.keep_alive
 

@@ -21,6 +21,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from http import HTTPStatus
 from typing import Any, Generic, Self, TypeVar
 
 import h11
@@ -30,7 +32,44 @@ _MAX_HEAD = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _BAD_REQUEST = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
+JSON = b"application/json"
+EVENT_STREAM = b"text/event-stream; charset=utf-8"
+LAST_CHUNK = b"0\r\n\r\n"
+
 B = TypeVar("B")
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Unknown"
+
+
+@lru_cache(maxsize=64)
+def status_line(status: int) -> bytes:
+    return f"HTTP/1.1 {status} {reason(status)}\r\n".encode()
+
+
+def response_head(
+    status: int, content_type: bytes, length: int | None, lines: list[bytes], keep_alive: bool
+) -> bytes:
+    """A response's head: a chunked body when `length` is None; `lines` are whole header lines."""
+    parts = [status_line(status), b"content-type: ", content_type, b"\r\n"]
+    if length is None:
+        parts.append(b"transfer-encoding: chunked\r\ncache-control: no-cache\r\n")
+    else:
+        parts.append(b"content-length: %d\r\n" % length)
+    parts += lines
+    if not keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def chunk(data: bytes) -> bytes:
+    """`data` as one chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 @dataclass(frozen=True)

@@ -140,14 +140,15 @@ def usage_of(event: Event) -> Usage | None:
     if not isinstance(usage, dict):
         return None
     return Usage(
-        input=_int(usage.get("input_tokens")),
-        output=_int(usage.get("output_tokens")),
-        cache_read=_int(usage.get("cache_read_input_tokens")),
-        cache_creation=_int(usage.get("cache_creation_input_tokens")),
+        input=int_or_zero(usage.get("input_tokens")),
+        output=int_or_zero(usage.get("output_tokens")),
+        cache_read=int_or_zero(usage.get("cache_read_input_tokens")),
+        cache_creation=int_or_zero(usage.get("cache_creation_input_tokens")),
     )
 
 
-def _int(value: object) -> int:
+def int_or_zero(value: object) -> int:
+    """A count from JSON: an int as it is, anything else (null, a string, a bool) 0."""
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 

@@ -48,7 +48,7 @@ class OpenAI(Provider):
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
         document = json_object(request)
-        model = self.endpoint.mapped_model(request.model or "") or request.model or ""
+        model = self.endpoint.map_model(request.model or "")
         try:
             body = chat_completions.chat_request(
                 document,
