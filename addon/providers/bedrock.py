@@ -230,16 +230,16 @@ class EventStreamToSse:
         self.frames = Frames()
 
     def feed(self, data: bytes) -> bytes:
-        out = b""
+        out = []
         for headers, payload in self.frames.feed(data):
             kind = headers.get(":message-type")
             if kind == "event":
                 if headers.get(":event-type") == "chunk":
-                    out += _chunk_event(payload)
+                    out.append(_chunk_event(payload))
             elif kind in ("exception", "error"):
                 name = str(headers.get(":exception-type") or headers.get(":error-code") or "")
-                out += _error_event(name, payload, headers.get(":error-message"))
-        return out
+                out.append(_error_event(name, payload, headers.get(":error-message")))
+        return b"".join(out)
 
     def end(self) -> bytes:
         if self.frames.buffer:

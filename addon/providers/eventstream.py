@@ -37,20 +37,22 @@ class Frames:
     def feed(self, data: bytes) -> list[tuple[dict[str, str | bytes], bytes]]:
         buffer = self.buffer + data if self.buffer else data
         frames = []
-        while len(buffer) >= PRELUDE.size:
-            total, header_length, prelude_crc = PRELUDE.unpack_from(buffer)
-            if crc32(buffer[:8]) != prelude_crc:
+        start = 0  # of the next frame: the buffer is cut once, after the last whole frame
+        while len(buffer) - start >= PRELUDE.size:
+            total, header_length, prelude_crc = PRELUDE.unpack_from(buffer, start)
+            if crc32(buffer[start : start + 8]) != prelude_crc:
                 raise FrameError("event-stream prelude CRC mismatch")
             if not 16 + header_length <= total <= MAX_FRAME:
                 raise FrameError(f"event-stream frame of impossible length {total}")
-            if len(buffer) < total:
+            end = start + total
+            if len(buffer) < end:
                 break
-            if crc32(buffer[: total - 4]) != int.from_bytes(buffer[total - 4 : total], "big"):
+            if crc32(buffer[start : end - 4]) != int.from_bytes(buffer[end - 4 : end], "big"):
                 raise FrameError("event-stream frame CRC mismatch")
-            end = 12 + header_length
-            frames.append((headers(buffer[12:end]), buffer[end : total - 4]))
-            buffer = buffer[total:]
-        self.buffer = buffer
+            payload = start + 12 + header_length
+            frames.append((headers(buffer[start + 12 : payload]), buffer[payload : end - 4]))
+            start = end
+        self.buffer = buffer[start:]
         return frames
 
 
