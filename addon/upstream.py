@@ -18,12 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from . import providers, sse
 from .config import Config, Endpoint
-from .policy import AttemptFailed, ErrorResponse, retry_after_seconds
+from .policy import AttemptFailed, ErrorResponse
 from .providers import HOP_BY_HOP, Outgoing, Provider, content_type, header_value
 
 ERROR_BODY_LIMIT = 1 << 20
@@ -444,10 +443,8 @@ class UpstreamClient:
             body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
             url=outgoing.url,
         )
-        if resp.status >= 400 and provider.reads_errors:
+        if resp.status >= 400 and (provider.reads_errors or resp.status in self.config.retry.statuses):
             return await self._platform_error(provider, answer)
-        if resp.status in self.config.retry.statuses:
-            raise await self._error_response(answer, resp)
         if judge is not None:
             try:
                 judge(answer)
@@ -522,19 +519,8 @@ class UpstreamClient:
         finally:
             resp.close()  # an error body is small; a fresh connection is cheaper than reading it out
 
-    async def _error_response(self, answer: UpstreamResponse, resp: aiohttp.ClientResponse) -> AttemptFailed:
-        body = await self._error_body(resp)
-        return AttemptFailed(
-            answer.endpoint.name,
-            "status",
-            f"HTTP {resp.status}",
-            status=resp.status,
-            retry_after=retry_after_seconds(_str_headers(resp.headers)),
-            response=ErrorResponse(resp.status, answer.headers, body),
-        )
-
     async def _platform_error(self, provider: Provider, answer: UpstreamResponse) -> UpstreamResponse:
-        """A platform's error, read whole and made Anthropic's: failed over, or the client's answer."""
+        """An error answer, read whole and made Anthropic's: failed over, or the client's answer."""
         error = provider.error(answer.status, answer.headers, await self._error_body(answer.response))
         name = answer.endpoint.name
         response = ErrorResponse(error.status, error.headers, error.body)
@@ -608,7 +594,3 @@ class UpstreamClient:
                 started = started or not sse.is_preamble(event)
             if started or answer.events is None:
                 return
-
-
-def _str_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> dict[str, str]:
-    return {k.lower(): v for k, v in headers.items()}

@@ -115,7 +115,7 @@ class Provider:
     """Anthropic's API itself: the client's request as it came, the answer as it comes."""
 
     name = "anthropic"
-    reads_errors = False  # whether `error` wants every answer of status >= 400 with its body
+    reads_errors = False  # whether `error` reads every answer >= 400, not only those of `retry.statuses`
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
@@ -139,7 +139,8 @@ class Provider:
         return Reply(headers)
 
     def error(self, status: int, headers: Headers, body: bytes) -> PlatformError:
-        return PlatformError(status, headers, body)
+        """An error answer as the client would get it; Anthropic's pass as they are."""
+        return PlatformError(status, headers, body, retry_after=retry_after(headers))
 
     async def prepare(self) -> str:
         """Finds the endpoint's credentials ahead of the first request; says what it found.
