@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from . import __version__
-from .config import OAUTH_BETA, Config, Endpoint, mask_secret
+from .config import OAUTH_BETA, Config, Endpoint
 from .policy import AttemptFailed
 from .providers import CredentialsError, for_endpoint
 from .upstream import ClientRequest, UpstreamClient
@@ -53,8 +53,6 @@ async def check_endpoint(endpoint: Endpoint, client: UpstreamClient | None, mode
         found = await provider.prepare()
     except CredentialsError as e:
         return Verdict(False, "none", f"no usable credentials: {e}")
-    if provider.name == "anthropic":
-        found = mask_secret(endpoint.api_key) if endpoint.api_key else "client key passed through"
     if client is None:
         if provider.name != "anthropic":
             return Verdict(True, found, "credentials found (--call sends a 1-token request)")
@@ -75,7 +73,8 @@ async def one_token(client: UpstreamClient, endpoint: Endpoint, model: str) -> t
     try:
         response = await client.send(endpoint, request, started + client.config.timeouts.response)
     except AttemptFailed as failure:
-        return False, f"failed: {failure.detail}" + (f" ({_message(failure)})" if failure.response else "")
+        reason = f" ({_error_message(failure.response.body)})" if failure.response else ""
+        return False, f"failed: {failure.detail}{reason}"
     try:
         text = await response.read_whole(1 << 20) or b""
     finally:
@@ -83,10 +82,6 @@ async def one_token(client: UpstreamClient, endpoint: Endpoint, model: str) -> t
     if response.status != 200:
         return False, f"HTTP {response.status}: {_error_message(text)}"
     return True, f"answered in {(time.monotonic() - started) * 1000:.0f} ms"
-
-
-def _message(failure: AttemptFailed) -> str:
-    return _error_message(failure.response.body) if failure.response else ""
 
 
 def _error_message(body: bytes) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from mitmproxy import http
 
-from . import __version__, workers
+from . import __version__, sse, workers
 from .config import Config
 from .endpoints import COOLING, EndpointPool
 from .metrics import Metrics
@@ -69,8 +69,8 @@ class Service:
             flow.response = http.Response.make(200, metrics, {"content-type": METRICS_TYPE})
         else:
             message = "/metrics needs the proxy's access key: send it as a bearer token (see the README)."
-            body = {"type": "error", "error": {"type": "authentication_error", "message": message}}
-            flow.response = http.Response.make(401, json.dumps(body), {"content-type": "application/json"})
+            body = sse.error_body("authentication_error", message)
+            flow.response = http.Response.make(401, body, {"content-type": "application/json"})
         return True
 
     def health(self) -> tuple[int, dict[str, Any]]:

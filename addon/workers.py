@@ -42,6 +42,7 @@ from .config import Config, ConfigError
 from .hub import Hub, listening_socket
 from .logs import EventLog
 from .modes import listen_on, named_config
+from .sse import error_body
 
 ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
 ENV_COUNT = "CCF_WORKERS"
@@ -392,10 +393,7 @@ class Supervisor:
 
 
 STARTING_BODY = b'{"status": "starting"}'
-OVERLOADED_BODY = (
-    b'{"type": "error", "error": {"type": "overloaded_error", '
-    b'"message": "claude-code-fallback is starting; try again in a second."}}'
-)
+OVERLOADED_BODY = error_body("overloaded_error", "claude-code-fallback is starting; try again in a second.")
 HEAD_LIMIT = 1 << 16
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..config import OAUTH_BETA, Endpoint
+from ..config import OAUTH_BETA, Endpoint, mask_secret
 from ..policy import retry_after_seconds
 
 if TYPE_CHECKING:
@@ -145,7 +145,7 @@ class Provider:
     async def prepare(self) -> str:
         """Finds the endpoint's credentials ahead of the first request; says what it found.
         Raises CredentialsError when there are none to use."""
-        return "API key" if self.endpoint.api_key else "the client's own key, passed through"
+        return mask_secret(self.endpoint.api_key) if self.endpoint.api_key else "client key passed through"
 
 
 def json_object(request: ClientRequest) -> dict[str, Any]:
