@@ -67,7 +67,7 @@ async def serve(specs: list[str], *ours: object) -> None:
     lean = master.Master(opts)
     lean.addons = HookedAddons(lean)
     tls = tlsconfig.TlsConfig()
-    fallback = Fallback(inspected=False, direct=True)
+    ours = ours or (Fallback(inspected=False, direct=True),)
     lean.addons.add(
         termlog.TermLog(),
         core.Core(),
@@ -75,7 +75,7 @@ async def serve(specs: list[str], *ours: object) -> None:
         next_layer.NextLayer(),
         tls,
         errorcheck.ErrorCheck(),
-        *(ours or (fallback,)),
+        *ours,
     )
     # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
     # proxy already listens; a request in between (`ccf start` polls /health at once)
@@ -93,26 +93,24 @@ async def serve(specs: list[str], *ours: object) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
         loop.add_signal_handler(signum, lean.shutdown)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    supervised = workers.ENV_SUPERVISOR in os.environ
-    if supervised:
+    watching: asyncio.Future[None] | None = None
+    if workers.ENV_SUPERVISOR in os.environ:
         watching = asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
-    else:
-        watching = asyncio.ensure_future(
-            announce_when(fallback.ready, os.environ.pop(workers.ENV_ANNOUNCE, ""))
-        )
+    elif (line := os.environ.pop(workers.ENV_ANNOUNCE, "")) and isinstance(ours[0], Fallback):
+        watching = asyncio.ensure_future(announce_when(ours[0].ready, line))
     # What is loaded by now lives as long as the process: keep it out of the collector's
     # full passes, which otherwise stop every stream for 40-70 ms a few times a minute.
     gc.freeze()
     await lean.run()
-    watching.cancel()
+    if watching is not None:
+        watching.cancel()
     loop.set_exception_handler(quiet_cancellations)
 
 
 async def announce_when(ready: asyncio.Event, line: str) -> None:
     """`ccf dev`'s "on http://..." line, once the proxy serves (not when it starts)."""
     await ready.wait()
-    if line:
-        print(line, file=sys.stderr, flush=True)
+    print(line, file=sys.stderr, flush=True)
 
 
 def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
