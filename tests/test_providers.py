@@ -366,6 +366,21 @@ def test_a_body_that_is_not_a_json_object_is_refused_before_it_is_sent(tmp_path:
             for_endpoint(endpoint).outgoing(request)
 
 
+def test_mantle_forwards_the_client_headers_as_anthropic_endpoints_do(tmp_path: Path) -> None:
+    text = (
+        "endpoints:\n"
+        "  - {name: m, provider: bedrock-mantle, region: us-east-1, apiKey: k, headers: {x-team: ours}}\n"
+    )
+    (endpoint,) = load(tmp_path, text).endpoints
+    client = [("content-type", "application/json"), ("x-team", "theirs"), ("connection", "x-hop")]
+    client += [("x-hop", "1"), ("x-api-key", "client-key"), ("anthropic-version", "2023-06-01")]
+    request = ClientRequest.parse("POST", "/v1/messages", client, b'{"model":"claude-sonnet-4-5"}')
+    sent = for_endpoint(endpoint).outgoing(request).headers
+    overridden_or_hop = ("x-team", "x-hop", "x-api-key", "connection")
+    assert [(n, v) for n, v in sent if n in overridden_or_hop] == [("x-team", "ours")]
+    assert ("anthropic-version", "2023-06-01") in sent and ("authorization", "Bearer k") in sent
+
+
 def test_mid_conversation_system_turns_become_reminders_in_user_turns() -> None:
     turns = [
         {"role": "system", "content": "first"},

@@ -171,17 +171,7 @@ def anthropic_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[
     `anthropic-beta` header, with the OAuth beta added for a subscription token and taken
     out for an API key (a client logged in to a subscription sends it).
     """
-    connection_tokens = {
-        token.strip().lower()
-        for name, value in request.headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    skip = NOT_FORWARDED | connection_tokens
-    if endpoint.api_key:
-        skip = skip | {"x-api-key", "authorization", "anthropic-beta"}
-    extra = {name.lower() for name, _ in endpoint.headers}
-    headers = [(n, v) for n, v in request.headers if n.lower() not in skip and n.lower() not in extra]
+    headers = client_headers(request, endpoint, own_auth=bool(endpoint.api_key))
     if endpoint.api_key:
         auth = endpoint.auth
         if auth == "x-api-key":
@@ -196,6 +186,21 @@ def anthropic_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[
         (n, v) for n, v in endpoint.headers if not (endpoint.api_key and n.lower() == "anthropic-beta")
     )
     return headers
+
+
+def client_headers(request: ClientRequest, endpoint: Endpoint, own_auth: bool) -> list[tuple[str, str]]:
+    """The client's headers that go on: not hop-by-hop ones (nor those its `Connection` names),
+    nor those the endpoint sets itself, nor its key and betas when the endpoint has its own auth."""
+    connection_tokens = {
+        token.strip().lower()
+        for name, value in request.headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    skip = NOT_FORWARDED | connection_tokens | {name.lower() for name, _ in endpoint.headers}
+    if own_auth:
+        skip |= {"x-api-key", "authorization", "anthropic-beta"}
+    return [(n, v) for n, v in request.headers if n.lower() not in skip]
 
 
 def client_betas(request: ClientRequest, endpoint: Endpoint) -> list[str]:

@@ -30,7 +30,6 @@ from ..config import Endpoint
 from ..sse import error_body, error_type
 from . import (
     MESSAGES,
-    NOT_FORWARDED,
     CredentialsError,
     Headers,
     InThread,
@@ -38,6 +37,7 @@ from . import (
     PlatformError,
     Provider,
     Reply,
+    client_headers,
     cloud,
     compact_json,
     content_type,
@@ -198,9 +198,7 @@ class BedrockMantle(Bedrock):
         return self.endpoint.mapped_model(model) or cloud.mantle_model(model)
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        # the client's own key stays here
-        skip = NOT_FORWARDED | {"x-api-key", "authorization", "anthropic-beta"}
-        headers = [(n, v) for n, v in request.headers if n.lower() not in skip]
+        headers = client_headers(request, self.endpoint, own_auth=True)  # the client's key stays here
         if betas := cloud.betas(request.headers, self.endpoint):
             headers.append(("anthropic-beta", ",".join(betas)))
         body = request.body
