@@ -442,18 +442,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return OK
 
 
-def proxy_address(args: argparse.Namespace) -> tuple[int | None, str]:
+def proxy_address(settings: Settings) -> tuple[int | None, str]:
     """The background proxy's pid while it runs, and where a proxy should answer: the address
     it recorded, else the configured one (one may serve in the foreground: `ccf dev`, `ccf web`)."""
     found = read_pid(pid_file())
     if found is not None and is_running(found[0]):
-        return found[0], found[1] or resolve(args).url
-    return None, resolve(args).url
+        return found[0], found[1] or settings.url
+    return None, settings.url
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    pid, url = proxy_address(args)
-    health = fetch_health(url, fleet=args.fleet, key=own_key(resolve(args).config.server))
+    settings = resolve(args)
+    pid, url = proxy_address(settings)
+    health = fetch_health(url, fleet=args.fleet, key=own_key(settings.config.server))
     if health is None and pid is None:
         print("not running")
         return NOT_RUNNING
@@ -561,10 +562,11 @@ def format_duration(seconds: float) -> str:
 
 def cmd_open(args: argparse.Namespace) -> int:
     """Opens the status page; when the proxy needs a key, the browser gets one once, in the URL."""
-    _, url = proxy_address(args)
+    settings = resolve(args)
+    _, url = proxy_address(settings)
     if fetch_health(url) is None:
         raise CommandFailed(f"no proxy answers at {url}; start it with `ccf start`", NOT_RUNNING)
-    name, key = page_key(resolve(args).config.server, args.as_name)
+    name, key = page_key(settings.config.server, args.as_name)
     print(
         f"status page: {url}/"
         + (f" (the browser gets the key of {name!r} once, for a cookie)" if key else "")
