@@ -214,6 +214,7 @@ LONG_NAME = "long"
 LONG_WORDS = 1500  # a long answer: one text delta per word, LONG_DELAY apart
 LONG_DELAY = 0.002
 LONG_STREAMS = 8  # at once, as a few sessions and their subagents would
+LONG_ARGS = ["--text", " ".join(f"w{i}" for i in range(LONG_WORDS)), "--event-delay", str(LONG_DELAY)]
 FAIL_NOW_NAME = "failing-now"
 
 
@@ -380,11 +381,13 @@ def wait_for_line(service: Service, prefix: bytes, timeout: float = 15.0) -> byt
     raise BenchError(f"{service.name} did not start:\n{service.log_tail()}")
 
 
-def start_fakes(services: Services, specs: dict[str, list[str]]) -> dict[str, Service]:
-    """Starts one `addon.fakeapi` process per spec (in parallel) and waits until each listens."""
+def start_fakes(
+    services: Services, specs: dict[str, list[str]], module: str = "addon.fakeapi"
+) -> dict[str, Service]:
+    """Starts one fake process per spec (in parallel) and waits until each listens."""
     fakes = {}
     for name, args in specs.items():
-        command = [sys.executable, "-m", "addon.fakeapi", "--port", "0", "--name", name, *args]
+        command = [sys.executable, "-m", module, "--port", "0", "--name", name, *args]
         fakes[name] = services.spawn(f"fake-{name}", command, capture_stdout=True)
     for fake in fakes.values():
         line = wait_for_line(fake, b"listening on ")
@@ -1168,10 +1171,7 @@ def fake_specs(settings: Settings) -> dict[str, list[str]]:
             *("--kind", "stall", "--after-events", str(RSS_EVENTS), "--text", slow_words),
             *("--event-delay", str(RSS_DELAY)),
         ],
-        LONG_NAME: [
-            *("--text", " ".join(f"w{i}" for i in range(LONG_WORDS))),
-            *("--event-delay", str(LONG_DELAY)),
-        ],
+        LONG_NAME: LONG_ARGS,
     }
 
 

@@ -42,19 +42,22 @@ import urllib3
 from bench import (
     BODY,
     HEADERS,
-    LONG_DELAY,
+    LONG_ARGS,
     LONG_STREAMS,
     LONG_WORDS,
     BenchError,
+    ProxySpec,
     Service,
     Services,
+    check,
     cpu_per_event,
     free_port,
     http_answers,
-    lean_master,
     memory_kb,
     ms,
     percentile,
+    post,
+    proxy_command,
     session,
     start_fakes,
     wait_for_line,
@@ -65,7 +68,7 @@ from botocore.credentials import Credentials
 from google.auth.transport.urllib3 import Request
 from google.oauth2 import service_account
 
-from addon.providers import cloud
+from addon.providers import bedrock, cloud, vertex
 
 ACCESS_KEY, SECRET_KEY = "AKIABENCHPLATFORMS01", "bench/PLATFORMS/secret/0000000000000001"
 REGION = "us-east-1"
@@ -87,11 +90,11 @@ class Figures:
 # -- the fakes and the proxies ---------------------------------------------------------------
 
 
-def start_platform_fakes(services: Services, workdir: Path, long_text: str) -> dict[str, Service]:
+def start_platform_fakes(services: Services, workdir: Path) -> dict[str, Service]:
     """A fast and a long fake of each platform; their URLs as the proxy's config names them."""
     fakes = {}
     for platform in ("bedrock", "vertex"):
-        for kind, extra in (("fast", []), ("long", ["--text", long_text, "--event-delay", str(LONG_DELAY)])):
+        for kind, extra in (("fast", []), ("long", LONG_ARGS)):
             name = f"{platform}-{kind}"
             args = ["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY, "--api-key", ""]
             if platform == "vertex":  # each fake is its own service account
@@ -100,11 +103,8 @@ def start_platform_fakes(services: Services, workdir: Path, long_text: str) -> d
             fakes[name] = services.spawn(f"fake-{name}", command, capture_stdout=True)
     for fake in fakes.values():
         fake.url = wait_for_line(fake, b"base_url: ").decode().removeprefix("base_url: ").strip()
-    for kind, extra in (("fast", []), ("long", ["--text", long_text, "--event-delay", str(LONG_DELAY)])):
-        command = [sys.executable, "-m", "addon.fakeopenai", "--name", f"openai-{kind}", *extra]
-        fake = fakes[f"openai-{kind}"] = services.spawn(f"fake-openai-{kind}", command, capture_stdout=True)
-        fake.url = wait_for_line(fake, b"listening on ").decode().removeprefix("listening on ").strip()
-    return fakes
+    openai = {"openai-fast": [], "openai-long": LONG_ARGS}
+    return {**fakes, **start_fakes(services, openai, module="addon.fakeopenai")}
 
 
 def endpoint(platform: str, url: str) -> str:
@@ -131,12 +131,7 @@ def start_proxy(
     ]
     config.write_text("\n".join(lines) + "\n")
     port = free_port()
-    settings = [
-        f"mode=reverse:http://127.0.0.1:9@{port}",
-        "listen_host=127.0.0.1",
-        "connection_strategy=lazy",
-    ]
-    command = lean_master.command([*settings, "termlog_verbosity=warn", f"fallback_config={config}"])
+    command = proxy_command(ProxySpec(name, "http://127.0.0.1:9"), port, config)
     service = services.spawn(name, command, env={**env, "GOOGLE_APPLICATION_CREDENTIALS": str(key_file)})
     service.url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
@@ -157,7 +152,7 @@ class Direct:
         self.platform, self.url = platform, url
         self.token = ""
         if platform == "vertex":
-            scopes = ["https://www.googleapis.com/auth/cloud-platform"]
+            scopes = [vertex.SCOPE]
             credentials = service_account.Credentials.from_service_account_file(str(key_file), scopes=scopes)
             credentials.refresh(Request(urllib3.PoolManager()))
             self.token = credentials.token
@@ -175,12 +170,12 @@ class Direct:
             )
         model = body.pop("model")
         if self.platform == "vertex":
-            body["anthropic_version"] = "vertex-2023-10-16"
+            body["anthropic_version"] = vertex.VERSION
             where = "projects/fake-project/locations/us-east5/publishers/anthropic/models"
             url = f"{self.url}/{where}/{cloud.vertex_model(model)}:rawPredict"
             headers = {"content-type": "application/json", "authorization": f"Bearer {self.token}"}
             return url, headers, json.dumps(body).encode()
-        body["anthropic_version"] = "bedrock-2023-05-31"
+        body["anthropic_version"] = bedrock.VERSION
         url = f"{self.url}/model/{cloud.bedrock_model(model, REGION)}/invoke"
         data = json.dumps(body).encode()
         signed = AWSRequest("POST", url, {"content-type": "application/json"}, data)
@@ -189,6 +184,7 @@ class Direct:
 
 
 async def first_byte(client: aiohttp.ClientSession, url: str, headers: dict[str, str], body: bytes) -> float:
+    """Time to the response's headers of a request in the platform's own shape."""
     started = time.perf_counter()
     async with client.post(url, data=body, headers=headers) as response:
         at = time.perf_counter()
@@ -207,16 +203,14 @@ async def measure_failover(
     via: dict[str, list[float]] = {p: [] for p in proxies}
     async with session() as a, session() as b, session() as c:
         for i in range(10 + n):
-            started = time.perf_counter()
-            async with a.post(f"{primary}/v1/messages", data=BODY, headers=HEADERS) as response:
-                took = time.perf_counter() - started
-                await response.read()
+            took = (await post(a, primary)).ttfb
             for platform, url in proxies.items():
                 direct = await first_byte(b, *directs[platform].request())
-                through = await first_byte(c, f"{url}/v1/messages", HEADERS, BODY.encode())
+                through = await post(c, url)
+                check(through, 200, None, f"failover to {platform}")
                 if i >= 10:
                     own[platform].append(direct)
-                    via[platform].append(through)
+                    via[platform].append(through.ttfb)
             if i >= 10:
                 primary_429.append(took)
     return primary_429, own, via
@@ -232,16 +226,15 @@ def run(quick: bool) -> Figures:
         (workdir / "home").mkdir()
         services = Services(workdir)
         try:
-            long_text = " ".join(f"w{i}" for i in range(LONG_WORDS))
             fakes = start_fakes(
                 services,
                 {
                     "failing": ["--kind", "status", "--status", "429"],
                     "fast": [],
-                    "long": ["--text", long_text, "--event-delay", str(LONG_DELAY)],
+                    "long": LONG_ARGS,
                 },
             )
-            fakes.update(start_platform_fakes(services, workdir, long_text))
+            fakes.update(start_platform_fakes(services, workdir))
             env = {
                 "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
