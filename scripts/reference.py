@@ -91,7 +91,7 @@ def cell(text: str) -> str:
 # -- metrics --------------------------------------------------------------------------------
 
 
-def registry_families(make: Callable[..., Any] = metrics.Metrics) -> list[tuple[str, str, list[str], str]]:
+def registry_families() -> list[tuple[str, str, list[str], str]]:
     """Each metric family /metrics serves: (series, type, labels, help), in registry order.
 
     The endpoint gauges are read from the pool at scrape time, so the pool holds one endpoint
@@ -99,7 +99,7 @@ def registry_families(make: Callable[..., Any] = metrics.Metrics) -> list[tuple[
     """
     endpoint = config.Endpoint(name="primary", base_url=config.DEFAULT_BASE_URL)
     state = EndpointState(endpoint, windows={"5h": Window(0.5, "allowed", time.time() + 3600)})
-    registry = make(lambda: EndpointPool([state]))
+    registry = metrics.Metrics(lambda: EndpointPool([state]))
     declared = {
         wrapper._name: list(wrapper._labelnames)
         for wrapper in vars(registry).values()
@@ -115,9 +115,9 @@ def registry_families(make: Callable[..., Any] = metrics.Metrics) -> list[tuple[
     return families
 
 
-def metrics_table(families: Iterable[tuple[str, str, list[str], str]] | None = None) -> str:
+def metrics_table() -> str:
     rows = ["| series | type | labels | meaning |", "|---|---|---|---|"]
-    for series, kind, labels, documentation in registry_families() if families is None else families:
+    for series, kind, labels, documentation in registry_families():
         if kind == "histogram":
             kind = "histogram (`_bucket`, `_sum`, `_count`)"
         names = ", ".join(f"`{label}`" for label in labels) or "none"
