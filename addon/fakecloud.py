@@ -46,7 +46,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from .fakeapi import _COUNT_TOKENS, Behavior, FakeAnthropic, behavior_from, error_body, serve_options
+from .fakeapi import _COUNT_TOKENS, Behavior, FakeAnthropic, behavior_from, serve_options
 from .fakeserver import Exchange, SeenRequest, serve_in_foreground
 
 BEDROCK_VERSION = "bedrock-2023-05-31"
@@ -152,7 +152,7 @@ _JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _JWT_MAX_LIFETIME = 3600
 # Parameters every Google API takes; any other is refused, as the real ones do.
 _GOOGLE_PARAMETERS = frozenset({"alt", "$alt", "fields", "prettyPrint", "quotaUser", "$.xgafv"})
-_PLAIN = Behavior()
+_PLAIN = Behavior()  # the token endpoint answers plainly, whatever the fake was told to do
 
 
 @dataclass(frozen=True)
@@ -705,7 +705,7 @@ class FakeVertex(FakeAnthropic):
 
     async def _send_error(self, x: Exchange, b: Behavior, status: int, message: str | None = None) -> bool:
         if status not in GOOGLE_STATUSES:
-            return await self._send_json(x, b, status, error_body(status, message))
+            return await super()._send_error(x, b, status, message)
         name, default = GOOGLE_STATUSES[status]
         body = {"error": {"code": status, "message": message or default, "status": name}}
         return await self._send_json(x, b, status, json.dumps(body).encode())

@@ -239,8 +239,8 @@ def test_a_bedrock_api_key_works_without_aws_credentials(tmp_path, proxy_factory
     no_secrets(proxy)
 
 
-def test_missing_credentials_give_a_prompt_clear_answer(tmp_path, proxy_factory, bedrock, backup):
-    config = endpoints_config(backup)
+def test_missing_credentials_give_a_prompt_clear_answer(tmp_path, proxy_factory, bedrock):
+    config = endpoints_config()
     config["endpoints"] = [platform("bedrock", "bedrock", bedrock.url)]
     proxy = proxy_factory(config, aws_env(tmp_path))  # it starts, and says what it looked for
     wait_until(lambda: "endpoint_credentials_missing" in proxy.logs(), 10, "the credentials line")

@@ -212,14 +212,7 @@ def test_vertex_errors_become_anthropics_and_theirs_pass(tmp_path: Path) -> None
 
 def frame(payload: bytes, headers: dict[str, str]) -> bytes:
     """One event-stream message, as AWS writes it (string headers only)."""
-    encoded = b"".join(
-        struct.pack("!B", len(k)) + k.encode() + b"\x07" + struct.pack("!H", len(v)) + v.encode()
-        for k, v in headers.items()
-    )
-    prelude = struct.pack("!II", 16 + len(encoded) + len(payload), len(encoded))
-    prelude += struct.pack("!I", binascii.crc32(prelude))
-    message = prelude + encoded + payload
-    return message + struct.pack("!I", binascii.crc32(message))
+    return typed_frame({name: (7, value.encode()) for name, value in headers.items()}, payload)
 
 
 def chunk(event: dict) -> bytes:
