@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
-from .sse import Usage, error_type, int_or_zero
+from .sse import Usage, error_type, int_or_zero, split_blocks
 
 _MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
@@ -502,13 +502,9 @@ class StreamTranslator:
         """The Anthropic events that `data` completes, as SSE bytes."""
         if self.finished:
             return b""
-        buffer = self._buffer + data if self._buffer else data
-        if b"\r" in buffer:
-            buffer = buffer.replace(b"\r\n", b"\n")
-        if b"\n\n" not in buffer:
-            self._buffer = buffer
+        events, self._buffer = split_blocks(self._buffer, data)
+        if not events:
             return b""
-        *events, self._buffer = buffer.split(b"\n\n")
         out: list[str] = []
         for event in events:
             payload = event[6:] if event[:6] == b"data: " and b"\n" not in event else _data_field(event)

@@ -34,15 +34,24 @@ class EventReader:
 
     def feed(self, data: bytes, only: tuple[bytes, ...] = ()) -> list[Event]:
         """The events completed by `data`; with `only`, just those whose text holds one of these."""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        self._buffer += data
-        if b"\n\n" not in self._buffer:
-            return []
-        *blocks, self._buffer = self._buffer.split(b"\n\n")
+        blocks, self._buffer = split_blocks(self._buffer, data)
         if only:
             blocks = [block for block in blocks if any(word in block for word in only)]
         return [event for block in blocks if (event := parse_event(block)) is not None]
+
+
+def split_blocks(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """The event blocks that `data` completes after `pending`, and what is still unfinished.
+
+    CRLF line ends become LF, also where a chunk ends between the CR and the LF.
+    """
+    buffer = pending + data if pending else data
+    if b"\r" in buffer:
+        buffer = buffer.replace(b"\r\n", b"\n")
+    if b"\n\n" not in buffer:
+        return [], buffer
+    *blocks, rest = buffer.split(b"\n\n")
+    return blocks, rest
 
 
 def parse_event(block: bytes) -> Event | None:

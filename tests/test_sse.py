@@ -45,6 +45,13 @@ def test_events_are_the_same_whatever_the_chunking(size):
     ]
 
 
+@pytest.mark.parametrize("size", [1, 2, 7])
+def test_crlf_line_ends_read_as_lf_wherever_a_chunk_ends(size):
+    crlf = STREAM.replace(b"\n", b"\r\n")
+    chunks = [crlf[i : i + size] for i in range(0, len(crlf), size)]
+    assert read(chunks) == read([STREAM])
+
+
 @pytest.mark.parametrize("size", [1, 5, 100, len(STREAM)])
 def test_reading_only_usage_events_finds_all_the_usage(size):
     chunks = [STREAM[i : i + size] for i in range(0, len(STREAM), size)]
