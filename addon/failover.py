@@ -131,6 +131,40 @@ class Failover:
         def before_sleep(state: RetryCallState) -> None:
             self.metrics.backoff.inc(state.upcoming_sleep)
 
+        previous: EndpointState | None = None
+
+        async def attempt() -> None:
+            nonlocal previous
+            state = await plan.fresh() or plan.fallback()
+            if state is None:
+                raise _NoEndpointLeft
+            if previous is not None and previous is not state:
+                self.metrics.failovers.labels(previous.name, state.name).inc()
+                self.events.event(
+                    "failover",
+                    from_endpoint=previous.name,
+                    to_endpoint=state.name,
+                    reason=last_failure[-1].kind if last_failure else None,
+                )
+            previous = state
+            try:
+                outcome.response = await self._attempt(state, request, plan, outcome, deadline)
+            except AttemptFailed as failure:
+                last_failure.append(failure)
+                raise
+            if self.router.served(session, state):
+                self.shared.session_moved(session or "", state.name)
+
+        # The first attempt runs outside tenacity's loop, whose machinery costs about 5% of a
+        # healthy request's CPU; its failure enters the loop as the loop's first attempt.
+        try:
+            await attempt()
+            return outcome
+        except _NoEndpointLeft:
+            outcome.failure = final_failure(last_failure)
+            return outcome
+        except AttemptFailed as failure:
+            replay: list[AttemptFailed] = [failure]
         retrying = AsyncRetrying(
             stop=stop,
             wait=wait,
@@ -138,29 +172,12 @@ class Failover:
             before_sleep=before_sleep,
             reraise=True,
         )
-        previous: EndpointState | None = None
         try:
-            async for attempt in retrying:
-                with attempt:
-                    state = await plan.fresh() or plan.fallback()
-                    if state is None:
-                        raise _NoEndpointLeft
-                    if previous is not None and previous is not state:
-                        self.metrics.failovers.labels(previous.name, state.name).inc()
-                        self.events.event(
-                            "failover",
-                            from_endpoint=previous.name,
-                            to_endpoint=state.name,
-                            reason=last_failure[-1].kind if last_failure else None,
-                        )
-                    previous = state
-                    try:
-                        outcome.response = await self._attempt(state, request, plan, outcome, deadline)
-                    except AttemptFailed as failure:
-                        last_failure.append(failure)
-                        raise
-                    if self.router.served(session, state):
-                        self.shared.session_moved(session or "", state.name)
+            async for retry_call in retrying:
+                with retry_call:
+                    if replay:
+                        raise replay.pop()
+                    await attempt()
         except (AttemptFailed, _NoEndpointLeft):
             outcome.failure = final_failure(last_failure)
         return outcome
