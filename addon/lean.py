@@ -55,8 +55,7 @@ async def serve(specs: list[str], *ours: object) -> None:
     from mitmproxy import exceptions, master, options
     from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
 
-    from . import direct
-    from .hooks import HookedAddons
+    from . import direct, hooks
     from .proxy import Fallback
 
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
@@ -65,7 +64,8 @@ async def serve(specs: list[str], *ours: object) -> None:
     direct.install()
     opts = options.Options()
     lean = master.Master(opts)
-    lean.addons = HookedAddons(lean)
+    lean.addons = hooks.HookedAddons(lean)
+    hooks.install(lean.addons)
     tls = tlsconfig.TlsConfig()
     ours = ours or (Fallback(inspected=False, direct=True),)
     lean.addons.add(
