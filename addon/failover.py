@@ -155,7 +155,7 @@ class Failover:
             if self.router.served(session, state):
                 self.shared.session_moved(session or "", state.name)
 
-        # The first attempt runs outside tenacity's loop, whose machinery costs about 5% of a
+        # The first attempt runs outside tenacity's loop, whose machinery costs about 7% of a
         # healthy request's CPU; its failure enters the loop as the loop's first attempt.
         try:
             await attempt()

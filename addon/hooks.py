@@ -78,10 +78,12 @@ class HookedAddons(AddonManager):
         """Runs `hook` (and `update` after a flow's hook) now, if all their handlers are plain
         functions; False, having run nothing, if one is a coroutine function."""
         handlers = self.plain_handlers(hook.name)
+        if handlers is None:
+            return False
         args = hook.args()
         subject = args[0] if args else None
         update = self.plain_handlers(hooks.UpdateHook.name) if isinstance(subject, flow.Flow) else []
-        if handlers is None or update is None:
+        if update is None:
             return False
         _call(handlers, args)
         if update:
