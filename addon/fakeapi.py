@@ -405,7 +405,7 @@ class FakeAnthropic(FakeServer[Behavior]):
         self.account: Account | None = None
         self.disconnects: list[float] = []
         self.cut_gate: threading.Event | None = None  # `close_mid_stream` waits for it, if set
-        self.events_sent = 0  # SSE events written, to tell when a stream is under way
+        self.events_sent = 0  # SSE events sent, to tell when a stream is under way
         self._name_line = f"x-fake-name: {name}\r\n".encode()
 
     # -- what tests read ------------------------------------------------------------------
@@ -616,9 +616,11 @@ class FakeAnthropic(FakeServer[Behavior]):
                 await asyncio.sleep(b.event_delay)
             if compressor is not None:
                 event = compressor.compress(event) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            # Counted before it is written: a client that has read it finds it counted, and
+            # a test that resets the fake then cannot be caught up by a late count.
+            self.events_sent += 1
             writer.write(chunk(event))
             await writer.drain()
-            self.events_sent += 1
         if then == "abort":
             # A TCP reset: the receiver's kernel may drop what its reader has not read yet.
             writer.transport.abort()
