@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,16 +63,21 @@ class Bridge:
         self.standing: dict[str, Callable[[], Parked]] = {}
         self.relays: set[asyncio.Task[None]] = set()
         self.server: asyncio.Server | None = None
-        self.port = 0
+        # Bound and listening from the start, so that a flow can be pointed here before the
+        # server serves (`start`): a connection made earlier waits in the backlog.
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.socket.setblocking(False)
+        self.port: int = self.socket.getsockname()[1]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: _BridgeConnection(self), "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
+        self.server = await loop.create_server(lambda: _BridgeConnection(self), sock=self.socket)
 
     async def stop(self) -> None:
         if self.server:
             self.server.close()
+        else:
+            self.socket.close()
         for token in list(self.parked):
             self.discard(token)
 

@@ -186,7 +186,7 @@ class Fallback:
             config=self.config.source,
         )
 
-    async def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.config is None:
             return
         request = flow.request
@@ -194,7 +194,6 @@ class Fallback:
         http1 = not (request.is_http2 or request.is_http3)
         if length is None and http1 and "transfer-encoding" not in request.headers:
             return  # no body
-        await self.ready.wait()  # the bridge must be listening
         self.body_limit.guard(flow)
 
     async def request(self, flow: http.HTTPFlow) -> None:
