@@ -1,11 +1,12 @@
 """The store a proxy's workers share their state through when no Redis is configured.
 
 Workers (`server.workers` > 1) share endpoint state as a fleet does (shared.py), through
-a Redis client. Without a Redis of the user's, the supervisor runs this store on a
+Redis's protocol. Without a Redis of the user's, the supervisor runs this store on a
 private UNIX socket. It speaks the part of Redis's protocol (RESP2) that shared.py uses,
 with the same meaning, and answers anything else with an error: PING, SET (EX, PX, NX),
 GET, MGET, DEL, SADD, SREM, SMEMBERS, PUBLISH and SUBSCRIBE. So the workers share state
-through exactly the code a fleet uses, and a user needs nothing more to run them.
+through the code a fleet uses (with resp.py's client in place of redis-py), and a user
+needs nothing more to run them.
 """
 
 from __future__ import annotations

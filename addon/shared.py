@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from . import resp
 from .config import RedisSettings
 from .endpoints import COOLING, EndpointPool, EndpointState
 from .limits import Reading, Window
@@ -97,10 +98,6 @@ class RedisState(LocalState):
         probe_ttl: float,
         name: str = "redis",
     ) -> None:
-        from redis import asyncio as aioredis  # only a fleet needs the client
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
         assert settings.url is not None
         self.name = name  # "workers" when this is the store of one proxy's workers (hub.py)
         self.settings = settings
@@ -111,24 +108,10 @@ class RedisState(LocalState):
         self.channel = f"{prefix}events"
         self.instances = f"{prefix}instances"
         self.prefix = prefix
-        timeout = max(settings.timeout, BACKGROUND_TIMEOUT)
-        # One retry at once (a pooled connection Redis closed), no more: redis-py's own backoff
-        # would spend a call's whole time bound on a Redis that is away, and delay the
-        # reconnect loop below, which is what paces the attempts.
-        retry = Retry(NoBackoff(), 1)
-        # RESP2: what every Redis speaks, and all that workers' own store (hub.py) does
-        self.redis = aioredis.Redis.from_url(
-            settings.url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            decode_responses=True,
-            retry=retry,
-            protocol=2,
-        )
-        # Subscribing blocks on reads: no read timeout there.
-        self.listener = aioredis.Redis.from_url(
-            settings.url, socket_connect_timeout=timeout, decode_responses=True, retry=retry, protocol=2
-        )
+        if name == "workers":
+            self.redis = self.listener = resp.Client.from_url(settings.url)
+        else:
+            self.redis, self.listener = redis_clients(settings.url, max(settings.timeout, BACKGROUND_TIMEOUT))
         self.up = False
         self.warned = False
         self.pool: Callable[[], EndpointPool] = EndpointPool
@@ -391,6 +374,32 @@ class RedisState(LocalState):
             self._mark_down(e)
             return None
         return [self.others[m] for m in members if m in self.others]
+
+
+def redis_clients(url: str, timeout: float) -> tuple[Any, Any]:
+    """redis-py's clients for a fleet's Redis: one for calls, one to subscribe with."""
+    from redis import asyncio as aioredis  # only a fleet needs it
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    # One retry at once (a pooled connection Redis closed), no more: redis-py's own backoff
+    # would spend a call's whole time bound on a Redis that is away, and delay the
+    # reconnect loop of RedisState, which is what paces the attempts.
+    retry = Retry(NoBackoff(), 1)
+    # RESP2: what every Redis speaks
+    calls = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        decode_responses=True,
+        retry=retry,
+        protocol=2,
+    )
+    # Subscribing blocks on reads: no read timeout there.
+    listener = aioredis.Redis.from_url(
+        url, socket_connect_timeout=timeout, decode_responses=True, retry=retry, protocol=2
+    )
+    return calls, listener
 
 
 def shared_state(

@@ -290,6 +290,7 @@ class RedisServer:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.unix_url = f"unix://{workdir / 'redis.sock'}"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RedisServer:
@@ -305,6 +306,8 @@ class RedisServer:
             "",
             "--appendonly",
             "no",
+            "--unixsocket",
+            self.unix_url.removeprefix("unix://"),
         ]
         command += ["--enable-debug-command", "local"]  # DEBUG SLEEP: a Redis that is slow, for real
         self.process = subprocess.Popen(

@@ -1,15 +1,19 @@
-"""The workers' own store (hub.py), spoken to by the real redis-py client the fleet uses."""
+"""The workers' own store (hub.py), spoken to by the real redis-py client a fleet uses and by
+the workers' own client (resp.py), which must give what redis-py gives, here and against a
+real redis-server."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from addon import resp
 from addon.config import Endpoint, RedisSettings
 from addon.endpoints import COOLING, EndpointPool
 from addon.hub import Hub, listening_socket, parse
@@ -32,7 +36,12 @@ async def served(tmp_path: Path, clock: Clock | None = None) -> tuple[Hub, str]:
     return hub, f"unix://{path}"
 
 
-def client(url: str) -> aioredis.Redis:
+CLIENTS = ["redis-py", "resp"]
+
+
+def client(url: str, kind: str = "redis-py") -> Any:
+    if kind == "resp":
+        return resp.Client.from_url(url)
     return aioredis.Redis.from_url(url, decode_responses=True, protocol=2)
 
 
@@ -45,11 +54,12 @@ def test_parse_takes_whole_commands_only():
         parse(bytearray(b"GET k\r\n"))
 
 
-def test_keys_expire_and_nx_holds_a_lock_until_then(tmp_path):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_keys_expire_and_nx_holds_a_lock_until_then(tmp_path, kind):
     async def run() -> None:
         clock = Clock()
         hub, url = await served(tmp_path, clock)
-        redis = client(url)
+        redis = client(url, kind)
         assert await redis.ping()
         assert await redis.set("probe:a", "me", nx=True, px=2000)
         assert await redis.set("probe:a", "you", nx=True, px=2000) is None
@@ -66,10 +76,11 @@ def test_keys_expire_and_nx_holds_a_lock_until_then(tmp_path):
     asyncio.run(run())
 
 
-def test_sets_pipelines_and_errors(tmp_path):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_sets_pipelines_and_errors(tmp_path, kind):
     async def run() -> None:
         hub, url = await served(tmp_path)
-        redis = client(url)
+        redis = client(url, kind)
         pipe = redis.pipeline(transaction=False)
         pipe.set("instance:a", "{}", ex=3)
         pipe.sadd("instances", "a", "b")
@@ -77,9 +88,9 @@ def test_sets_pipelines_and_errors(tmp_path):
         assert await pipe.execute() == [True, 2, {"a", "b"}]
         assert await redis.srem("instances", "a") == 1
         assert await redis.smembers("instances") == {"b"}
-        with pytest.raises(ResponseError, match="unknown command"):
+        with pytest.raises((ResponseError, resp.ResponseError), match="unknown command"):
             await redis.execute_command("FLUSHALL")
-        with pytest.raises(ResponseError, match="WRONGTYPE"):
+        with pytest.raises((ResponseError, resp.ResponseError), match="WRONGTYPE"):
             await redis.get("instances")
         await redis.aclose()
         await hub.stop()
@@ -87,10 +98,11 @@ def test_sets_pipelines_and_errors(tmp_path):
     asyncio.run(run())
 
 
-def test_published_messages_reach_subscribers_only(tmp_path):
+@pytest.mark.parametrize("kind", CLIENTS)
+def test_published_messages_reach_subscribers_only(tmp_path, kind):
     async def run() -> None:
         hub, url = await served(tmp_path)
-        redis, listener = client(url), client(url)
+        redis, listener = client(url, kind), client(url, kind)
         async with listener.pubsub() as pubsub:
             await pubsub.subscribe("events")
             assert await redis.publish("events", "cool primary") == 1
@@ -161,3 +173,58 @@ def test_the_socket_listens_before_anyone_serves_it(tmp_path):
     early.close()
     sock.close()
     assert listening_socket(path).fileno() > 0  # a stale path is replaced
+
+
+def test_the_workers_client_answers_as_redis_py_does_from_a_real_redis(redis_server):
+    """Every call shared.py makes, through both clients, against redis-server itself."""
+
+    async def calls(redis: Any, other: Any, tag: str) -> list[Any]:
+        key = f"{tag}:"
+        results = [
+            await redis.ping(),
+            await redis.set(key + "probe", "me", nx=True, px=2000),
+            await redis.set(key + "probe", "you", nx=True, px=2000),
+            await redis.set(key + "session", "backup", ex=3600),
+            await redis.get(key + "probe"),
+            await redis.get(key + "nothing"),
+            await redis.mget([key + "probe", key + "nothing", key + "session"]),
+            await redis.delete(key + "probe", key + "nothing"),
+            await redis.sadd(key + "instances", "a", "b"),
+            await redis.srem(key + "instances", "a", "c"),
+            await redis.smembers(key + "instances"),
+            await redis.smembers(key + "empty"),
+        ]
+        pipe = redis.pipeline(transaction=False)
+        pipe.publish(key + "events", "nobody listens")
+        pipe.set(key + "instance:a", "{}", ex=3)
+        pipe.sadd(key + "instances", "a")
+        pipe.smembers(key + "instances")
+        pipe.delete(key + "instance:a")
+        results.append(await pipe.execute())
+        for wrong in (redis.get(key + "instances"), redis.execute_command("NOSUCHCOMMAND")):
+            try:
+                await wrong
+            except Exception as e:
+                results.append((type(e).__name__, str(e)))
+        async with other.pubsub() as pubsub:
+            await pubsub.subscribe(key + "events")
+            results.append(await pubsub.get_message(timeout=1.0))
+            results.append(await redis.publish(key + "events", "cool primary"))
+            results.append(await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0))
+            results.append(await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.05))
+        return results
+
+    async def run() -> None:
+        url = redis_server.unix_url
+        clients = {kind: (client(url, kind), client(url, kind)) for kind in CLIENTS}
+        seen = {kind: await calls(*clients[kind], tag=kind) for kind in CLIENTS}
+        for redis, listener in clients.values():
+            await redis.aclose()
+            await listener.aclose()
+        ours, theirs = (
+            [repr(r).replace("resp:", "redis-py:") for r in seen[kind]] for kind in ("resp", "redis-py")
+        )
+        assert ours == theirs
+        assert seen["resp"][1] is True and seen["resp"][2] is None  # the probe lock
+
+    asyncio.run(run())
