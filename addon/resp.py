@@ -19,6 +19,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+from .hub import array, bulk
+
 
 class ResponseError(Exception):
     """An error reply."""
@@ -28,13 +30,8 @@ Command = tuple[str | int, ...]
 
 
 def encode(*commands: Command) -> bytes:
-    out = bytearray()
-    for command in commands:
-        out += b"*%d\r\n" % len(command)
-        for arg in command:
-            data = str(arg).encode()
-            out += b"$%d\r\n%b\r\n" % (len(data), data)
-    return bytes(out)
+    """Commands as the store reads them: each an array of bulk strings."""
+    return b"".join(array([bulk(str(arg)) for arg in command]) for command in commands)
 
 
 async def read_reply(reader: asyncio.StreamReader, line: bytes | None = None) -> Any:
