@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import gzip
+import hashlib
 import json
 import math
 import re
@@ -30,7 +32,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -145,6 +147,11 @@ _MODELS = json.dumps(
     separators=(",", ":"),
 ).encode()
 _COUNT_TOKENS = b'{"input_tokens":42}'
+PREFILL_REFUSED = (
+    "This model does not support assistant message prefill. The conversation must end with a user message."
+)
+_MODEL_VERSION = re.compile(r"claude-(?:opus|sonnet|haiku)-(\d+)(?:-(\d{1,2}))?(?!\d)")
+_JSON_PIECE = 7  # characters of a tool call's input per input_json_delta
 _HUGE_HEADER = b"x-fake-padding: " + b"a" * (200 * 1024) + b"\r\n"
 _GARBAGE = b"NOT-HTTP garbage\r\n\r\n"
 _BAD_CHUNK = b"zz\r\nxx\r\n"
@@ -174,6 +181,8 @@ class Behavior:
     `hang`, `close`, `garbage`, `bad_chunked`, `truncated_gzip` (half a gzip body behind an
     honest content-length), `short_body` (half the body behind the full content-length,
     then close) and `huge_headers` (one 200 KB header line) break HTTP on any route.
+    `thinking` puts a signed thinking block before the text, `tool_input` (a JSON object's
+    text) a `tool_use` block after it, streamed as the API streams them.
     `headers` are added to every response that has headers. Frozen, so it can be shared
     between threads and scripts; build a new one to change it.
     """
@@ -187,6 +196,8 @@ class Behavior:
     gzip: bool = False
     body_size: int = 0
     delay: float = 0.0
+    thinking: str = ""
+    tool_input: str = ""
 
     def __post_init__(self) -> None:
         # Accept any pairs (a list, say) but keep the value hashable for the header cache.
@@ -363,6 +374,87 @@ def _stream_events(msg_id: str, model: str, deltas: Sequence[bytes]) -> list[byt
         *deltas,
         _BLOCK_STOP,
         (_MESSAGE_DELTA % len(deltas)).encode(),
+        _MESSAGE_STOP,
+    ]
+
+
+def refuses_prefill(model: str) -> bool:
+    """Whether `model` (any platform's id) is Claude 4.6 or later, which refuse a prefill."""
+    found = _MODEL_VERSION.search(model)
+    return found is not None and (int(found[1]), int(found[2] or 0)) >= (4, 6)
+
+
+def refusal(body: bytes, model: str) -> str | None:
+    """What the API refuses in a Messages request's conversation, as its 400 message: a final
+    assistant turn on a model without prefill, or a thinking block without its signature."""
+    if b'"assistant"' not in body:
+        return None
+    try:
+        messages = json.loads(body).get("messages")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(messages, list) or not messages:
+        return None
+    last = messages[-1]
+    if refuses_prefill(model) and isinstance(last, dict) and last.get("role") == "assistant":
+        return PREFILL_REFUSED
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            if isinstance(block, dict) and block.get("type") == "thinking" and not block.get("signature"):
+                return f"messages.{i}.content.{j}.thinking.signature: Field required"
+    return None
+
+
+def signature(thinking: str) -> str:
+    """The fake's signature of a thinking block's text."""
+    return base64.b64encode(hashlib.sha256(thinking.encode()).digest()).decode()
+
+
+def _event(name: str, payload: object) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(payload, separators=(',', ':'))}\n\n".encode()
+
+
+def _block(index: int, start: Mapping[str, object], deltas: Sequence[Mapping[str, object]]) -> list[bytes]:
+    return [
+        _event(
+            "content_block_start", {"type": "content_block_start", "index": index, "content_block": start}
+        ),
+        *(
+            _event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+            for d in deltas
+        ),
+        _event("content_block_stop", {"type": "content_block_stop", "index": index}),
+    ]
+
+
+def _rich_stream_events(msg_id: str, model: str, b: Behavior) -> list[bytes]:
+    """A stream with thinking before its text or a tool call after it, block by block."""
+    blocks: list[list[bytes]] = []
+    if b.thinking:
+        thinking = [{"type": "thinking_delta", "thinking": w} for w in _split_words(b.thinking)]
+        signed = {"type": "signature_delta", "signature": signature(b.thinking)}
+        blocks.append(_block(0, {"type": "thinking", "thinking": "", "signature": ""}, [*thinking, signed]))
+    if b.text:
+        words = [{"type": "text_delta", "text": w} for w in _split_words(b.text)]
+        blocks.append(_block(len(blocks), {"type": "text", "text": ""}, words))
+    if b.tool_input:
+        pieces = [b.tool_input[i : i + _JSON_PIECE] for i in range(0, len(b.tool_input), _JSON_PIECE)]
+        start = {"type": "tool_use", "id": f"toolu_{msg_id}", "name": "read_file", "input": {}}
+        blocks.append(
+            _block(len(blocks), start, [{"type": "input_json_delta", "partial_json": p} for p in pieces])
+        )
+    first, *rest = blocks
+    output = sum(len(block) - 2 for block in blocks)
+    end = {"type": "message_delta", "delta": {"stop_reason": "tool_use" if b.tool_input else "end_turn"}}
+    end["usage"] = {"output_tokens": output}
+    return [
+        (_MESSAGE_START % (msg_id, model)).encode(),
+        first[0],
+        _PING,
+        *first[1:],
+        *(event for block in rest for event in block),
+        _event("message_delta", end),
         _MESSAGE_STOP,
     ]
 
@@ -547,17 +639,20 @@ class FakeAnthropic(FakeServer[Behavior]):
     async def _reply(self, x: Exchange, b: Behavior, model: str, stream: bool) -> bool:
         """Answer a Messages request for `model` (a JSON string) as a message or a stream."""
         msg_id = f"msg_fake_{x.number}"
+        if (refused := refusal(x.seen.body, model)) is not None:
+            return await self._send_error(x, b, 400, refused)
         kind = b.kind
         if kind in ("bad_chunked", "truncated_gzip", "short_body") or (
             not stream and kind in ("ok", "large", "huge_headers")
         ):
             size = b.body_size if kind in ("ok", "large") else 0
             return await self._send_json(x, b, 200, _message_body(msg_id, model, b.text, size))
-        if kind == "large" and len(b.text) < b.body_size:
-            deltas = _deltas(b.text + "x" * (b.body_size - len(b.text)))
+        if b.thinking or b.tool_input:
+            events = _rich_stream_events(msg_id, model, b)
+        elif kind == "large" and len(b.text) < b.body_size:
+            events = _stream_events(msg_id, model, _deltas(b.text + "x" * (b.body_size - len(b.text))))
         else:
-            deltas = _cached_deltas(b.text)
-        events = _stream_events(msg_id, model, deltas)
+            events = _stream_events(msg_id, model, _cached_deltas(b.text))
         after = b.after_events
         if kind == "sse_error_first":
             return await self._send_sse(x, b, [_SSE_OVERLOADED], "end")

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .fakeapi import PREFILL_REFUSED, refuses_prefill
 from .fakeserver import (
     EVENT_STREAM,
     JSON,
@@ -316,7 +317,11 @@ def check_request(payload: Any, *, max_tokens_ok: bool = True) -> Refusal | None
                 f"tools[{i}].function.name",
                 "invalid_value",
             )
-    return _check_messages(payload["messages"])
+    messages = payload["messages"]
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if isinstance(last, dict) and last.get("role") == "assistant" and refuses_prefill(str(payload["model"])):
+        return Refusal(PREFILL_REFUSED, "messages")  # a Claude 4.6+ behind an OpenAI-format API
+    return _check_messages(messages)
 
 
 def _check_messages(messages: Any) -> Refusal | None:

@@ -621,3 +621,54 @@ def test_cli_rejects_bad_windows(argv: list[str], message: str, capsys: pytest.C
     with pytest.raises(SystemExit):
         fakeapi.main(argv)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ("claude-opus-4-8", True),
+        ("claude-sonnet-4-6", True),
+        ("claude-sonnet-5", True),
+        ("us.anthropic.claude-opus-4-6-v1:0", True),
+        ("claude-opus-4-6@20260205", True),
+        ("claude-sonnet-4-5-20250929", False),
+        ("claude-opus-4-20250514", False),
+        ("claude-3-5-haiku-20241022", False),
+    ],
+)
+def test_claude_4_6_and_later_refuse_a_prefill(fake, model, refused):
+    prefill = dict(
+        MESSAGE, model=model, messages=[*MESSAGE["messages"], {"role": "assistant", "content": "Sure,"}]
+    )
+    response, body = request(fake, prefill)
+    if refused:
+        assert response.status == 400
+        assert json.loads(body)["error"] == {
+            "type": "invalid_request_error",
+            "message": fakeapi.PREFILL_REFUSED,
+        }
+    else:
+        assert response.status == 200
+
+
+def test_thinking_sent_back_without_its_signature_is_refused(fake):
+    unsigned = {"type": "thinking", "thinking": "hmm", "signature": ""}
+    history = [
+        *MESSAGE["messages"],
+        {"role": "assistant", "content": [unsigned]},
+        {"role": "user", "content": "go on"},
+    ]
+    response, body = request(fake, dict(MESSAGE, messages=history))
+    assert response.status == 400 and "messages.1.content.0.thinking.signature" in body.decode()
+
+
+def test_thinking_and_a_tool_call_stream_as_the_api_streams_them(fake):
+    fake.behavior = Behavior(thinking="Let me see.", text="Reading it.", tool_input='{"path": "a"}')
+    _, body = request(fake, dict(MESSAGE, stream=True))
+    events = sse(body)
+    starts = [p["content_block"]["type"] for n, p in events if n == "content_block_start"]
+    assert starts == ["thinking", "text", "tool_use"]
+    deltas = [p["delta"] for n, p in events if n == "content_block_delta"]
+    assert {"type": "signature_delta", "signature": fakeapi.signature("Let me see.")} in deltas
+    assert "".join(d.get("partial_json", "") for d in deltas) == '{"path": "a"}'
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
