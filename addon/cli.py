@@ -44,6 +44,7 @@ from .config import (
     default_config_path,
     load_config,
 )
+from .endpoints import reason_text
 from .flowcap import DEFAULT_MAX_FLOWS
 from .limits import parse_time
 
@@ -509,7 +510,7 @@ def endpoint_row(endpoint: Mapping[str, Any], now: float | None = None) -> list[
     for flag in ("saturated", "overage"):
         if endpoint.get(flag):
             status += f", {flag}"
-    error = endpoint.get("lastError")
+    error = reason_text(endpoint.get("lastError"), endpoint.get("lastStatus"))
     if error and endpoint.get("lastErrorAt"):
         error = f"{error} at {endpoint['lastErrorAt']}"
     windows = endpoint.get("limits") or {}
@@ -672,7 +673,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     config = resolve(args).config
     print(f"config: {config.source or 'none (defaults and environment)'}")
-    verdicts = asyncio.run(checks.check(config, call=args.call, model=args.model or checks.CALL_MODEL))
+    try:
+        verdicts = asyncio.run(checks.check(config, call=args.call, model=args.model or checks.CALL_MODEL))
+    except ConfigError as e:  # a platform's libraries, found missing as its endpoint is checked
+        raise CommandFailed(str(e), USAGE) from None
     rows = []
     for endpoint in config.endpoints:
         verdict = verdicts.get(endpoint)

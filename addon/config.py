@@ -246,6 +246,13 @@ PROVIDER_EXTRAS = {
 }
 
 
+def _absent(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is None
+    except ModuleNotFoundError:  # its parent package (`google` of `google.auth`) is not there either
+        return True
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """One upstream API, tried in configuration order: Anthropic's own, or Claude on a platform."""
@@ -394,6 +401,28 @@ class Retry:
         _number(0),
         default=300.0,
         doc="Seconds a failed endpoint is skipped (its `Retry-After`, if longer); then one request probes it",
+    )
+    max_wait_seconds: float = _key(
+        "maxWaitSeconds",
+        _number(0),
+        default=5.0,
+        doc="Seconds one request may wait in all for an endpoint to come back; when none is expected "
+        "back within that, the client gets the endpoints' answer at once (a 429 with the soonest "
+        "`retry-after`)",
+    )
+    credentials_failover: bool = _key(
+        "credentialsFailover",
+        _boolean,
+        default=True,
+        doc="A 401 or 403 to credentials the proxy chose (an endpoint's key, a cloud role) fails over "
+        "and cools the endpoint; `false`: it goes back to the client as it came",
+    )
+    credentials_cooldown_seconds: float = _key(
+        "credentialsCooldownSeconds",
+        _number(0),
+        default=3600.0,
+        doc="Seconds an endpoint that refused the proxy's credentials is skipped; a config reload "
+        "ends it sooner",
     )
     statuses: frozenset[int] = _key(
         "statuses",
@@ -704,7 +733,7 @@ class _Reader:
         ):
             if value is not None and provider not in takes:
                 self.fail(f"{path}.{key}", f"not used by provider {provider} (only by {', '.join(takes)})")
-        if (extra := PROVIDER_EXTRAS.get(provider)) and importlib.util.find_spec(extra[1]) is None:
+        if (extra := PROVIDER_EXTRAS.get(provider)) and _absent(extra[1]):
             install = f"pip install 'claude-code-fallback[{extra[0]}]'"
             self.fail(f"{path}.provider", f"{provider} needs the {extra[0]} extra; install it: {install}")
         if provider == "openai":

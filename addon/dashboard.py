@@ -26,7 +26,7 @@ from mitmproxy import http
 
 from .access import ACCESS_HEADER, Access
 from .config import Config, mask_secret
-from .endpoints import HEALTHY, EndpointPool
+from .endpoints import HEALTHY, EndpointPool, reason_text
 from .metrics import Metrics
 from .timeline import Timeline
 
@@ -159,6 +159,7 @@ class Dashboard:
         serving = serving_endpoint(endpoints)
         for endpoint in endpoints:
             endpoint["state"] = SERVING if endpoint["name"] == serving else endpoint["status"]
+            endpoint["reasonText"] = reason_text(endpoint["reason"], endpoint["lastStatus"])
             p50 = self.timeline.headers_p50(endpoint["name"])
             endpoint["timeToHeadersP50Ms"] = None if p50 is None else round(p50 * 1000, 1)
             if endpoint["lastError"]:

@@ -38,6 +38,7 @@ class EndpointState:
     consecutive_failures: int = 0
     last_error: str = ""
     last_error_at: float | None = None
+    last_status: int | None = None  # the HTTP status of the last failure, when it was an answer
     last_success_at: float | None = None
     windows: dict[str, limits.Window] = field(default_factory=dict)
     limits_status: str | None = None
@@ -79,18 +80,27 @@ class EndpointState:
         self.consecutive_failures = 0
         self.last_success_at = self.clock()
 
-    def failed(self, kind: str, cooldown: float) -> None:
+    def failed(self, kind: str, cooldown: float, status: int | None = None) -> None:
         now = self.clock()
         self.probe_in_flight = False
         self.consecutive_failures += 1
         self.last_error = kind
         self.last_error_at = now
+        self.last_status = status
         self.cool(now + cooldown, kind)
 
     def cool(self, until: float, reason: str) -> None:
         if until > self.cooling_until:
             self.cooling_until = until
             self.cooling_reason = reason
+
+    def forgive(self, reason: str) -> bool:
+        """Ends a cooldown given for `reason`, as when what caused it may have changed (a
+        reload, for refused credentials); says whether there was one."""
+        if self.cooling_reason != reason or self.clock() >= self.cooling_until:
+            return False
+        self.cooling_until, self.cooling_reason = 0.0, ""
+        return True
 
     def probed_elsewhere(self, wait: float) -> None:
         """Another instance holds the fleet's probe: ask again after `wait`, unless its verdict
@@ -166,6 +176,7 @@ class EndpointState:
             "reason": self.cooling_reason or None,
             "consecutiveFailures": self.consecutive_failures,
             "lastError": self.last_error or None,
+            "lastStatus": self.last_status,
             "lastErrorAt": iso_time(self.last_error_at),
             "lastSuccessAt": iso_time(self.last_success_at),
             "limits": {
@@ -206,11 +217,23 @@ class EndpointPool:
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self.states)
 
+    def forgive(self, reason: str) -> list[Endpoint]:
+        """Ends every cooldown given for `reason`; returns those endpoints."""
+        return [state.endpoint for state in self.states if state.forgive(reason)]
+
     def get(self, name: object) -> EndpointState | None:
         return next((state for state in self.states if state.name == name), None)
 
     def __len__(self) -> int:
         return len(self.states)
+
+
+def reason_text(reason: str | None, status: int | None) -> str | None:
+    """Why an endpoint cools (or last failed), as a person reads it: credentials that the
+    endpoint refused are told apart from credentials that are missing."""
+    if reason == "credentials" and status in (401, 403):
+        return f"credentials refused (HTTP {status})"
+    return reason
 
 
 def iso_time(ts: float | None) -> str | None:

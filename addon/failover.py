@@ -9,18 +9,28 @@ to send whole.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
-from . import limits, sse
+from . import gateway, limits, sse
 from .config import Config
 from .endpoints import LIMITS_OK, EndpointPool, EndpointState, iso_time
 from .logs import EventLog
 from .metrics import Metrics
-from .policy import TIMEOUT_KINDS, AttemptFailed, ErrorResponse, Plan, RetryBudget, backoff_delay
+from .policy import (
+    TIMEOUT_KINDS,
+    AttemptFailed,
+    ErrorResponse,
+    Plan,
+    RetryBudget,
+    backoff_delay,
+    cooldown,
+    worth_waiting,
+)
 from .providers import CredentialsError, Provider
 from .routing import Router, session_of
 from .shared import LocalState
@@ -95,21 +105,18 @@ class Failover:
         declined = {s.name: why for s in order if (why := self.client.provider(s.endpoint).declines(request))}
         if declined:
             order = [state for state in order if state.name not in declined]
-            if not order:
-                reasons = "; ".join(f"{name}: {why}" for name, why in declined.items())
-                outcome.failure = error_failure(
-                    404, "not_found_error", f"No endpoint serves this request: {reasons}"
-                )
+            if not order:  # the proxy answers: a list of models, 501 for token counts, else 404
+                outcome.failure = Failure(*gateway.unserved(request, declined, self.config.active_endpoints))
                 return outcome
         plan = Plan(order, retry.max_retries if retry.enabled else 1, self._claim_probe)
         last_failure: list[AttemptFailed] = []
         backoffs = [0]
+        waited = [0.0]
 
         def wait(state: RetryCallState) -> float:
             if plan.has_fresh():
                 return 0.0
-            retry_after = last_failure[-1].retry_after if last_failure else None
-            return backoff_delay(retry, backoffs[0], retry_after)
+            return backoff_delay(retry, backoffs[0], plan.asked_to_wait(time.time()))
 
         def stop(state: RetryCallState) -> bool:
             if time.monotonic() >= deadline:
@@ -121,10 +128,13 @@ class Failover:
             delay = state.upcoming_sleep
             if delay > retry.max_delay or time.monotonic() + delay >= deadline:
                 return True  # the client's own retry logic is better placed to wait this long
+            if not worth_waiting(retry, waited[0], delay, plan.until_back(time.time())):
+                return True  # no endpoint is expected back soon: the client hears so at once
             if not self.budget.try_spend(time.monotonic()):
                 self.metrics.budget_exhausted.inc()
                 return True
             backoffs[0] += 1
+            waited[0] += delay
             self.metrics.retries.inc()
             return False
 
@@ -215,7 +225,7 @@ class Failover:
         except AttemptFailed as failure:
             duration = time.monotonic() - started
             if failure.kind != WINDOW_REJECTED:  # declined, not failed: still a last resort
-                plan.mark_failed(state, failure.final)
+                plan.mark_failed(state, failure, time.time())
             outcome.attempts.append(Attempt(name, failure.kind, duration, failure.detail))
             self.metrics.attempts.labels(name, failure.kind).inc()
             if failure.response is not None:
@@ -262,6 +272,8 @@ class Failover:
     async def prepare(self, provider: Provider) -> None:
         """Finds an endpoint's credentials before its first request; without any, it cools."""
         name = provider.endpoint.name
+        # a series at 0 from the start, so that the first refusal is an increase Prometheus sees
+        self.metrics.credentials_refused.labels(name)
         try:
             found = await provider.prepare()
         except CredentialsError as e:
@@ -273,12 +285,15 @@ class Failover:
 
     def endpoint_failed(self, state: EndpointState, failure: AttemptFailed, **details: object) -> None:
         """Cools an endpoint that failed a request, and says so in the metrics and the log."""
-        cooldown = max(self.config.retry.cooldown_seconds, failure.retry_after or 0.0)
-        if failure.cool_until is not None:
-            cooldown = failure.cool_until - time.time()
-        state.failed(failure.kind, cooldown)
+        seconds = cooldown(self.config.retry, failure, time.time())
+        state.failed(failure.kind, seconds, failure.status)
         self.shared.cooled(state)
         self.metrics.cooldowns.labels(state.name, failure.kind).inc()
+        if failure.refused_credentials:
+            self.metrics.credentials_refused.labels(state.name).inc()
+            self.events.event(
+                "endpoint_credentials_refused", logging.ERROR, endpoint=state.name, status=failure.status
+            )
         self.events.event(
             "endpoint_cooling",
             logging.WARNING,
@@ -286,7 +301,7 @@ class Failover:
             reason=failure.kind,
             status=failure.status,
             detail=failure.detail,
-            cooldown_seconds=round(cooldown, 3),
+            cooldown_seconds=round(seconds, 3),
             **{k: v for k, v in details.items() if v is not None},
         )
 
@@ -339,8 +354,17 @@ class Failover:
 
 
 def final_failure(failures: list[AttemptFailed]) -> Failure:
-    """The last upstream error response as it came, else an Anthropic-shaped error naming every attempt."""
+    """What the endpoints said, when none gave an answer worth relaying.
+
+    A 429 when one came, the one with the soonest `retry-after` (the client's own retry
+    logic then waits the least); else the last upstream error response as it came; else an
+    Anthropic-shaped error naming every attempt. A refusal of the proxy's own credentials
+    carries no response to relay: to Claude Code a 401 means that the user's login is bad.
+    """
     answered = [f for f in failures if f.response is not None]
+    limited = [f for f in answered if f.status == 429]
+    if limited:  # of equal waits, the last one, as the rule was before
+        answered = [min(reversed(limited), key=_wait_asked)]
     if answered:
         response = answered[-1].response
         assert isinstance(response, ErrorResponse)
@@ -349,6 +373,10 @@ def final_failure(failures: list[AttemptFailed]) -> Failure:
     tried = "; ".join(
         f"{name}: {detail}" + (f" ({n} attempts)" if n > 1 else "") for (name, detail), n in counts.items()
     )
+    refused = [f for f in failures if f.refused_credentials]
+    if refused and len(refused) == len(failures):
+        message = f"Every endpoint refused the proxy's credentials: {tried}. Check each endpoint's key"
+        return error_failure(502, "api_error", f"{message} or cloud credentials; `ccf status` shows them.")
     last = failures[-1] if failures else None
     if last is not None and last.kind == "sse_error":
         status, error_type = (last.status or 529), "overloaded_error"
@@ -358,7 +386,14 @@ def final_failure(failures: list[AttemptFailed]) -> Failure:
         status, error_type = 504, "timeout_error"
     else:
         status, error_type = 502, "api_error"
-    return error_failure(status, error_type, f"All endpoints failed: {tried or 'no endpoint is enabled'}")
+    message = f"All endpoints failed: {tried or 'no endpoint is enabled'}"
+    if refused:
+        message += " (`ccf status` shows which endpoints refused the proxy's credentials)"
+    return error_failure(status, error_type, message)
+
+
+def _wait_asked(failure: AttemptFailed) -> float:
+    return math.inf if failure.retry_after is None else failure.retry_after
 
 
 def error_failure(status: int, error_type: str, message: str) -> Failure:

@@ -152,6 +152,11 @@ class Metrics:
         self.cooldowns = counter(
             "endpoint_cooldowns", "Times an endpoint was put to cool, by reason.", "endpoint", "reason"
         )
+        self.credentials_refused = counter(
+            "endpoint_credentials_refused",
+            "Times an endpoint answered 401 or 403 to credentials the proxy chose (its key, a cloud role).",
+            "endpoint",
+        )
         self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
         self.tokens = counter(
             "tokens",

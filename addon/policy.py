@@ -33,11 +33,11 @@ class AttemptFailed(Exception):
 
     `kind` is one of: status, refused, reset, dns, tls, connect_timeout,
     first_byte_timeout, closed, malformed, sse_error, idle_timeout, window_rejected,
-    credentials (the endpoint's platform has none to use, or refused them), untranslatable
-    (the request has no form on the endpoint's platform) (a metrics label). `cool_until`,
-    when the endpoint said when it reopens, is how long it cools, whatever
-    `cooldownSeconds` says. A `final` failure will not change on another attempt: the
-    request does not come back to that endpoint.
+    credentials (the endpoint's platform has none to use, or refused them: then `status` is
+    the refusal's), untranslatable (the request has no form on the endpoint's platform) (a
+    metrics label). `cool_until`, when the endpoint said when it reopens, is how long it
+    cools, whatever `cooldownSeconds` says. A `final` failure will not change on another
+    attempt: the request does not come back to that endpoint.
     """
 
     def __init__(
@@ -66,6 +66,25 @@ class AttemptFailed(Exception):
     def cools(self) -> bool:
         """Whether the endpoint is to blame: a request it cannot express is not its failure."""
         return self.kind != "untranslatable"
+
+    @property
+    def refused_credentials(self) -> bool:
+        """The endpoint answered 401 or 403 to credentials the proxy chose (not: it found none)."""
+        return self.kind == "credentials" and self.status is not None
+
+
+def cooldown(retry: Retry, failure: AttemptFailed, now: float) -> float:
+    """How long an endpoint that failed is skipped.
+
+    Until the time it named (a usage window's reset); for refused credentials, long: no
+    answer will come until someone changes them, and a reload clears it; else
+    `cooldownSeconds`, or its Retry-After when longer.
+    """
+    if failure.cool_until is not None:
+        return failure.cool_until - now
+    if failure.refused_credentials:
+        return retry.credentials_cooldown_seconds
+    return max(retry.cooldown_seconds, failure.retry_after or 0.0)
 
 
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
@@ -98,6 +117,17 @@ def backoff_delay(retry: Retry, waits_so_far: int, retry_after: float | None) ->
     step = min(retry.max_delay, retry.initial_delay * retry.backoff_factor**waits_so_far)
     delay = step / 2 + random.uniform(0, step / 2)
     return max(delay, retry_after or 0.0)
+
+
+def worth_waiting(retry: Retry, waited: float, delay: float, until_back: float) -> bool:
+    """Whether a request that has waited `waited` seconds should sleep `delay` more, for an
+    endpoint expected back in `until_back`.
+
+    Only while the total stays within `maxWaitSeconds`: past that, the client is better off
+    with the endpoints' answer at once (a 429 and its `retry-after`), which its own retry
+    logic honours, than with a silent wait.
+    """
+    return waited + max(delay, until_back) <= retry.max_wait_seconds
 
 
 @dataclass
@@ -143,7 +173,8 @@ class Plan:
     An endpoint that is usable and has not failed this request comes first, in the order
     routing gave; then an account that answers only as paid extra usage (an answer beats
     an error). Only when none is left does the request wait (backoff) and go back to the
-    endpoint whose cooldown ends first, up to `maxRetries` attempts each.
+    endpoint expected back first, up to `maxRetries` attempts each: when it said so in
+    this request (Retry-After, a window's reset), else when its cooldown ends.
     """
 
     order: list[EndpointState]
@@ -152,6 +183,7 @@ class Plan:
     attempts: dict[str, int] = field(default_factory=dict)
     failed: set[str] = field(default_factory=set)
     excluded: set[str] = field(default_factory=set)  # failed for good: no attempt will do better
+    said: dict[str, float] = field(default_factory=dict)  # endpoint -> when it said it is back (Unix time)
 
     async def fresh(self) -> EndpointState | None:
         for state in self.order:
@@ -182,7 +214,22 @@ class Plan:
         ]
         if not left:
             return None
-        return min(left, key=lambda s: (s.name in self.failed, s.cooling_until))
+        return min(left, key=lambda s: (self.back_at(s), s.name in self.failed))
+
+    def back_at(self, state: EndpointState) -> float:
+        return self.said.get(state.name, state.cooling_until)
+
+    def until_back(self, now: float) -> float:
+        """Seconds until the endpoint to go back to is expected back; 0 when it already is."""
+        state = self.fallback()
+        return 0.0 if state is None else max(0.0, self.back_at(state) - now)
+
+    def asked_to_wait(self, now: float) -> float | None:
+        """What is left of the wait the endpoint to go back to asked for; None when it named none."""
+        state = self.fallback()
+        if state is None or state.name not in self.said:
+            return None
+        return max(0.0, self.said[state.name] - now)
 
     def exhausted(self) -> bool:
         return self.fallback() is None
@@ -190,7 +237,11 @@ class Plan:
     def record(self, state: EndpointState) -> None:
         self.attempts[state.name] = self.attempts.get(state.name, 0) + 1
 
-    def mark_failed(self, state: EndpointState, final: bool = False) -> None:
+    def mark_failed(self, state: EndpointState, failure: AttemptFailed, now: float) -> None:
         self.failed.add(state.name)
-        if final:
+        if failure.final:
             self.excluded.add(state.name)
+        if failure.cool_until is not None:
+            self.said[state.name] = failure.cool_until
+        elif failure.retry_after is not None:
+            self.said[state.name] = now + failure.retry_after

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from mitmproxy import command, connection, contentviews, ctx, exceptions, http
 from mitmproxy.net.http import status_codes
 
-from . import __version__, advice, workers
+from . import __version__, advice, gateway, workers
 from .access import ACCESS_HEADER, AUTH_HEADERS, UNAUTHENTICATED, Access
 from .bodylimit import BodyLimit
 from .bridge import TOKEN_HEADER, Bridge
@@ -216,7 +216,7 @@ class Fallback:
         # mitmproxy listens before every addon's `running` hook has run
         await self.ready.wait()
         assert self.config is not None
-        if await self.service.serve(flow) or self.dashboard.serve(flow):
+        if await self.service.serve(flow) or self.dashboard.serve(flow) or gateway.hello(flow):
             if self.inspected:
                 self.mask_flow_keys(flow)  # a key sent for /health or /metrics, on the flow mitmweb shows
             return
@@ -252,12 +252,9 @@ class Fallback:
         if outcome.response is None:
             assert outcome.failure is not None
             self.respond(flow, outcome.failure)
-            self.finish(
-                flow,
-                state,
-                "all_failed" if outcome.attempts else "unavailable",
-                outcome.failure.status,
-            )
+            failed = "all_failed" if outcome.attempts else "unavailable"
+            result = "success" if outcome.failure.status < 400 else failed  # a list the proxy made
+            self.finish(flow, state, result, outcome.failure.status)
             return
         if not flow.live or flow.error:  # the client left while we were failing over
             outcome.response.close()
@@ -392,6 +389,8 @@ class Fallback:
     def apply(self, config: Config) -> None:
         self.config = config
         self.pool = EndpointPool.build(config.endpoints, previous=self.pool)
+        # credentials refused or missing may have been fixed: a reload is the sign to look again
+        renew = self.pool.forgive("credentials")
         secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
         secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
         secrets.append(urlsplit(config.state.redis.url or "").password or "")
@@ -410,7 +409,7 @@ class Fallback:
         self.config_mtime = _mtime(config.source)
         self.warn(advice.config_readable(config))
         if self.client is not None:
-            added = self.client.configure(config)
+            added = self.client.configure(config, renew)
             self.build_failover()
             self.prepare(added)
 
@@ -630,7 +629,9 @@ class Fallback:
         if upstream is None:
             return
         name = upstream.endpoint.name
-        parts = state.relay.parts if isinstance(state.relay, ResumingResponse) else [upstream]
+        parts = [upstream]
+        if isinstance(state.relay, ResumingResponse):
+            parts, error = state.relay.parts, error or state.relay.broken
         for part in parts:
             self.metrics.count_usage(part.endpoint.name, part.usage)
         if error is None:
@@ -663,7 +664,6 @@ class Fallback:
             from_endpoint=broken,
             to_endpoint=response.endpoint.name,
             reason=reason,
-            prefill_chars=len(request.payload["messages"][-1]["content"]) if request.payload else None,
         )
         return response
 

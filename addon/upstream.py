@@ -13,7 +13,7 @@ import socket
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from .policy import AttemptFailed, ErrorResponse
 from .providers import HOP_BY_HOP, Outgoing, Provider, content_type, header_value
 
 ERROR_BODY_LIMIT = 1 << 20
+REFUSED = frozenset({401, 403})  # the credentials a request carried, refused
 READ_SIZE = 1 << 16
 
 
@@ -443,7 +444,11 @@ class UpstreamClient:
             body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
             url=outgoing.url,
         )
-        if resp.status >= 400 and (provider.reads_errors or resp.status in self.config.retry.statuses):
+        if resp.status >= 400 and (
+            provider.reads_errors
+            or resp.status in self.config.retry.statuses
+            or self._refuses_own(provider, resp.status)
+        ):
             return await self._platform_error(provider, answer)
         if judge is not None:
             try:
@@ -471,10 +476,12 @@ class UpstreamClient:
             provider = self.providers[endpoint] = providers.for_endpoint(endpoint)
         return provider
 
-    def configure(self, config: Config) -> list[Provider]:
-        """Takes a new config; returns the providers it brings that were not there before."""
+    def configure(self, config: Config, renew: Iterable[Endpoint] = ()) -> list[Provider]:
+        """Takes a new config; returns the providers it brings that were not there before, and
+        new ones for the endpoints to `renew` (their credentials are looked for again)."""
         self.config = config
-        kept = {e: p for e, p in self.providers.items() if e in config.endpoints}
+        renewed = set(renew)
+        kept = {e: p for e, p in self.providers.items() if e in config.endpoints and e not in renewed}
         self.providers = kept
         return [self.provider(e) for e in config.active_endpoints if e not in kept]
 
@@ -525,11 +532,10 @@ class UpstreamClient:
         name = answer.endpoint.name
         response = ErrorResponse(error.status, error.headers, error.body)
         detail = f"HTTP {answer.status}"
-        if error.credentials:
-            refused = f"{detail}: the platform refused the proxy's credentials"
-            raise AttemptFailed(
-                name, "credentials", refused, status=answer.status, response=response, final=True
-            )
+        if self._refuses_own(provider, answer.status, error.credentials):
+            # No response to relay: to the client a 401 would mean that its own login is bad.
+            refused = f"{detail}: the endpoint refused the proxy's credentials"
+            raise AttemptFailed(name, "credentials", refused, status=answer.status, final=True)
         recoverable = error.recoverable
         if recoverable is None:
             recoverable = answer.status in self.config.retry.statuses
@@ -540,6 +546,13 @@ class UpstreamClient:
         answer.status, answer.headers = error.status, error.headers
         answer.held, answer.complete = [error.body], True
         return answer
+
+    def _refuses_own(self, provider: Provider, status: int, says_so: bool = False) -> bool:
+        """Whether an error answer refuses credentials the proxy chose, not the client's: then
+        the endpoint cannot serve, and another should (unless `retry.credentialsFailover` is off)."""
+        if not (provider.own_credentials and self.config.retry.credentials_failover):
+            return False
+        return status in REFUSED or says_so
 
     async def _hold_preamble(self, answer: UpstreamResponse, deadline: float) -> None:
         """Holds the stream's opening events until content arrives; fails the attempt if it never does."""

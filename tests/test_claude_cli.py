@@ -284,3 +284,23 @@ def test_claude_cli_gets_an_openai_format_backups_answer(tmp_path, proxy_factory
     body = prompted[0]
     assert body["messages"][0]["role"] == "system" and len(body.get("tools", [])) >= 10, context
     assert "cache_control" not in json.dumps(body) and "anthropic" not in json.dumps(sorted(body)), context
+
+
+def test_claude_cli_answers_from_the_backup_when_the_primary_refuses_the_proxys_key(
+    tmp_path, proxy_factory, primary, backup
+):
+    """A revoked key of the proxy's own: the CLI must not be told its login is bad."""
+    home = tmp_path / "home"
+    home.mkdir()
+    cli = find_cli(home)
+    primary.behavior = Behavior(kind="status", status=401)  # the API's own words for a bad key
+    backup.behavior = Behavior(kind="ok", text=BACKUP_TEXT)
+    proxy = proxy_factory(endpoints_config(primary, backup))
+    run, context = run_cli(cli, tmp_path, home, proxy, primary, backup)
+    assert run.returncode == 0, context
+    assert BACKUP_TEXT in run.stdout, context
+    said = (run.stdout + run.stderr).lower()
+    assert "login" not in said and "api key" not in said, context
+    assert main_requests(backup), context
+    assert proxy.metric("ccf_endpoint_credentials_refused_total", endpoint="primary") >= 1, context
+    assert proxy.endpoint("primary")["status"] == "cooling", context

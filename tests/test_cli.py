@@ -395,6 +395,23 @@ def test_check_passes_when_every_endpoint_answers(cli: Cli, primary: FakeAnthrop
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_check_names_the_extra_when_a_platform_library_lacks_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # google-auth installed without its urllib3 extra: its transport cannot import `packaging`.
+    # In-process, so that the module can be taken away; scripts/check_installs does it for real.
+    monkeypatch.setitem(sys.modules, "packaging", None)
+    for name in ("google.auth.transport.urllib3", "addon.providers.vertex"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    path = tmp_path / "c.yaml"
+    path.write_text("endpoints: [{name: v, provider: vertex, region: us-east5, project: p}]\n")
+    assert cli_module.main(["check", "-c", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        "ccf: endpoint v: vertex needs the vertex extra (no module 'packaging'); "
+        "install it: pip install 'claude-code-fallback[vertex]'\n"
+    )
+
+
 def test_demo_fails_over_to_the_backup(cli: Cli) -> None:
     result = cli("demo", timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -340,7 +340,7 @@ def test_a_request_no_endpoint_serves_gets_a_clear_404(tmp_path, proxy_factory, 
     config = endpoints_config()
     config["endpoints"] = [platform("bedrock", "bedrock", bedrock.url)]
     proxy = proxy_factory(config, with_keys(tmp_path))
-    response = httpx.post(proxy.url + "/v1/messages/count_tokens", json=MESSAGE, timeout=10)
+    response = httpx.post(proxy.url + "/v1/messages/batches", json=MESSAGE, timeout=10)
     assert response.status_code == 404
     assert "bedrock: Bedrock's runtime serves Messages only" in response.json()["error"]["message"]
 

@@ -169,6 +169,9 @@ retry:
   statuses: [429, 503]
   budgetRatio: 0.5
   budgetMinRetries: 3
+  maxWaitSeconds: 12.5
+  credentialsFailover: false
+  credentialsCooldownSeconds: 600
 """
     assert load(tmp_path, text).retry == Retry(
         enabled=False,
@@ -180,6 +183,9 @@ retry:
         statuses=frozenset({429, 503}),
         budget_ratio=0.5,
         budget_min_retries=3,
+        max_wait_seconds=12.5,
+        credentials_failover=False,
+        credentials_cooldown_seconds=600.0,
     )
 
 

@@ -202,6 +202,19 @@ def test_reload_is_for_the_page_own_origin_only(guarded):
     assert guarded.metric("ccf_config_reloads_total", result="error") >= 1
 
 
+@needs_chromium
+def test_the_page_says_when_an_endpoint_refused_the_proxys_credentials(proxy, primary, browser):
+    primary.behavior = Behavior(kind="status", status=401)  # to the proxy's key: fails over
+    assert post(proxy).headers["x-fake-name"] == "backup"
+    page = browser.new_page()
+    page.goto(proxy.url + "/")
+    state = row(page, "primary").locator("td").nth(0)
+    expect(state).to_contain_text("cooling")
+    expect(state).to_contain_text("credentials refused (HTTP 401)")
+    expect(row(page, "primary")).to_contain_text("the endpoint refused the proxy's credentials")
+    page.close()
+
+
 def test_a_proxy_without_access_key_serves_the_page_openly(proxy):
     page = httpx.get(proxy.url + "/")
     assert page.status_code == 200 and "<title>claude-code-fallback status</title>" in page.text

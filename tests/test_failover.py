@@ -1,4 +1,4 @@
-"""Failover before the first byte: rows 1-11, 15-21 and 28 of the fault matrix, end to end.
+"""Failover before the first byte: rows 1-11, 15-21, 28 and 44-45 of the fault matrix, end to end.
 
 Every test runs the real mitmdump with the addon, fake upstreams on loopback, and the
 official SDK or raw HTTP as the client.
@@ -125,7 +125,11 @@ def test_server_errors_fail_over(proxy, primary, backup, status):
 
 
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 413])
-def test_client_errors_return_untouched_without_failover(proxy, primary, backup, status):
+def test_client_errors_return_untouched_without_failover(proxy_factory, primary, backup, status):
+    config = endpoints_config(primary, backup)
+    if status in (401, 403):  # a refusal of the client's own key, passed through, is the client's
+        del config["endpoints"][0]["apiKey"]  # (of the proxy's key: test_credentials.py)
+    proxy = proxy_factory(config)
     primary.behavior = Behavior(kind="status", status=status, headers=(("x-extra", "kept"),))
     response = post(proxy)
     assert response.status_code == status
@@ -135,6 +139,9 @@ def test_client_errors_return_untouched_without_failover(proxy, primary, backup,
     assert backup.requests == []
     assert proxy.endpoint("primary")["status"] == "healthy"
     assert proxy.metric("ccf_requests_total", outcome="client_error") == 1
+    assert proxy.metric("ccf_endpoint_credentials_refused_total", endpoint="primary") == 0
+    if status in (401, 403):
+        assert primary.requests[0].header("x-api-key") == "sk-ant-client-key-0000"
 
 
 def dead_url() -> str:
@@ -220,16 +227,55 @@ def test_stream_error_before_content_fails_over_invisibly(proxy, primary, backup
     assert proxy.metric("ccf_upstream_attempts_total", endpoint="primary", outcome="sse_error") == 1
 
 
-def test_all_endpoints_rate_limited_returns_the_last_429_as_it_came(proxy, primary, backup):
-    primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "5"),))
-    backup.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "7"),))
+def test_all_endpoints_rate_limited_answer_at_once_with_the_soonest_retry_after(
+    proxy_factory, primary, backup
+):
+    # Both retry-afters are within maxDelay (60 s) and the deadline (60 s): only maxWaitSeconds
+    # (5 s) keeps the request from waiting 20 s in silence for the primary.
+    primary.behavior = Behavior(
+        kind="status", status=429, headers=(("retry-after", "20"), ("x-extra", "kept"))
+    )
+    backup.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    config = endpoints_config(primary, backup, retry={"maxDelay": 60000}, timeouts={"total": 60000})
+    proxy = proxy_factory(config)
+    started = time.monotonic()
     response = post(proxy, stream=True)
+    assert time.monotonic() - started < 2
     assert response.status_code == 429
-    assert response.headers["retry-after"] == "7"
-    assert response.headers["x-fake-name"] == "backup"
+    assert response.headers["retry-after"] == "20"  # the soonest, not the last, with its own headers
+    assert response.headers["x-fake-name"] == "primary" and response.headers["x-extra"] == "kept"
     assert response.json()["error"]["type"] == "rate_limit_error"
-    with pytest.raises(anthropic.RateLimitError):
+    assert primary.request_count == 1 and backup.request_count == 1
+    started = time.monotonic()
+    with pytest.raises(anthropic.RateLimitError):  # the SDK, its own retries off, hears it as fast
         sdk(proxy).messages.create(**MESSAGE)
+    assert time.monotonic() - started < 2
+
+
+def test_all_endpoints_overloaded_answer_529_once_each_was_tried(proxy_factory, primary, backup):
+    primary.behavior = backup.behavior = Behavior(kind="status", status=529)
+    config = endpoints_config(primary, backup, retry={"maxDelay": 60000}, timeouts={"total": 60000})
+    proxy = proxy_factory(config)
+    started = time.monotonic()
+    response = post(proxy, stream=True)
+    assert time.monotonic() - started < 2
+    assert response.status_code == 529
+    assert response.json()["error"]["type"] == "overloaded_error"
+    assert primary.request_count == 1 and backup.request_count == 1  # each once: cooling 30 s, past 5 s
+    assert proxy.metric("ccf_retries_total") == 0
+
+
+def test_a_retry_after_within_max_wait_is_waited_for_and_served(proxy_factory, primary, backup):
+    primary.script = [Behavior(kind="status", status=429, headers=(("retry-after", "1"),))]
+    backup.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
+    proxy = proxy_factory(endpoints_config(primary, backup, retry={"maxDelay": 60000}))
+    started = time.monotonic()
+    assert stream_text(proxy) == "Hello from the fake."
+    assert 0.95 < time.monotonic() - started < 3
+    seen = primary.wait_for_requests(2)
+    assert seen[1].time - seen[0].time >= 0.95  # the wait it asked for, not the 50 ms backoff
+    assert backup.request_count == 1
+    assert proxy.metric("ccf_retries_total") == 1
 
 
 def test_all_endpoints_unreachable_gives_502_naming_each_attempt(proxy_factory):
@@ -281,7 +327,7 @@ def test_single_endpoint_backs_off_and_honours_retry_after(proxy_factory, primar
 
 def test_retry_after_beyond_max_delay_returns_the_error_at_once(proxy_factory, primary):
     primary.behavior = Behavior(kind="status", status=429, headers=(("retry-after", "30"),))
-    proxy = proxy_factory(endpoints_config(primary))
+    proxy = proxy_factory(endpoints_config(primary, retry={"maxWaitSeconds": 60}))  # maxDelay alone: 0.2 s
     started = time.monotonic()
     response = post(proxy)
     assert response.status_code == 429 and response.headers["retry-after"] == "30"
@@ -291,12 +337,14 @@ def test_retry_after_beyond_max_delay_returns_the_error_at_once(proxy_factory, p
 
 def test_total_deadline_bounds_a_request(proxy_factory, primary):
     primary.behavior = Behavior(kind="status", status=503)
-    config = endpoints_config(primary, retry={"maxRetries": 50, "initialDelay": 200, "maxDelay": 400})
+    retry = {"maxRetries": 50, "initialDelay": 200, "maxDelay": 400, "maxWaitSeconds": 60}
+    config = endpoints_config(primary, retry=retry)
     config["timeouts"]["total"] = 1500
     proxy = proxy_factory(config)
     started = time.monotonic()
     assert post(proxy).status_code == 503
     assert time.monotonic() - started < 1.8
+    assert primary.request_count >= 3  # it did retry, until the deadline
 
 
 def test_cooldown_expiry_sends_exactly_one_probe(proxy_factory, primary, backup):

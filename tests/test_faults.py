@@ -250,7 +250,15 @@ def test_bridge_refuses_requests_without_a_valid_token(proxy, primary, backup):
 
 # -- 3. retry budget in a total outage (row 26) --------------------------------------------
 
-BUDGET = {"maxRetries": 3, "initialDelay": 10, "maxDelay": 50, "budgetRatio": 0.2, "budgetMinRetries": 5}
+# maxWaitSeconds past the cooldown (30 s): requests keep retrying, so the budget is what bounds them
+BUDGET = {
+    "maxRetries": 3,
+    "initialDelay": 10,
+    "maxDelay": 50,
+    "budgetRatio": 0.2,
+    "budgetMinRetries": 5,
+    "maxWaitSeconds": 60,
+}
 
 
 def test_total_outage_retries_stay_within_the_budget(proxy_factory, primary, backup):
@@ -321,7 +329,7 @@ def test_deadline_bounds_backoff_between_retries(proxy_factory, primary, backup)
     config = endpoints_config(
         primary,
         backup,
-        retry={"maxRetries": 50, "initialDelay": 300, "maxDelay": 2000},
+        retry={"maxRetries": 50, "initialDelay": 300, "maxDelay": 2000, "maxWaitSeconds": 60},
         timeouts={"total": 1000},
     )
     proxy = proxy_factory(config)
@@ -334,13 +342,13 @@ def test_deadline_bounds_backoff_between_retries(proxy_factory, primary, backup)
 
 def test_deadline_bounds_slow_error_answers(proxy_factory, primary, backup):
     primary.behavior = backup.behavior = Behavior(kind="status", status=503, delay=0.4)
-    config = endpoints_config(
-        primary, backup, retry={"maxRetries": 5, "initialDelay": 10}, timeouts={"total": 1000}
-    )
+    retry = {"maxRetries": 5, "initialDelay": 10, "maxWaitSeconds": 60}
+    config = endpoints_config(primary, backup, retry=retry, timeouts={"total": 1000})
     proxy = proxy_factory(config)
     response, elapsed = timed_post(proxy, stream=False)
     assert elapsed < 1.3, elapsed
     assert response.status_code == 503
+    assert primary.request_count + backup.request_count >= 3  # retried until the deadline
 
 
 def test_spent_deadline_does_not_cool_an_endpoint_it_never_waited_for(proxy_factory, primary, backup):

@@ -244,6 +244,7 @@ def test_named_client_keys_show_who_used_what(keyed, primary):
 def test_the_retry_budget_is_the_fleets(proxy_factory, redis_server, primary):
     primary.behavior = Behavior(kind="status", status=503)
     retry = {"maxRetries": 3, "budgetMinRetries": 2, "budgetRatio": 0, "initialDelay": 10, "maxDelay": 50}
+    retry["maxWaitSeconds"] = 60  # past the cooldown: only the budget stops the retries
     a, b = start_fleet(proxy_factory, fleet_config(redis_server, primary, retry=retry), count=2)
     assert ask(a).status_code == 503
     assert primary.request_count == 3  # the first attempt and the fleet's 2 retries, all spent by A

@@ -16,6 +16,7 @@ import pytest
 from addon import fakeopenai
 from addon.fakeapi import Behavior as AnthropicBehavior
 from addon.fakeopenai import FakeOpenAI
+from addon.resume import CONTINUE_PROMPT
 
 from .conftest import endpoints_config
 from .test_failover import MESSAGE, sdk
@@ -191,7 +192,7 @@ def test_what_has_no_openai_form_is_refused_before_anything_is_sent(proxy_factor
     )
     assert openai.request_count == 0 and proxy.endpoint("openai")["status"] == "healthy"
     counted = httpx.post(proxy.url + "/v1/messages/count_tokens", json=MESSAGE, timeout=10)
-    assert counted.status_code == 404 and "openai: Chat Completions serves Messages only" in counted.text
+    assert counted.status_code == 501 and "openai: Chat Completions serves Messages only" in counted.text
 
 
 def test_a_cut_claude_stream_is_finished_by_the_openai_backup(proxy_factory, primary, openai):
@@ -212,7 +213,10 @@ def test_a_cut_claude_stream_is_finished_by_the_openai_backup(proxy_factory, pri
         final = stream.get_final_message()
     assert text == "Hello there and the rest from elsewhere." and final.content[0].text == text
     continued = openai.requests[0].json()["messages"]
-    assert continued[-1] == {"role": "assistant", "content": "Hello there"}  # the prefill, translated
+    assert continued[-2:] == [  # the answer so far and the request to go on, translated
+        {"role": "assistant", "content": "Hello there "},
+        {"role": "user", "content": CONTINUE_PROMPT},
+    ]
     assert proxy.metric("ccf_stream_resumes_total", from_endpoint="primary", to_endpoint="openai") == 1
 
 

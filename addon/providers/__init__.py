@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..config import OAUTH_BETA, Endpoint, mask_secret
+from ..config import OAUTH_BETA, PROVIDER_EXTRAS, ConfigError, Endpoint, mask_secret
 from ..policy import retry_after_seconds
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ class PlatformError:
     body: bytes
     recoverable: bool | None = None
     retry_after: float | None = None
-    credentials: bool = False  # the proxy's own credentials were refused: the endpoint cannot serve
+    credentials: bool = False  # the platform says that it refused the credentials, whatever the status
 
 
 class CredentialsError(Exception):
@@ -119,6 +119,13 @@ class Provider:
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+
+    @property
+    def own_credentials(self) -> bool:
+        """Whether the endpoint gets credentials the proxy chose (from the config or the
+        environment) rather than the client's own: a 401 or 403 is then the endpoint's failure.
+        Here, when the endpoint has a key; without one, the client's goes."""
+        return bool(self.endpoint.api_key)
 
     def declines(self, request: ClientRequest) -> str | None:
         """Why this endpoint cannot take `request` at all (it is skipped); None when it can."""
@@ -158,7 +165,19 @@ def json_object(request: ClientRequest) -> dict[str, Any]:
 def for_endpoint(endpoint: Endpoint) -> Provider:
     if (module := MODULES.get(endpoint.provider)) is None:
         return Provider(endpoint)
-    return importlib.import_module(f".{module}", __package__).provider(endpoint)  # type: ignore[no-any-return]
+    try:
+        platform = importlib.import_module(f".{module}", __package__)
+    except ImportError as e:  # the platform's extra is missing, or one of its libraries lacks its own
+        if (extra := PROVIDER_EXTRAS.get(endpoint.provider)) is None:
+            raise
+        cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+        missing = f"no module {cause.name!r}" if cause.name else str(cause).splitlines()[0]
+        install = f"pip install 'claude-code-fallback[{extra[0]}]'"
+        raise ConfigError(
+            f"endpoint {endpoint.name}: {endpoint.provider} needs the {extra[0]} extra ({missing}); "
+            f"install it: {install}"
+        ) from e
+    return platform.provider(endpoint)  # type: ignore[no-any-return]
 
 
 # -- Anthropic's request ---------------------------------------------------------------------

@@ -142,6 +142,10 @@ class Bedrock(Provider):
         self.region = endpoint.region
         self.signer = None if endpoint.api_key else AwsSigner(self.service, self.region, endpoint.aws_profile)
 
+    @property
+    def own_credentials(self) -> bool:
+        return True  # an API key or a role's, never the client's
+
     def declines(self, request: ClientRequest) -> str | None:
         return None if posted_to(request, MESSAGES) else "Bedrock's runtime serves Messages only"
 
@@ -192,7 +196,9 @@ class BedrockMantle(Bedrock):
     service = "bedrock-mantle"
 
     def declines(self, request: ClientRequest) -> str | None:
-        return None
+        # Mantle's ids (`anthropic.claude-…`) are not names a client may send to the others
+        listing = request.method == "GET" and request.path.split("?", 1)[0] == "/v1/models"
+        return "Bedrock Mantle's model ids are its own" if listing else None
 
     def model(self, model: str) -> str:
         return self.endpoint.mapped_model(model) or cloud.mantle_model(model)

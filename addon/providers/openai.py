@@ -43,6 +43,10 @@ class OpenAI(Provider):
     name = "openai"
     reads_errors = True
 
+    @property
+    def own_credentials(self) -> bool:
+        return True  # its apiKey or none: the client's never goes here
+
     def declines(self, request: ClientRequest) -> str | None:
         return None if posted_to(request, MESSAGES) else "Chat Completions serves Messages only"
 

@@ -127,6 +127,10 @@ class Vertex(Provider):
     def project(self) -> str | None:
         return self.endpoint.project or self.google.project
 
+    @property
+    def own_credentials(self) -> bool:
+        return True  # a token of Google's credentials, never the client's
+
     def declines(self, request: ClientRequest) -> str | None:
         return None if posted_to(request, PATHS) else "Vertex AI serves Messages and token counts only"
 
