@@ -25,9 +25,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-DEFAULT_BASE_URL = "https://api.anthropic.com"
-OAUTH_KEY_PREFIX = "sk-ant-oat"  # OAuth tokens of Claude subscriptions, e.g. from `claude setup-token`
-OAUTH_BETA = "oauth-2025-04-20"  # the API takes such a token only with this beta
+from .providers.platforms import DEFAULT_BASE_URL, DEFAULT_PROVIDER, OAUTH_KEY_PREFIX, PLATFORMS
 
 Check = Callable[[Any], Any]
 _T = TypeVar("_T", bound="DataclassInstance")
@@ -143,7 +141,7 @@ def _choice(*names: str, **aliases: str) -> Check:
 
 
 def _url(value: Any) -> str:
-    expected = "an http:// or https:// URL with a host, like https://api.anthropic.com"
+    expected = f"an http:// or https:// URL with a host, like {DEFAULT_BASE_URL}"
     if not isinstance(value, str):
         raise _Invalid(expected, _kind(value))
     # Describe what is wrong rather than echo the value: it may hold a key by mistake.
@@ -226,7 +224,8 @@ def _key(
 
     ``doc`` is the key's meaning in one line and ``shown`` its default in words where the
     value alone would mislead (a default worked out from other keys or the environment):
-    the configuration reference is rendered from them (`reference`).
+    the configuration reference is rendered from them (`reference`). For an endpoint key,
+    each platform's own words for it come first (`_on_platforms`).
     """
     metadata = {"key": name, "check": check, "doc": doc, "shown": shown}
     options: dict[str, Any] = {"metadata": metadata, "repr": not secret}
@@ -237,19 +236,14 @@ _PORT, _STATUS = _integer(1, 65535), _integer(400, 599)
 _LEVEL = _choice("trace", "debug", "info", "warn", "error", warning="warn")
 
 
-PROVIDERS = ("anthropic", "bedrock", "bedrock-mantle", "vertex", "openai")
-# provider -> the pip extra that installs its libraries, and a module of theirs to look for
-PROVIDER_EXTRAS = {
-    "bedrock": ("bedrock", "botocore"),
-    "bedrock-mantle": ("bedrock", "botocore"),
-    "vertex": ("vertex", "google.auth"),
-}
+def _either(words: list[str]) -> str:
+    return ", ".join(words[:-1]) + ", or " + words[-1] if len(words) > 1 else "".join(words)
 
 
 def _absent(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is None
-    except ModuleNotFoundError:  # its parent package (`google` of `google.auth`) is not there either
+    except ModuleNotFoundError:  # its parent package is not there either
         return True
 
 
@@ -267,14 +261,12 @@ class Endpoint:
         "baseUrl",
         _url,
         doc="`http(s)://host[:port][/path/prefix]`; the request path is appended, a trailing slash dropped",
-        shown="`https://api.anthropic.com`; on a cloud, the platform's URL for `region`",
     )
     provider: str = _key(
         "provider",
-        _choice(*PROVIDERS),
-        default="anthropic",
-        doc="Which platform serves it: Anthropic's API (or any that speaks it), AWS Bedrock's runtime, "
-        "Anthropic's API on AWS, Google Vertex AI, or an OpenAI-format Chat Completions API",
+        _choice(*PLATFORMS),
+        default=DEFAULT_PROVIDER,
+        doc="Which platform serves it: " + _either([platform.title for platform in PLATFORMS.values()]),
     )
     api_key: str | None = _key(
         "apiKey",
@@ -283,7 +275,7 @@ class Endpoint:
         secret=True,
         doc="The key sent upstream; without one, the client's own `x-api-key`/`Authorization` pass "
         "through (on a cloud: the platform's credentials sign instead)",
-        shown="`ANTHROPIC_API_KEY` on anthropic.com hosts, a Bedrock API key variable on Bedrock, else none",
+        shown="else none",
     )
     auth_header: str | None = _key(
         "authHeader",
@@ -300,8 +292,7 @@ class Endpoint:
         "models",
         _pairs("model names"),
         default=(),
-        doc='Client model → model at this endpoint; `"*"` for every model without an entry of its own '
-        "(required with `provider: openai`)",
+        doc='Client model → model at this endpoint; `"*"` for every model without an entry of its own',
     )
     enabled: bool = _key(
         "enabled", _boolean, default=True, doc="`false` keeps the endpoint in the file but never sends to it"
@@ -310,30 +301,28 @@ class Endpoint:
         "region",
         _string,
         default=None,
-        doc="A cloud platform's region (`bedrock`, `bedrock-mantle`, `vertex`); Vertex AI also takes "
-        "`global`, `us`, `eu`",
+        doc="A cloud platform's region",
         shown="none: a cloud endpoint needs one, from here or the environment",
     )
     project: str | None = _key(
         "project",
         _string,
         default=None,
-        doc="Vertex AI's Google Cloud project",
+        doc="The cloud project the requests go to",
         shown="the credentials' project",
     )
     aws_profile: str | None = _key(
         "awsProfile",
         _string,
         default=None,
-        doc="The AWS profile whose credentials sign Bedrock's requests",
+        doc="The AWS profile whose credentials sign the requests",
         shown="`AWS_PROFILE`, else AWS's default credential chain",
     )
     max_tokens_field: str = _key(
         "maxTokensField",
         _choice("max_tokens", "max_completion_tokens"),
         default="max_tokens",
-        doc="`provider: openai`: the field that carries the token limit; some models want "
-        "`max_completion_tokens`",
+        doc="The field that carries the token limit; some models want `max_completion_tokens`",
     )
 
     @property
@@ -722,93 +711,46 @@ class _Reader:
 
     def platform(self, endpoint: Endpoint, path: str) -> Endpoint:
         """The endpoint with its platform's defaults filled in from the environment, as the
-        platform's own SDK fills them; a key that its provider does not use is a mistake."""
-        provider, env = endpoint.provider, self.env
-        for key, value, takes in (
-            ("region", endpoint.region, ("bedrock", "bedrock-mantle", "vertex")),
-            ("project", endpoint.project, ("vertex",)),
-            ("awsProfile", endpoint.aws_profile, ("bedrock", "bedrock-mantle")),
-            ("authHeader", endpoint.auth_header, ("anthropic",)),
-            ("apiKey", endpoint.api_key, ("anthropic", "bedrock", "bedrock-mantle", "openai")),
-        ):
-            if value is not None and provider not in takes:
-                self.fail(f"{path}.{key}", f"not used by provider {provider} (only by {', '.join(takes)})")
-        if (extra := PROVIDER_EXTRAS.get(provider)) and _absent(extra[1]):
-            install = f"pip install 'claude-code-fallback[{extra[0]}]'"
-            self.fail(f"{path}.provider", f"{provider} needs the {extra[0]} extra; install it: {install}")
-        if provider == "openai":
-            if not endpoint.base_url:
-                self.fail(f"{path}.baseUrl", "required for provider openai, like http://127.0.0.1:11434/v1")
-            if not endpoint.models:
-                self.fail(
-                    f"{path}.models",
-                    'required for provider openai: which model serves each client model ("*": all)',
-                )
-            return endpoint
-        if endpoint.max_tokens_field != "max_tokens":
-            self.fail(f"{path}.maxTokensField", f"not used by provider {provider} (only by openai)")
-        platform = _PLATFORMS.get(provider)
-        if platform is None:
-            return replace(endpoint, base_url=endpoint.base_url or DEFAULT_BASE_URL)
-        region = endpoint.region or next((env[v] for v in platform.region_variables if env.get(v)), None)
-        if not region:
+        platform's own SDK fills them (`providers/platforms.py` says how); a key that its
+        provider does not use is a mistake, and one that it cannot do without is asked for."""
+        platform, schema = PLATFORMS[endpoint.provider], _schema(Endpoint)
+        for key in _PLATFORM_KEYS:
+            spec = schema[key]
+            if key not in platform.takes and getattr(endpoint, spec.name) != spec.default:
+                takers = ", ".join(p.name for p in PLATFORMS.values() if key in p.takes)
+                self.fail(f"{path}.{key}", f"not used by provider {platform.name} (only by {takers})")
+        if platform.extra and _absent(platform.extra[1]):
+            extra = platform.extra[0]
             self.fail(
-                f"{path}.region", f"required for provider {provider}; or set {platform.region_variables[0]}"
+                f"{path}.provider", f"{platform.name} needs the {extra} extra; install it: {platform.install}"
             )
+        found: dict[str, Any] = {}
+        for key, names in platform.variables.items():
+            name = schema[key].name
+            # the key last: whether it may go depends on where the endpoint is (`key_goes_to`)
+            if key != "apiKey" and not getattr(endpoint, name) and (value := self.variable(names)):
+                found[name] = value.rstrip("/") if key == "baseUrl" else value
+        endpoint = replace(endpoint, **found)
+        missing = [key for key in platform.required if not getattr(endpoint, schema[key].name)]
+        for key in missing:
+            variables = platform.variables.get(key)
+            more = f"; or set {variables[0]}" if variables else ""
+            self.fail(f"{path}.{key}", f"required for provider {platform.name}{more}{platform.required[key]}")
+        if missing:
             return endpoint
-        return replace(
-            endpoint,
-            region=region,
-            base_url=endpoint.base_url
-            or env.get(platform.base_url_variable, "").rstrip("/")
-            or platform.url(region),
-            api_key=endpoint.api_key or next((env[v] for v in platform.key_variables if env.get(v)), None),
-            project=endpoint.project
-            or (env.get(platform.project_variable) if platform.project_variable else None),
-        )
+        if not endpoint.base_url and platform.url:
+            endpoint = replace(endpoint, base_url=platform.url(endpoint.region))
+        if not endpoint.api_key and platform.key_goes_to(endpoint.base_url):
+            endpoint = replace(endpoint, api_key=self.variable(platform.variables.get("apiKey", ())))
+        return endpoint
+
+    def variable(self, names: tuple[str, ...]) -> str | None:
+        """The value of the first of the environment variables `names` that is set."""
+        return next((self.env[name] for name in names if self.env.get(name)), None)
 
 
-@dataclass(frozen=True)
-class _Platform:
-    """Where a platform's defaults come from, as its SDK reads them."""
-
-    url: Callable[[str], str]  # the base URL for a region
-    region_variables: tuple[str, ...]
-    base_url_variable: str
-    key_variables: tuple[str, ...] = ()
-    project_variable: str | None = None
-
-
-def _vertex_base_url(region: str) -> str:
-    """Where Vertex AI serves `region`, as the anthropic SDK picks it."""
-    if region == "global":
-        return "https://aiplatform.googleapis.com/v1"
-    if region in ("us", "eu"):
-        return f"https://aiplatform.{region}.rep.googleapis.com/v1"
-    return f"https://{region}-aiplatform.googleapis.com/v1"
-
-
-_AWS_REGION = ("AWS_REGION", "AWS_DEFAULT_REGION")
-_PLATFORMS = {
-    "bedrock": _Platform(
-        lambda region: f"https://bedrock-runtime.{region}.amazonaws.com",
-        _AWS_REGION,
-        "ANTHROPIC_BEDROCK_BASE_URL",
-        ("AWS_BEARER_TOKEN_BEDROCK",),
-    ),
-    "bedrock-mantle": _Platform(
-        lambda region: f"https://bedrock-mantle.{region}.api.aws/anthropic",
-        _AWS_REGION,
-        "ANTHROPIC_BEDROCK_MANTLE_BASE_URL",
-        ("AWS_BEARER_TOKEN_BEDROCK", "ANTHROPIC_AWS_API_KEY"),
-    ),
-    "vertex": _Platform(
-        _vertex_base_url,
-        ("CLOUD_ML_REGION",),
-        "ANTHROPIC_VERTEX_BASE_URL",
-        project_variable="ANTHROPIC_VERTEX_PROJECT_ID",
-    ),
-}
+# The endpoint keys that some platforms take and others refuse, in the file's order.
+_PLATFORM_KEYS = [key for key in _schema(Endpoint) if any(key in p.takes for p in PLATFORMS.values())]
 
 
 @dataclass(frozen=True)
@@ -826,8 +768,8 @@ class KeyDoc:
 def reference() -> list[KeyDoc]:
     """Every key of the file, in schema order, described by its field's metadata.
 
-    The environment variables come from the tables that read them (`_ENV_OPTIONS`,
-    `_PLATFORMS`, `ANTHROPIC_API_KEY`), so the reference cannot name one the code ignores.
+    The environment variables come from the tables that read them (`_ENV_OPTIONS`, each
+    platform's `variables`), so the reference cannot name one the code ignores.
     """
     docs = [
         KeyDoc(
@@ -840,7 +782,7 @@ def reference() -> list[KeyDoc]:
             "comma-separated URLs) replaces the whole list",
         )
     ]
-    docs += _key_docs(Endpoint, "endpoints[]")
+    docs += [_on_platforms(doc) for doc in _key_docs(Endpoint, "endpoints[]")]
     for name, cls in _SECTIONS.items():
         docs += _key_docs(cls, name)
     return docs
@@ -870,19 +812,33 @@ def _key_docs(cls: type, prefix: str) -> list[KeyDoc]:
 
 
 def _variables(path: str) -> tuple[str, ...]:
-    """The environment variables that set the key at `path`, as `load_config` reads them."""
-    names = [variable for variable, option in _ENV_OPTIONS.items() if option == path]
-    platforms = _PLATFORMS.values()
-    match path.removeprefix("endpoints[]."):
-        case "apiKey":
-            names += ["ANTHROPIC_API_KEY", *(v for p in platforms for v in p.key_variables)]
-        case "baseUrl":
-            names += [p.base_url_variable for p in platforms]
-        case "region":
-            names += [v for p in platforms for v in p.region_variables]
-        case "project":
-            names += [p.project_variable for p in platforms if p.project_variable]
-    return tuple(dict.fromkeys(names))
+    """The environment variables that set the option at `path`, as `load_config` reads them."""
+    return tuple(variable for variable, option in _ENV_OPTIONS.items() if option == path)
+
+
+def _on_platforms(doc: KeyDoc) -> KeyDoc:
+    """An endpoint key as the platforms see it: which of them take it or need it, what each
+    adds to its meaning and its default, and the variables each reads for it."""
+    key, platforms = doc.path.removeprefix("endpoints[]."), PLATFORMS.values()
+    takers = [p.name for p in platforms if key in p.takes]
+    needers = [p.name for p in platforms if key in p.required]
+    meaning = "; ".join(dict.fromkeys([doc.doc, *(p.notes[key] for p in platforms if key in p.notes)]))
+    if takers:
+        meaning += f". Only for provider {_names(takers)}" + (", which need it" if needers == takers else "")
+    if needers and needers != takers:
+        meaning += f". Required with provider {_names(needers)}"
+    shown = [*(p.defaults[key] for p in platforms if key in p.defaults), doc.shown]
+    variables = [*doc.variables, *(name for p in platforms for name in p.variables.get(key, ()))]
+    return replace(
+        doc,
+        doc=meaning,
+        shown="; ".join(dict.fromkeys(words for words in shown if words)),
+        variables=tuple(dict.fromkeys(variables)),
+    )
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
 
 
 _REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -923,17 +879,6 @@ def _env_endpoints(text: str) -> object:
     return [url.strip() for url in text.split(",") if url.strip()]
 
 
-def is_anthropic_host(url: str) -> bool:
-    """Whether `url`'s host is anthropic.com or one of its subdomains."""
-    host = urlsplit(url).hostname or ""
-    return host == "anthropic.com" or host.endswith(".anthropic.com")
-
-
-def takes_env_key(endpoint: Endpoint) -> bool:
-    """``ANTHROPIC_API_KEY`` fills in the key of a keyless endpoint only on Anthropic's own hosts."""
-    return not endpoint.api_key and is_anthropic_host(endpoint.base_url)
-
-
 def default_config_path(env: Mapping[str, str]) -> Path:
     """``$CLAUDE_FALLBACK_HOME/config.yaml``, else ``~/.claude-code-fallback/config.yaml``."""
     if home := env.get("CLAUDE_FALLBACK_HOME"):
@@ -963,7 +908,8 @@ def load_config(
         if key not in {"endpoints", *_SECTIONS}:
             reader.fail(str(key), f"unknown key; expected one of endpoints, {', '.join(_SECTIONS)}")
     sections = {name: reader.apply(cls(), top.get(name), name) for name, cls in _SECTIONS.items()}
-    endpoints: list[Endpoint] | None = [Endpoint(name="default", base_url=default_base_url)]
+    default = Endpoint(name="default", base_url=default_base_url)
+    endpoints: list[Endpoint] | None = [reader.platform(default, "endpoints")]
     if top.get("endpoints") is not None:
         endpoints = reader.endpoints(top["endpoints"], "endpoints")
 
@@ -989,8 +935,6 @@ def load_config(
         )
     if problems or not endpoints:
         raise ConfigError("\n".join(problems))
-    if default_key := env.get("ANTHROPIC_API_KEY"):
-        endpoints = [replace(e, api_key=default_key) if takes_env_key(e) else e for e in endpoints]
     return Config(tuple(endpoints), source=str(file) if file else None, **sections)
 
 

@@ -32,6 +32,9 @@ Listener = Callable[[str, Mapping[str, object]], None]
 
 
 class EventLog:
+    """The proxy's structured log: one line per event (JSON or `key=value`), secrets masked;
+    listeners (the status page's timeline) hear of every event, whatever the level."""
+
     def __init__(
         self,
         level: str = "info",
@@ -45,6 +48,16 @@ class EventLog:
         self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
         self.mask = True
         self.listeners: list[Listener] = []
+
+    def configure(
+        self, level: str, fmt: str, secrets: Iterable[str], context: Mapping[str, object], mask: bool
+    ) -> None:
+        """Takes a new config's logging in place: listeners stay, and so does every holder."""
+        self.level = LEVELS.get(level, logging.INFO)
+        self.format = fmt
+        self.secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+        self.context = dict(context)
+        self.mask = mask
 
     def redact(self, text: str) -> str:
         if not self.mask:

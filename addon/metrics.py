@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 from collections import Counter as Tally
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -18,15 +19,15 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
-from .endpoints import COOLING, EndpointPool
 from .sse import Usage
+from .state.endpoints import COOLING, EndpointPool
 
 NAMESPACE = "ccf"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 class _EndpointCollector(Collector):
-    def __init__(self, pool: Callable[[], EndpointPool]) -> None:
+    def __init__(self, pool: EndpointPool) -> None:
         self.pool = pool
 
     def collect(self) -> Iterator[Metric]:
@@ -61,7 +62,7 @@ class _EndpointCollector(Collector):
             "Always 1: which platform each endpoint is (anthropic, bedrock, bedrock-mantle, vertex, openai).",
             labels=["endpoint", "provider"],
         )
-        for state in self.pool():
+        for state in self.pool:
             info.add_metric([state.name, state.endpoint.provider], 1)
             up.add_metric([state.name], 0 if state.status == COOLING else 1)
             left.add_metric([state.name], state.cooldown_left())
@@ -74,28 +75,78 @@ class _EndpointCollector(Collector):
         yield from (info, up, left, failures, utilization, resets)
 
 
+class _Memory:
+    up = True
+
+
+_ALWAYS_UP = _Memory()
+
+
+class Backend(Protocol):
+    """The shared state, as the metrics see it."""
+
+    @property
+    def up(self) -> bool: ...
+
+
 class _StateCollector(Collector):
-    def __init__(self, up: Callable[[], bool]) -> None:
-        self.up = up
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             f"{NAMESPACE}_state_backend_up",
             "1 while the state backend works (always for memory); 0 while Redis is away.",
-            value=1 if self.up() else 0,
+            value=1 if self.metrics.backend.up else 0,
         )
 
 
 class Metrics:
-    def __init__(self, pool: Callable[[], EndpointPool], state_up: Callable[[], bool] = lambda: True) -> None:
+    """The proxy's Prometheus metrics; endpoint states are read from `pool` when scraped."""
+
+    def __init__(self, pool: EndpointPool, backend: Backend | None = None) -> None:
+        self.backend: Backend = backend or _ALWAYS_UP  # the fleet's shared state, once started
         self.registry = CollectorRegistry()
-        counter, r = self._counter, self.registry
+        self._requests()
+        self._attempts()
+        self._streams()
+        self._endpoints()
+        # What /metrics serves: this registry, or with workers every worker's counts
+        self.exposition = self.registry
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            self.exposition = CollectorRegistry()
+            MultiProcessCollector(self.exposition)
+        self.exposition.register(_EndpointCollector(pool))
+        self.exposition.register(_StateCollector(self))
+
+    def _requests(self) -> None:
+        """Client requests: their outcomes, durations and the tokens their answers used."""
+        counter = self._counter
         self.requests = counter(
             "requests",
             "Client requests by final outcome and client (its access key's name).",
             "outcome",
             "client",
         )
+        self.request_duration = Histogram(
+            "request_duration_seconds",
+            "Whole client request duration, to the end of the response body.",
+            ["outcome", "client"],
+            namespace=NAMESPACE,
+            registry=self.registry,
+            buckets=LATENCY_BUCKETS,
+        )
+        self.tokens = counter(
+            "tokens",
+            "Tokens reported in usage fields, by kind: input, output, cache_read, cache_creation.",
+            "endpoint",
+            "kind",
+        )
+        self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
+
+    def _attempts(self) -> None:
+        """Upstream attempts: their outcomes, failovers, retries and waits."""
+        counter = self._counter
         self.attempts = counter(
             "upstream_attempts",
             "Upstream attempts by endpoint and outcome: ok, client_error, or why it failed.",
@@ -115,22 +166,25 @@ class Metrics:
             "Time from sending a request upstream to its response headers.",
             ["endpoint"],
             namespace=NAMESPACE,
-            registry=r,
+            registry=self.registry,
             buckets=LATENCY_BUCKETS,
         )
-        self.request_duration = Histogram(
-            "request_duration_seconds",
-            "Whole client request duration, to the end of the response body.",
-            ["outcome", "client"],
-            namespace=NAMESPACE,
-            registry=r,
-            buckets=LATENCY_BUCKETS,
+        self.retries = counter(
+            "retries", "Attempts that went back to an endpoint that had already failed or was cooling."
         )
+        self.backoff = counter("backoff_seconds", "Time requests spent waiting between attempts.")
+        self.budget_exhausted = counter(
+            "retry_budget_exhausted", "Retries refused because the retry budget was spent."
+        )
+
+    def _streams(self) -> None:
+        """Answers being relayed, cut or continued."""
+        counter = self._counter
         self.active_streams = Gauge(
             "active_streams",
             "Responses being relayed to clients right now.",
             namespace=NAMESPACE,
-            registry=r,
+            registry=self.registry,
             multiprocess_mode="livesum",
         )
         self.stream_aborts = counter(
@@ -142,13 +196,10 @@ class Metrics:
             "from_endpoint",
             "to_endpoint",
         )
-        self.retries = counter(
-            "retries", "Attempts that went back to an endpoint that had already failed or was cooling."
-        )
-        self.backoff = counter("backoff_seconds", "Time requests spent waiting between attempts.")
-        self.budget_exhausted = counter(
-            "retry_budget_exhausted", "Retries refused because the retry budget was spent."
-        )
+
+    def _endpoints(self) -> None:
+        """What happened to endpoints: cooldowns and refused credentials."""
+        counter = self._counter
         self.cooldowns = counter(
             "endpoint_cooldowns", "Times an endpoint was put to cool, by reason.", "endpoint", "reason"
         )
@@ -157,20 +208,6 @@ class Metrics:
             "Times an endpoint answered 401 or 403 to credentials the proxy chose (its key, a cloud role).",
             "endpoint",
         )
-        self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
-        self.tokens = counter(
-            "tokens",
-            "Tokens reported in usage fields, by kind: input, output, cache_read, cache_creation.",
-            "endpoint",
-            "kind",
-        )
-        # What /metrics serves: this registry, or with workers every worker's counts
-        self.exposition = r
-        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
-            self.exposition = CollectorRegistry()
-            MultiProcessCollector(self.exposition)
-        self.exposition.register(_EndpointCollector(pool))
-        self.exposition.register(_StateCollector(state_up))
 
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)

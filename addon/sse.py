@@ -16,6 +16,8 @@ Decoder = Callable[[bytes], bytes]
 
 
 class Event(NamedTuple):
+    """One server-sent event: its name and its data."""
+
     name: str
     data: str
 
@@ -129,6 +131,8 @@ def error_status(event: Event) -> int:
 
 
 class Usage(NamedTuple):
+    """The token counts of an answer's `usage`."""
+
     input: int = 0
     output: int = 0
     cache_read: int = 0

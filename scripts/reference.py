@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the repository's addon, as the tests import it
     sys.path.insert(0, str(ROOT))
 
-from addon import cli, config, metrics  # noqa: E402
-from addon.endpoints import EndpointPool, EndpointState  # noqa: E402
-from addon.limits import Window  # noqa: E402
+from addon import config, metrics  # noqa: E402
+from addon.cli import commands as cli  # noqa: E402
+from addon.state.endpoints import EndpointPool, EndpointState  # noqa: E402
+from addon.state.limits import Window  # noqa: E402
 
 MARKER = re.compile(r"<!-- reference: ([a-z]+) -->")
 # What a section's table opens with; links are relative to docs/reference/configuration.md
@@ -99,7 +100,7 @@ def registry_families() -> list[tuple[str, str, list[str], str]]:
     """
     endpoint = config.Endpoint(name="primary", base_url=config.DEFAULT_BASE_URL)
     state = EndpointState(endpoint, windows={"5h": Window(0.5, "allowed", time.time() + 3600)})
-    registry = metrics.Metrics(lambda: EndpointPool([state]))
+    registry = metrics.Metrics(EndpointPool([state]))
     declared = {
         wrapper._name: list(wrapper._labelnames)
         for wrapper in vars(registry).values()
@@ -153,7 +154,8 @@ def options() -> str:
         shown = "empty" if value == "" else f"`{str(value).lower() if isinstance(value, bool) else value}`"
         rows.append(f"| `{name}` | {shown} | {cell(help)} |")
     rows += ["", "| command | what it does |", "|---|---|"]
-    for member in vars(Fallback).values():
+    members = [member for addon in [fallback, *fallback.addons] for member in vars(type(addon)).values()]
+    for member in members:
         if name := getattr(member, "command_name", None):
             rows.append(f"| `{name}` | {cell(' '.join((member.__doc__ or '').split()))} |")
     return "\n".join([*rows, ""])

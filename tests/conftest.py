@@ -19,8 +19,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon.fakeapi import FakeAnthropic
-from addon.fakeopenai import FakeOpenAI
+from addon.fakes.anthropic import FakeAnthropic
+from addon.fakes.openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "fallback.py"

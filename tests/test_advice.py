@@ -4,9 +4,9 @@ from pathlib import Path
 
 import yaml
 
-from addon import advice
-from addon.access import Access
 from addon.config import Config, load_config
+from addon.ops import advice
+from addon.ops.access import Access
 
 MODE = ["reverse:https://api.anthropic.com@8765"]
 ENV_KEY = "sk-ant-api03-environment-key-0123456789"

@@ -1,4 +1,4 @@
-"""Tests for the Anthropic <-> Chat Completions translation (addon/chat_completions.py).
+"""Tests for the Anthropic <-> Chat Completions translation (addon/providers/chat_completions.py).
 
 Streams come from the fake OpenAI server's own bytes, over a socket or from its encoder,
 and what the translator makes of them is read back by the anthropic SDK's accumulator.
@@ -20,18 +20,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter
 
-from addon import fakeopenai, sse
-from addon.chat_completions import (
-    StreamTranslator,
-    Untranslatable,
-    anthropic_error,
-    anthropic_message,
-    chat_request,
-    error_type,
-    long_tool_names,
-    tool_use_id,
-)
-from addon.fakeopenai import (
+from addon import sse
+from addon.fakes import openai as fakeopenai
+from addon.fakes.openai import (
     ANSWERS,
     Answer,
     Behavior,
@@ -40,6 +31,16 @@ from addon.fakeopenai import (
     ToolCall,
     check_request,
     stream_events,
+)
+from addon.providers.chat_completions import (
+    StreamTranslator,
+    Untranslatable,
+    anthropic_error,
+    anthropic_message,
+    chat_request,
+    error_type,
+    long_tool_names,
+    tool_use_id,
 )
 
 EVENTS = TypeAdapter(RawMessageStreamEvent)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from addon.fakeapi import Behavior, FakeAnthropic, SeenRequest
+from addon.fakes.anthropic import Behavior, FakeAnthropic, SeenRequest
 
 from .conftest import endpoints_config
 
@@ -201,7 +201,7 @@ def test_claude_cli_session_moves_off_an_account_whose_window_is_refused(
     tmp_path, proxy_factory, primary, backup
 ):
     """Two subscription accounts under least-utilized: the CLI's session avoids the overage one."""
-    from addon.fakeapi import Account, Window
+    from addon.fakes.anthropic import Account, Window
 
     home = tmp_path / "home"
     home.mkdir()
@@ -226,7 +226,7 @@ def test_claude_cli_gets_bedrocks_streamed_answer_when_anthropic_rate_limits(
     tmp_path, proxy_factory, primary
 ):
     """Claude on AWS as the backup: the CLI prints Bedrock's answer, decoded from its event stream."""
-    from addon.fakecloud import FakeBedrock
+    from addon.fakes.cloud import FakeBedrock
     from addon.providers import cloud
 
     from .test_clouds import ACCESS_KEY, REGION, SECRET_KEY, platform, with_keys
@@ -257,8 +257,8 @@ def test_claude_cli_gets_bedrocks_streamed_answer_when_anthropic_rate_limits(
 
 def test_claude_cli_gets_an_openai_format_backups_answer(tmp_path, proxy_factory, primary):
     """The last line of defence: a Chat Completions model answers, translated both ways."""
-    from addon import fakeopenai
-    from addon.fakeopenai import FakeOpenAI
+    from addon.fakes import openai as fakeopenai
+    from addon.fakes.openai import FakeOpenAI
 
     home = tmp_path / "home"
     home.mkdir()

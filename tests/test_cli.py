@@ -21,9 +21,9 @@ import httpx
 import pytest
 import yaml
 
-from addon import cli as cli_module
+from addon.cli import commands as cli_module
 from addon.config import load_config
-from addon.fakeapi import Behavior, FakeAnthropic
+from addon.fakes.anthropic import Behavior, FakeAnthropic
 
 from .conftest import ACCESS_KEY, BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 from .test_operations import WEB_AUTH, xsrf
@@ -427,7 +427,7 @@ def test_proxy_command_line(tmp_path: Path) -> None:
         sys.executable,
         "-O",
         "-P",
-        str(ROOT / "addon" / "lean.py"),
+        str(ROOT / "addon" / "lean" / "master.py"),
         "--set",
         "mode=reverse:https://api.anthropic.com@9000",
         "--set",

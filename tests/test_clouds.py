@@ -1,6 +1,6 @@
 """Claude on the clouds through the proxy: Bedrock, Bedrock Mantle and Vertex AI as endpoints.
 
-Real mitmdump with the addon, the platform fakes of addon/fakecloud.py (which verify SigV4
+Real mitmdump with the addon, the platform fakes of addon/fakes/cloud.py (which verify SigV4
 with botocore, speak AWS event-stream frames, and issue Google tokens only for a validly
 signed service-account JWT), and the anthropic SDK or raw HTTP as the client.
 """
@@ -15,8 +15,8 @@ import anthropic
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior, FakeAnthropic
-from addon.fakecloud import FakeBedrock, FakeBedrockMantle, FakeVertex
+from addon.fakes.anthropic import Behavior, FakeAnthropic
+from addon.fakes.cloud import FakeBedrock, FakeBedrockMantle, FakeVertex
 
 from .conftest import endpoints_config, wait_until
 from .test_failover import MESSAGE, sdk

@@ -15,10 +15,10 @@ from addon.config import (
     Streaming,
     Timeouts,
     default_config_path,
-    is_anthropic_host,
     load_config,
     mask_secret,
 )
+from addon.providers.platforms import is_anthropic_host
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 KEY = "sk-ant-api03-" + "s3cr3t" * 10

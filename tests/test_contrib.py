@@ -11,7 +11,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon.fakeapi import Account, Behavior, Window
+from addon.fakes.anthropic import Account, Behavior, Window
 
 from .conftest import CUT_STREAM_ERRORS, ROOT, Proxy, endpoints_config, wait_until
 from .test_failover import stream_text

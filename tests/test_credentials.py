@@ -20,11 +20,11 @@ from typing import Any
 import anthropic
 import pytest
 
-from addon import fakeopenai
-from addon.cli import endpoint_row
-from addon.fakeapi import Behavior, FakeAnthropic
-from addon.fakecloud import FakeBedrock, FakeVertex
-from addon.fakeopenai import FakeOpenAI
+from addon.cli.commands import endpoint_row
+from addon.fakes import openai as fakeopenai
+from addon.fakes.anthropic import Behavior, FakeAnthropic
+from addon.fakes.cloud import FakeBedrock, FakeVertex
+from addon.fakes.openai import FakeOpenAI
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 from .test_clouds import ACCESS_KEY, API_KEY, REGION, SECRET_KEY, platform, vertex_endpoint, with_keys

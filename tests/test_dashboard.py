@@ -14,7 +14,7 @@ from mitmproxy import io
 from mitmproxy.http import HTTPFlow
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from addon.fakeapi import Account, Behavior, Window
+from addon.fakes.anthropic import Account, Behavior, Window
 
 from .conftest import ACCESS_KEY, endpoints_config, wait_until
 from .test_cli import Cli

@@ -20,12 +20,12 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from addon import cli
 from addon import config as schema
+from addon.cli import commands as cli
 from addon.config import load_config
-from addon.endpoints import EndpointPool
-from addon.fakeapi import FakeAnthropic
+from addon.fakes.anthropic import FakeAnthropic
 from addon.metrics import Metrics
+from addon.state.endpoints import EndpointPool
 
 from .conftest import ROOT, endpoints_config, free_port, wait_until
 from .test_cli import Cli
@@ -192,6 +192,10 @@ def test_ccf_init_ships_the_same_example_file():
     assert cli.EXAMPLE_CONFIG.read_bytes() == EXAMPLE.read_bytes()
 
 
+# In the package, so that the copy's relative imports (the platforms' table) resolve as the original's do.
+CONFIG_COPY = "addon.ccf_config_copy"
+
+
 def code_with_a_new_key(tmp_path: Path, **changes: str) -> Path:
     """A copy of addon/config.py with one more key in `server`, as a change to the code alone would add."""
     text = (ROOT / "addon" / "config.py").read_text(encoding="utf-8")
@@ -206,7 +210,7 @@ def code_with_a_new_key(tmp_path: Path, **changes: str) -> Path:
 
 
 def test_a_key_added_to_the_code_alone_fails_the_check_and_shows_in_the_reference(tmp_path, reference):
-    changed = load_module("ccf_config_copy", code_with_a_new_key(tmp_path))
+    changed = load_module(CONFIG_COPY, code_with_a_new_key(tmp_path))
     keys = schema_keys(changed)
     assert "server.colour" in keys
     assert example_problems(keys, EXAMPLE.read_text(encoding="utf-8")) == [
@@ -220,7 +224,7 @@ def test_a_key_added_to_the_code_alone_fails_the_check_and_shows_in_the_referenc
 def test_a_key_without_its_meaning_cannot_be_declared(tmp_path):
     line = '    colour: str = _key("colour", _string, default="blue")\n'
     with pytest.raises(TypeError, match="doc"):
-        load_module("ccf_config_copy", code_with_a_new_key(tmp_path, line=line))
+        load_module(CONFIG_COPY, code_with_a_new_key(tmp_path, line=line))
 
 
 @pytest.mark.parametrize("line", ["  colour: blue", "  # colour: blue"])
@@ -261,7 +265,7 @@ def test_every_key_says_what_it_means_and_takes(site):
 
 def exported() -> set[str]:
     """The name of each family a proxy's /metrics serves, from the registry itself."""
-    text = Metrics(EndpointPool).render().decode()
+    text = Metrics(EndpointPool()).render().decode()
     # `_created`: when a counter started, prometheus-client's own
     return {f.name for f in text_string_to_metric_families(text) if not f.name.endswith("_created")}
 

@@ -19,7 +19,7 @@ import anthropic
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior, blackhole_listener
+from addon.fakes.anthropic import Behavior, blackhole_listener
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 

@@ -1,4 +1,4 @@
-"""Self-tests for the fake Anthropic upstream (addon/fakeapi.py)."""
+"""Self-tests for the fake Anthropic upstream (addon/fakes/anthropic.py)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from typing import Any
 import anthropic
 import pytest
 
-from addon import fakeapi
-from addon.fakeapi import Account, Behavior, FakeAnthropic, Window, blackhole_listener
+from addon.fakes import anthropic as fakeapi
+from addon.fakes.anthropic import Account, Behavior, FakeAnthropic, Window, blackhole_listener
 
 from .conftest import wait_until
 
@@ -389,9 +389,9 @@ def test_blackhole_listener_makes_connect_time_out() -> None:
 
 @contextlib.contextmanager
 def run_cli(*args: str) -> Iterator[FakeAnthropic]:
-    """`python -m addon.fakeapi` in the foreground; the yielded fake only knows its port."""
+    """`python -m addon.fakes.anthropic` in the foreground; the yielded fake only knows its port."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "addon.fakeapi", *args],
+        [sys.executable, "-m", "addon.fakes.anthropic", *args],
         cwd=Path(__file__).resolve().parents[1],
         stdout=subprocess.PIPE,
         text=True,

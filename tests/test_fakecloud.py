@@ -1,4 +1,4 @@
-"""Self-tests for the cloud platform fakes (addon/fakecloud.py), held to the anthropic SDK's own
+"""Self-tests for the cloud platform fakes (addon/fakes/cloud.py), held to the anthropic SDK's own
 Bedrock, Bedrock Mantle and Vertex clients, botocore's signer and event-stream parser, and
 google-auth's service-account credentials."""
 
@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from google.auth.exceptions import RefreshError
 from google.oauth2 import service_account
 
-from addon.fakeapi import Behavior, SeenRequest
-from addon.fakecloud import (
+from addon.fakes.anthropic import Behavior, SeenRequest
+from addon.fakes.cloud import (
     API_VERSIONS,
     BEDROCK_VERSION,
     CLOUD_PLATFORM_SCOPE,
@@ -626,7 +626,7 @@ def test_vertex_stream_kinds_keep_their_meaning(
 def start_cli(*args: str, last: str) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
     """Run the command line; what it printed, up to its `last` note, by name."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "addon.fakecloud", *args],
+        [sys.executable, "-m", "addon.fakes.cloud", *args],
         stdout=subprocess.PIPE,
         env=clean_env(ROOT),
         cwd=ROOT,

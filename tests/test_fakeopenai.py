@@ -1,4 +1,4 @@
-"""Self-tests for the fake OpenAI upstream (addon/fakeopenai.py), read by the official `openai` SDK."""
+"""Self-tests for the fake OpenAI upstream (addon/fakes/openai.py), read by the official `openai` SDK."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
-from addon import fakeopenai
-from addon.fakeopenai import (
+from addon.fakes import openai as fakeopenai
+from addon.fakes.openai import (
     ANSWERS,
     Answer,
     Behavior,

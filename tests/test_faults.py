@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE, post, stream_text

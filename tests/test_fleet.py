@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from addon.fakeapi import Account, Behavior, Window
+from addon.fakes.anthropic import Account, Behavior, Window
 
 from .conftest import ROOT, endpoints_config, wait_until
 from .test_failover import MESSAGE

@@ -2,7 +2,7 @@
 
 One proxy per provider serves the module (each test resets its fake): Anthropic's API,
 Bedrock's runtime, Bedrock Mantle, Vertex AI and an OpenAI-format endpoint, each the
-proxy's only endpoint, behind the fakes of addon/fakeapi.py, fakecloud.py and
+proxy's only endpoint, behind the fakes of addon/fakes/anthropic.py, fakecloud.py and
 fakeopenai.py. The clients are the anthropic SDK and raw httpx, as Claude Code's requests
 go: `?beta=true`, its headers, its betas. docs/gateway.md names each test.
 """
@@ -21,10 +21,11 @@ import anthropic
 import httpx
 import pytest
 
-from addon import fakeapi, fakeopenai
-from addon.fakeapi import Behavior, FakeAnthropic
-from addon.fakecloud import BEDROCK_VERSION, FakeBedrock, FakeBedrockMantle, FakeVertex
-from addon.fakeopenai import FakeOpenAI
+from addon.fakes import anthropic as fakeapi
+from addon.fakes import openai as fakeopenai
+from addon.fakes.anthropic import Behavior, FakeAnthropic
+from addon.fakes.cloud import BEDROCK_VERSION, FakeBedrock, FakeBedrockMantle, FakeVertex
+from addon.fakes.openai import FakeOpenAI
 
 from .conftest import ACCESS_KEY, PRIMARY_KEY, Proxy, endpoints_config, free_port
 from .test_clouds import ACCESS_KEY as AWS_KEY

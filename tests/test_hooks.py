@@ -10,7 +10,7 @@ from mitmproxy.proxy import commands, events
 from mitmproxy.proxy.layers.http import HttpRequestHook, HttpResponseHook
 from mitmproxy.test import tflow
 
-from addon.hooks import HookedAddons, InlineHooks
+from addon.lean.dispatch import HookedAddons, InlineHooks
 
 
 def test_hooks_reach_the_addons_that_have_them_in_order_even_those_added_later():

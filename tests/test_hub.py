@@ -1,5 +1,5 @@
 """The workers' own store (hub.py), spoken to by the real redis-py client a fleet uses and by
-the workers' own client (resp.py), which must give what redis-py gives, here and against a
+the workers' own client (resp_client.py), which must give what redis-py gives, here and against a
 real redis-server."""
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import pytest
 from redis import asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from addon import resp
 from addon.config import Endpoint, RedisSettings
-from addon.endpoints import COOLING, EndpointPool
-from addon.hub import Hub, listening_socket, parse
+from addon.fleet import resp_client as resp
+from addon.fleet.hub import Hub, listening_socket, parse
+from addon.fleet.shared_state import shared_state
 from addon.logs import EventLog
-from addon.shared import shared_state
+from addon.state.endpoints import COOLING, EndpointPool
 
 
 class Clock:
@@ -142,9 +142,9 @@ def test_two_workers_share_a_cooldown_through_the_hub(tmp_path):
         hub, url = await served(tmp_path, Clock())
         endpoints = (Endpoint(name="primary", base_url="http://127.0.0.1:9"),)
         pools = [EndpointPool.build(endpoints), EndpointPool.build(endpoints)]
-        states = [shared_state("memory", RedisSettings(), EventLog, 1.0, workers_store=url) for _ in pools]
+        states = [shared_state("memory", RedisSettings(), EventLog(), 1.0, workers_store=url) for _ in pools]
         for state, pool in zip(states, pools, strict=True):
-            await state.start(lambda pool=pool: pool, dict)
+            await state.start(pool, dict)
             await asyncio.wait_for(state.connected.wait(), 5)
         assert [state.mode for state in states] == ["workers", "workers"]
         first = pools[0].get("primary")
@@ -176,7 +176,7 @@ def test_the_socket_listens_before_anyone_serves_it(tmp_path):
 
 
 def test_the_workers_client_answers_as_redis_py_does_from_a_real_redis(redis_server):
-    """Every call shared.py makes, through both clients, against redis-server itself."""
+    """Every call shared_state.py makes, through both clients, against redis-server itself."""
 
     async def calls(redis: Any, other: Any, tag: str) -> list[Any]:
         key = f"{tag}:"

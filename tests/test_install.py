@@ -39,7 +39,7 @@ def test_a_built_wheel_runs_the_demo_and_ships_the_example_config(tmp_path):
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         archive.extractall(site)
-    assert "claude_code_fallback/fallback.py" in names and "claude_code_fallback/lean.py" in names
+    assert "claude_code_fallback/fallback.py" in names and "claude_code_fallback/lean/master.py" in names
     assert "claude_code_fallback/dashboard.html" in names  # the status page
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ccf = claude_code_fallback.cli:main" in (site / entry_points).read_text()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from addon import limits
-from addon.limits import Window
+from addon.state import limits
+from addon.state.limits import Window
 
 NOW = 1_800_000_000.0
 U = "anthropic-ratelimit-unified-"

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import endpoints_config
 

@@ -1,6 +1,6 @@
 """OpenAI-format endpoints through the proxy: Chat Completions translated both ways.
 
-Real mitmdump with the addon, the strict fake OpenAI server of addon/fakeopenai.py (its
+Real mitmdump with the addon, the strict fake OpenAI server of addon/fakes/openai.py (its
 events split across TCP writes at awkward places), and the anthropic SDK as the client:
 its stream accumulator must build the right message from what the proxy translated.
 """
@@ -13,10 +13,10 @@ import anthropic
 import httpx
 import pytest
 
-from addon import fakeopenai
-from addon.fakeapi import Behavior as AnthropicBehavior
-from addon.fakeopenai import FakeOpenAI
-from addon.resume import CONTINUE_PROMPT
+from addon.fakes import openai as fakeopenai
+from addon.fakes.anthropic import Behavior as AnthropicBehavior
+from addon.fakes.openai import FakeOpenAI
+from addon.relay.resume import CONTINUE_PROMPT
 
 from .conftest import endpoints_config
 from .test_failover import MESSAGE, sdk
@@ -242,8 +242,8 @@ def test_a_session_back_on_claude_loses_the_thinking_no_claude_signed(proxy_fact
 def test_ccf_check_calls_an_openai_format_endpoint(openai, tmp_path):
     import asyncio
 
-    from addon import checks
     from addon.config import load_config
+    from addon.ops import checks
 
     path = tmp_path / "config.yaml"
     path.write_text(f"endpoints: [{json.dumps(openai_endpoint(openai))}]\n")

@@ -11,7 +11,7 @@ import httpx
 import yaml
 from mitmproxy.version import VERSION as mitmproxy_version
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE, post, stream_text

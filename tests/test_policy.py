@@ -8,9 +8,10 @@ import json
 import time
 
 from addon.config import Endpoint, Retry
-from addon.endpoints import EndpointState
-from addon.failover import final_failure
-from addon.policy import AttemptFailed, ErrorResponse, Plan, cooldown, worth_waiting
+from addon.request import AttemptFailed, ErrorResponse
+from addon.state.endpoints import EndpointState
+from addon.state.policy import Plan, cooldown, worth_waiting
+from addon.upstream.failover import final_failure
 
 
 def rate_limited(endpoint: str, seconds: float) -> AttemptFailed:

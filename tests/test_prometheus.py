@@ -8,7 +8,7 @@ import subprocess
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import ACCESS_KEY, ROOT, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE, post, sdk

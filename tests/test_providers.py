@@ -19,7 +19,7 @@ from addon.providers import Headers, Untranslatable, cloud, for_endpoint
 from addon.providers.bedrock import EventStreamToSse, aws_error
 from addon.providers.eventstream import FrameError, Frames
 from addon.providers.vertex import Vertex
-from addon.upstream import ClientRequest
+from addon.request import ClientRequest
 
 
 def load(tmp_path: Path, text: str, env: dict[str, str] | None = None):
@@ -335,15 +335,16 @@ def test_a_config_without_cloud_endpoints_loads_none_of_their_libraries(tmp_path
         "from addon.proxy import Fallback\n"
         "from addon.config import load_config\n"
         "from addon.providers import for_endpoint\n"
-        "from addon.checks import check\n"
+        "from addon.ops.checks import check\n"
         f"config = load_config({str(tmp_path / 'c.yaml')!r}, {{}})\n"
         "[for_endpoint(e) for e in config.endpoints]\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'botocore', 'google', 'boto3'}))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('addon.fakes')))\n"
     )
     (tmp_path / "c.yaml").write_text("endpoints: [{name: a, baseUrl: 'http://127.0.0.1:9'}]\n")
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip() == "[]"
+    assert run.stdout.split() == ["[]", "[]"]  # no platform library, no fake
 
 
 def test_a_body_that_is_not_a_json_object_is_refused_before_it_is_sent(tmp_path: Path) -> None:

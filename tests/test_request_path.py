@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 from addon.proxy import WHOLE_BODY_LIMIT
 
 from .conftest import BACKUP_KEY, PRIMARY_KEY, Proxy, endpoints_config, wait_until

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import endpoints_config, wait_until
 from .test_failover import MESSAGE, post, stream_text

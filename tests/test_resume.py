@@ -11,8 +11,8 @@ import anthropic
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior, signature
-from addon.resume import CONTINUE_PROMPT, join_seam
+from addon.fakes.anthropic import Behavior, signature
+from addon.relay.resume import CONTINUE_PROMPT, join_seam
 
 from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
 from .test_failover import MESSAGE, open_when, sdk, stream_text_cut

@@ -9,10 +9,10 @@ import uuid
 import pytest
 
 from addon.config import Endpoint, Routing
-from addon.endpoints import EndpointPool
-from addon.limits import Reading, Window
-from addon.routing import Router, SessionMap, session_of
-from addon.upstream import ClientRequest
+from addon.request import ClientRequest
+from addon.state.endpoints import EndpointPool
+from addon.state.limits import Reading, Window
+from addon.state.routing import Router, SessionMap, session_of
 
 SESSION = "0b6a4f8e-3c2d-4d39-9f3e-5b1a2c3d4e5f"
 

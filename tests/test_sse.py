@@ -8,7 +8,7 @@ import json
 import pytest
 
 from addon import sse
-from addon.upstream import IdleWatch
+from addon.upstream.client import IdleWatch
 
 
 def anthropic_stream(words: list[str]) -> bytes:

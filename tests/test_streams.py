@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
 
 from .conftest import CUT_STREAM_ERRORS, endpoints_config, wait_until
 from .test_failover import MESSAGE, open_when, post, sdk, stream_text, stream_text_cut

@@ -15,8 +15,8 @@ import anthropic
 import httpx
 import pytest
 
-from addon.cli import endpoint_row
-from addon.fakeapi import Account, Behavior, Window
+from addon.cli.commands import endpoint_row
+from addon.fakes.anthropic import Account, Behavior, Window
 
 from .conftest import BACKUP_KEY, endpoints_config, wait_until
 from .test_failover import MESSAGE, sdk

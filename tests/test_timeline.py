@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-from addon.endpoints import EndpointPool
 from addon.metrics import Metrics
-from addon.timeline import INCIDENTS, MINUTES, Timeline
+from addon.ops.timeline import INCIDENTS, MINUTES, Timeline
+from addon.state.endpoints import EndpointPool
 
 
 class Clock:
@@ -20,7 +20,7 @@ class Clock:
 
 def setup() -> tuple[Metrics, Timeline, Clock]:
     clock = Clock()
-    return Metrics(EndpointPool), Timeline(clock), clock
+    return Metrics(EndpointPool()), Timeline(clock), clock
 
 
 def test_each_sample_adds_what_grew_to_the_current_minute():

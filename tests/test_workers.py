@@ -26,9 +26,10 @@ import httpx
 import pytest
 import yaml
 
-from addon import lean, workers
 from addon.config import load_config
-from addon.fakeapi import Behavior
+from addon.fakes.anthropic import Behavior
+from addon.fleet import workers
+from addon.lean import master as lean
 
 from .conftest import clean_env, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE

@@ -3,11 +3,13 @@
 A provider is a few small steps on one interface, `Provider`: which requests it takes
 (`declines`), how a request is addressed and shaped (`outgoing`) and signed
 (`authenticate`), how a successful answer becomes Anthropic's bytes (`reply`), and how a
-failed one is read (`error`). Anthropic's own API is the first provider: its requests go
-as they came and its answers come back untouched. Everything above this package
-(failover, the preamble hold, resume, usage, mitmweb's view) sees Anthropic requests and
-events only, whichever platform answered. A platform's module is imported only when an
-endpoint names it, so that its libraries cost nothing otherwise.
+failed one is read (`error`). Each platform is a module of this package (`anthropic`,
+`bedrock`, `vertex`, `openai`) and an entry of `platforms.PLATFORMS`, which says what the
+configuration knows of it. Everything above this package (failover, the preamble hold,
+resume, usage, mitmweb's view) sees Anthropic requests and events only, whichever platform
+answered. A platform's module is imported only when an endpoint names it, so that its
+libraries cost nothing otherwise. This module holds the interface and what the platforms
+share.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from ..config import OAUTH_BETA, PROVIDER_EXTRAS, ConfigError, Endpoint, mask_secret
-from ..policy import retry_after_seconds
+from .. import config  # the module, not its names: config.py is still loading when it reads .platforms
+from ..request import retry_after_seconds
+from .platforms import PLATFORMS
 
 if TYPE_CHECKING:
-    from ..upstream import ClientRequest
+    from ..config import Endpoint
+    from ..request import ClientRequest
 
-# provider name -> its module in this package; `anthropic` is `Provider` itself
-MODULES = {"bedrock": "bedrock", "bedrock-mantle": "bedrock", "vertex": "vertex", "openai": "openai"}
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -92,7 +94,7 @@ class CredentialsError(Exception):
     """No usable credentials for an endpoint; the message says what was looked for."""
 
 
-class Untranslatable(Exception):
+class Untranslatable(ValueError):
     """The client's request has no form on this platform; the message is for the client."""
 
 
@@ -112,9 +114,14 @@ class InThread(Generic[T]):
 
 
 class Provider:
-    """Anthropic's API itself: the client's request as it came, the answer as it comes."""
+    """One endpoint's platform, as the proxy asks it: each step below, in a request's order.
 
-    name = "anthropic"
+    A platform that speaks Anthropic's API over its own transport overrides `outgoing`,
+    `authenticate` and `prepare`; one that speaks another format overrides `reply` and
+    `error` as well, so that the client gets Anthropic's bytes either way.
+    """
+
+    name = ""  # an endpoint's `provider`
     reads_errors = False  # whether `error` reads every answer >= 400, not only those of `retry.statuses`
 
     def __init__(self, endpoint: Endpoint) -> None:
@@ -123,26 +130,24 @@ class Provider:
     @property
     def own_credentials(self) -> bool:
         """Whether the endpoint gets credentials the proxy chose (from the config or the
-        environment) rather than the client's own: a 401 or 403 is then the endpoint's failure.
-        Here, when the endpoint has a key; without one, the client's goes."""
-        return bool(self.endpoint.api_key)
+        environment) rather than the client's own: a 401 or 403 is then the endpoint's failure."""
+        raise NotImplementedError
 
     def declines(self, request: ClientRequest) -> str | None:
         """Why this endpoint cannot take `request` at all (it is skipped); None when it can."""
         return None
 
     def outgoing(self, request: ClientRequest) -> Outgoing:
-        return Outgoing(
-            request.method,
-            self.endpoint.base_url + request.path,
-            anthropic_headers(self.endpoint, request),
-            anthropic_body(self.endpoint, request),
-        )
+        """The request as the platform takes it, not yet signed; raises Untranslatable when
+        it has no form there."""
+        raise NotImplementedError
 
     async def authenticate(self, outgoing: Outgoing) -> Outgoing:
+        """The request signed, or given the platform's credentials; raises CredentialsError."""
         return outgoing
 
     def reply(self, headers: Headers, request: ClientRequest) -> Reply:
+        """How a successful answer reaches the client; by default as it came."""
         return Reply(headers)
 
     def error(self, status: int, headers: Headers, body: bytes) -> PlatformError:
@@ -152,7 +157,27 @@ class Provider:
     async def prepare(self) -> str:
         """Finds the endpoint's credentials ahead of the first request; says what it found.
         Raises CredentialsError when there are none to use."""
-        return mask_secret(self.endpoint.api_key) if self.endpoint.api_key else "client key passed through"
+        raise NotImplementedError
+
+
+def for_endpoint(endpoint: Endpoint) -> Provider:
+    """The endpoint's provider; its platform's module is imported the first time one is named."""
+    platform = PLATFORMS[endpoint.provider]
+    try:
+        module = importlib.import_module(f".{platform.module}", __package__)
+    except ImportError as e:  # the platform's extra is missing, or one of its libraries lacks its own
+        if platform.extra is None:
+            raise
+        cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
+        missing = f"no module {cause.name!r}" if cause.name else str(cause).splitlines()[0]
+        raise config.ConfigError(
+            f"endpoint {endpoint.name}: {endpoint.provider} needs the {platform.extra[0]} extra ({missing}); "
+            f"install it: {platform.install}"
+        ) from e
+    return module.provider(endpoint)  # type: ignore[no-any-return]
+
+
+# -- shared by the platforms -----------------------------------------------------------------
 
 
 def json_object(request: ClientRequest) -> dict[str, Any]:
@@ -162,115 +187,8 @@ def json_object(request: ClientRequest) -> dict[str, Any]:
     return request.payload
 
 
-def for_endpoint(endpoint: Endpoint) -> Provider:
-    if (module := MODULES.get(endpoint.provider)) is None:
-        return Provider(endpoint)
-    try:
-        platform = importlib.import_module(f".{module}", __package__)
-    except ImportError as e:  # the platform's extra is missing, or one of its libraries lacks its own
-        if (extra := PROVIDER_EXTRAS.get(endpoint.provider)) is None:
-            raise
-        cause = e.__cause__ if isinstance(e.__cause__, ImportError) else e
-        missing = f"no module {cause.name!r}" if cause.name else str(cause).splitlines()[0]
-        install = f"pip install 'claude-code-fallback[{extra[0]}]'"
-        raise ConfigError(
-            f"endpoint {endpoint.name}: {endpoint.provider} needs the {extra[0]} extra ({missing}); "
-            f"install it: {install}"
-        ) from e
-    return platform.provider(endpoint)  # type: ignore[no-any-return]
-
-
-# -- Anthropic's request ---------------------------------------------------------------------
-
-
-def anthropic_headers(endpoint: Endpoint, request: ClientRequest) -> list[tuple[str, str]]:
-    """The client's headers minus hop-by-hop ones, with the endpoint's auth and extras.
-
-    An endpoint with a key of its own gets the client's betas merged into one
-    `anthropic-beta` header, with the OAuth beta added for a subscription token and taken
-    out for an API key (a client logged in to a subscription sends it).
-    """
-    headers = client_headers(request, endpoint, own_auth=bool(endpoint.api_key))
-    if endpoint.api_key:
-        auth = endpoint.auth
-        if auth == "x-api-key":
-            headers.append(("x-api-key", endpoint.api_key))
-        else:
-            headers.append(("authorization", f"Bearer {endpoint.api_key}"))
-        betas = [b for b in client_betas(request, endpoint) if b != OAUTH_BETA]
-        betas += [OAUTH_BETA] if auth == "oauth" else []
-        if betas:
-            headers.append(("anthropic-beta", ",".join(betas)))
-    headers.extend(
-        (n, v) for n, v in endpoint.headers if not (endpoint.api_key and n.lower() == "anthropic-beta")
-    )
-    return headers
-
-
-def client_headers(request: ClientRequest, endpoint: Endpoint, own_auth: bool) -> list[tuple[str, str]]:
-    """The client's headers that go on: not hop-by-hop ones (nor those its `Connection` names),
-    nor those the endpoint sets itself, nor its key and betas when the endpoint has its own auth."""
-    connection_tokens = {
-        token.strip().lower()
-        for name, value in request.headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    skip = NOT_FORWARDED | connection_tokens | {name.lower() for name, _ in endpoint.headers}
-    if own_auth:
-        skip |= {"x-api-key", "authorization", "anthropic-beta"}
-    return [(n, v) for n, v in request.headers if n.lower() not in skip]
-
-
-def client_betas(request: ClientRequest, endpoint: Endpoint) -> list[str]:
-    """Every `anthropic-beta` value of the client and the endpoint's own headers, in order, once each."""
-    return list(dict.fromkeys(beta_values((*request.headers, *endpoint.headers))))
-
-
-def beta_values(headers: tuple[tuple[str, str], ...]) -> list[str]:
-    """The betas named in `headers`' `anthropic-beta` values, in order."""
-    values = (v for n, v in headers if n.lower() == "anthropic-beta")
-    return [b.strip() for value in values for b in value.split(",") if b.strip()]
-
-
-def anthropic_body(endpoint: Endpoint, request: ClientRequest) -> bytes:
-    """The body byte for byte, unless the endpoint maps the model to a name of its own, or
-    the history holds thinking that no Claude signed."""
-    payload = request.payload
-    if payload is None:
-        return request.body
-    changes: dict[str, Any] = {}
-    if endpoint.models and request.model and (mapped := endpoint.map_model(request.model)) != request.model:
-        changes["model"] = mapped
-    if UNSIGNED in request.body and isinstance(payload.get("messages"), list):
-        changes["messages"] = [signed_only(m) for m in payload["messages"]]
-    return compact_json({**payload, **changes}) if changes else request.body
-
-
-UNSIGNED = b'"signature":""'  # as an OpenAI-format endpoint's reasoning comes back
-
-
-def signed_only(message: Any) -> Any:
-    """A turn without thinking blocks that carry no signature: Claude refuses those, and a
-    session that an OpenAI-format endpoint answered has them."""
-    if not isinstance(message, dict) or message.get("role") != "assistant":
-        return message
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    kept = [
-        b
-        for b in content
-        if not (isinstance(b, dict) and b.get("type") == "thinking" and not b.get("signature"))
-    ]
-    return {**message, "content": kept} if len(kept) != len(content) else message
-
-
 def compact_json(document: object) -> bytes:
     return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
-
-
-# -- shared by the platforms -----------------------------------------------------------------
 
 
 def is_anthropic_error(body: bytes) -> bool:

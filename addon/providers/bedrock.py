@@ -37,7 +37,6 @@ from . import (
     PlatformError,
     Provider,
     Reply,
-    client_headers,
     cloud,
     compact_json,
     content_type,
@@ -47,10 +46,11 @@ from . import (
     posted_to,
     retry_after,
 )
+from .anthropic import client_headers
 from .eventstream import FrameError, Frames
 
 if TYPE_CHECKING:
-    from ..upstream import ClientRequest
+    from ..request import ClientRequest
 
 VERSION = "bedrock-2023-05-31"
 EVENT_STREAM = "application/vnd.amazon.eventstream"

@@ -23,10 +23,11 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from ..config import Endpoint
-from . import UNSIGNED, beta_values, json_object, signed_only
+from . import json_object
+from .anthropic import UNSIGNED, beta_values, signed_only
 
 if TYPE_CHECKING:
-    from ..upstream import ClientRequest
+    from ..request import ClientRequest
 
 # Betas Bedrock and Vertex document for Claude; any other is refused with a 400.
 PLATFORM_BETAS = frozenset(

@@ -15,7 +15,7 @@ import json
 import re
 from typing import TYPE_CHECKING
 
-from .. import chat_completions, sse
+from .. import sse
 from ..config import Endpoint
 from . import (
     MESSAGES,
@@ -24,7 +24,7 @@ from . import (
     PlatformError,
     Provider,
     Reply,
-    Untranslatable,
+    chat_completions,
     compact_json,
     header_value,
     json_headers,
@@ -34,12 +34,15 @@ from . import (
 )
 
 if TYPE_CHECKING:
-    from ..upstream import ClientRequest
+    from ..request import ClientRequest
 
 RESET = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?")
 
 
 class OpenAI(Provider):
+    """An OpenAI-format endpoint (Chat Completions): requests translated there and answers back
+    (chat_completions.py)."""
+
     name = "openai"
     reads_errors = True
 
@@ -53,15 +56,9 @@ class OpenAI(Provider):
     def outgoing(self, request: ClientRequest) -> Outgoing:
         document = json_object(request)
         model = self.endpoint.map_model(request.model or "")
-        try:
-            body = chat_completions.chat_request(
-                document,
-                model,
-                streaming=request.streaming,
-                max_tokens_field=self.endpoint.max_tokens_field,
-            )
-        except chat_completions.Untranslatable as e:
-            raise Untranslatable(str(e)) from None
+        body = chat_completions.chat_request(
+            document, model, streaming=request.streaming, max_tokens_field=self.endpoint.max_tokens_field
+        )
         headers = [
             ("content-type", "application/json"),
             ("accept", "text/event-stream" if request.streaming else "application/json"),

@@ -39,7 +39,7 @@ from . import (
 )
 
 if TYPE_CHECKING:
-    from ..upstream import ClientRequest
+    from ..request import ClientRequest
 
 VERSION = "vertex-2023-10-16"
 SCOPE = "https://www.googleapis.com/auth/cloud-platform"
@@ -114,6 +114,8 @@ class GoogleToken:
 
 
 class Vertex(Provider):
+    """Claude on Vertex AI: its URLs and body, a Google bearer token, Google's errors made Anthropic's."""
+
     name = "vertex"
     reads_errors = True
 

@@ -1,0 +1,1 @@
+"""What requests cost: prices (`prices`), and who spent what, kept and capped."""

@@ -1,0 +1,137 @@
+"""A lean mitmproxy for `ccf start` and `ccf dev`: the addons a reverse proxy needs, and ours.
+
+mitmdump runs every hook of every flow past some forty addons (dumper, save, intercept,
+playback, ...) that a fallback proxy never uses; measured, that halves throughput. This
+is still a real mitmproxy master with mitmproxy's options, logging and proxy core, so
+`--set option=value` works as it does for mitmdump. `ccf web` keeps the full mitmweb.
+
+Usage: python -O -P master.py --set mode=reverse:https://api.anthropic.com@8765 --set fallback_config=PATH ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+if not __package__:
+    # Run as a script (`python -P master.py`): import the package this file belongs to.
+    _here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent.parent))
+    __package__ = f"{_here.parent.name}.{_here.name}"
+
+from ..fleet import workers
+
+# -O: mitmproxy type-checks every message's fields, and the event of every layer call,
+# only `if __debug__`; a serving proxy need not pay that (7-8% of a request's CPU).
+# -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module.
+PYTHON_FLAGS = ("-O", "-P")
+SCRIPT = Path(__file__).resolve()
+
+
+def command(specs: list[str]) -> list[str]:
+    """How to start the lean master with `--set` specs."""
+    return [sys.executable, *PYTHON_FLAGS, str(SCRIPT), *(a for s in specs for a in ("--set", s))]
+
+
+def parse(argv: list[str]) -> list[str]:
+    """`--set a=b --set c=d` → ["a=b", "c=d"]; nothing else is accepted."""
+    specs = []
+    args = iter(argv)
+    for arg in args:
+        if arg != "--set":
+            raise SystemExit(f"lean master: unexpected argument {arg!r} (only --set option=value)")
+        specs.append(next(args, ""))
+    return specs
+
+
+async def serve(specs: list[str], *ours: object) -> None:
+    """Runs mitmproxy's proxy core with `ours` (the fallback addon unless given) until shut down."""
+    # Imported here: a supervisor of workers needs none of it (about 45 MB less).
+    from mitmproxy import exceptions, master, options
+    from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, termlog, tlsconfig
+
+    from ..proxy import Fallback
+    from ..relay import direct
+    from . import dispatch as hooks
+
+    logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
+    for noisy in ("asyncio", "hpack", "quic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    direct.install()
+    opts = options.Options()
+    lean = master.Master(opts)
+    lean.addons = hooks.HookedAddons(lean)
+    hooks.install(lean.addons)
+    tls = tlsconfig.TlsConfig()
+    ours = ours or (Fallback(inspected=False, direct=True),)
+    lean.addons.add(
+        termlog.TermLog(),
+        core.Core(),
+        proxyserver.Proxyserver(),
+        next_layer.NextLayer(),
+        tls,
+        errorcheck.ErrorCheck(),
+        *ours,
+    )
+    # mitmproxy 12's TlsConfig makes its certificate store only in `running`, after the
+    # proxy already listens; a request in between (`ccf start` polls /health at once)
+    # would find none. Make it now, as its own `running` would.
+    tls.configure({"confdir"})
+    try:
+        opts.set(*specs)
+    except exceptions.OptionsError as e:
+        print(f"claude-code-fallback: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    # A service's log should not grow two lines for every health check or connection;
+    # `ccf web` or `mitmdump -s addon/fallback.py` show connection-level detail.
+    logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
+        loop.add_signal_handler(signum, lean.shutdown)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    watching: asyncio.Future[None] | None = None
+    if workers.ENV_SUPERVISOR in os.environ:
+        watching = asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
+    elif (line := os.environ.pop(workers.ENV_ANNOUNCE, "")) and isinstance(ours[0], Fallback):
+        watching = asyncio.ensure_future(announce_when(ours[0].ready, line))
+    # What is loaded by now lives as long as the process: keep it out of the collector's
+    # full passes, which otherwise stop every stream for 40-70 ms a few times a minute.
+    gc.freeze()
+    await lean.run()
+    if watching is not None:
+        watching.cancel()
+    loop.set_exception_handler(quiet_cancellations)
+
+
+async def announce_when(ready: asyncio.Event, line: str) -> None:
+    """`ccf dev`'s "on http://..." line, once the proxy serves (not when it starts)."""
+    await ready.wait()
+    print(line, file=sys.stderr, flush=True)
+
+
+def quiet_cancellations(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """Once the master is done, asyncio.run cancels the connections clients still keep open.
+    Python before 3.13 reports each as an exception in asyncio's own callback, with a
+    traceback: a stop is not an error."""
+    if not isinstance(context.get("exception"), asyncio.CancelledError):
+        loop.default_exception_handler(context)
+
+
+def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # the log file of `ccf start` should be current
+        stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    specs = parse(sys.argv[1:])
+    if listen := os.environ.get(workers.ENV_LISTEN):
+        workers.listen_on_inherited(listen)  # a worker of a supervisor
+    elif (config := workers.planned_config(specs)) and config.server.workers > 1:
+        raise SystemExit(workers.supervise(specs, config, command(specs)))
+    asyncio.run(serve(specs))
+
+
+if __name__ == "__main__":
+    main()
