@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import re
+import zoneinfo
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from .providers.platforms import DEFAULT_BASE_URL, DEFAULT_PROVIDER, OAUTH_KEY_PREFIX, PLATFORMS
+from .platforms import DEFAULT_BASE_URL, DEFAULT_PROVIDER, OAUTH_KEY_PREFIX, PLATFORMS
 
 Check = Callable[[Any], Any]
 _T = TypeVar("_T", bound="DataclassInstance")
@@ -43,9 +44,10 @@ class _Text(str):
 
 
 class _Invalid(Exception):
-    def __init__(self, expected: str, found: str | None = None) -> None:
+    def __init__(self, expected: str, found: str | None = None, at: str = "") -> None:
         super().__init__(expected)
         self.expected, self.found = expected, found
+        self.at = at  # where inside the value, when it is a list of mappings: `[1].budget.daily`
 
 
 def _kind(value: object) -> str:
@@ -185,22 +187,55 @@ def _statuses(value: Any) -> frozenset[int]:
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 
 
-def _named_keys(value: Any) -> tuple[tuple[str, str], ...]:
-    """`server.accessKeys`: a list of `{name, key}`, names unique and fit for a metric label."""
+def _named_keys(value: Any) -> tuple[ClientKey, ...]:
+    """`server.accessKeys`: a list of `{name, key}` (and a `budget`, if any), names unique and
+    fit for a metric label."""
     expected = "a list of {name, key} with unique names of letters, digits, '_', '.', '-' (up to 32)"
     if not isinstance(value, list):
         raise _Invalid(expected, _kind(value))
-    pairs: dict[str, str] = {}
+    entries: dict[str, ClientKey] = {}
     for i, item in enumerate(value):
-        if not isinstance(item, dict) or set(item) != {"name", "key"}:
+        if not isinstance(item, dict) or not {"name", "key"} <= set(item) <= {"name", "key", "budget"}:
             raise _Invalid(expected, f"{_kind(item)} at [{i}]")
         name, key = item["name"], item["key"]
-        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name) or name in pairs:
+        if not isinstance(name, str) or not _CLIENT_NAME.fullmatch(name) or name in entries:
             raise _Invalid(expected, f"name {_describe(name)} at [{i}]")
         if not isinstance(key, str) or not key:
             raise _Invalid(expected, f"an empty or non-string key at [{i}]")  # never echo a key
-        pairs[name] = key
-    return tuple(pairs.items())
+        budget = _nested(Budget, item.get("budget"), f"[{i}].budget")
+        entries[name] = ClientKey(name, key, budget)
+    return tuple(entries.values())
+
+
+def _nested(cls: type[_T], raw: object, at: str) -> _T:
+    """A section inside one entry of a list, checked key by key as `_Reader.apply` checks a
+    section; a problem names its place in the list (`at`)."""
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise _Invalid("a mapping", _kind(raw), at)
+    schema, changes = _schema(cls), {}
+    for key, value in raw.items():
+        spec = schema.get(key)
+        if spec is None:
+            raise _Invalid(f"one of the keys {', '.join(schema)}", "an unknown key", f"{at}.{key}")
+        if value is not None:
+            try:
+                changes[spec.name] = spec.metadata["check"](value)
+            except _Invalid as e:
+                raise _Invalid(e.expected, e.found or _kind(value), f"{at}.{key}") from None
+    return replace(cls(), **changes)
+
+
+def _timezone(value: Any) -> str:
+    expected = "an IANA time zone name, like UTC, Europe/Paris or America/New_York"
+    if not isinstance(value, str) or not value.strip():
+        raise _Invalid(expected, _describe(value))
+    try:
+        zoneinfo.ZoneInfo(value.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise _Invalid(expected, f"{_describe(value)}, a zone this system does not know") from None
+    return value.strip()
 
 
 def _redis_url(value: Any) -> str:
@@ -218,16 +253,24 @@ _DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
 
 def _key(
-    name: str, check: Check, default: Any = _REQUIRED, secret: bool = False, *, doc: str, shown: str = ""
+    name: str,
+    check: Check,
+    default: Any = _REQUIRED,
+    secret: bool = False,
+    *,
+    doc: str,
+    shown: str = "",
+    entries: type | None = None,
 ) -> Any:
     """A dataclass field read from the file key ``name`` and converted by ``check``.
 
     ``doc`` is the key's meaning in one line and ``shown`` its default in words where the
     value alone would mislead (a default worked out from other keys or the environment):
     the configuration reference is rendered from them (`reference`). For an endpoint key,
-    each platform's own words for it come first (`_on_platforms`).
+    each platform's own words for it come first (`_on_platforms`). A list whose entries are
+    mappings names their dataclass (`entries`), whose keys the reference lists under it.
     """
-    metadata = {"key": name, "check": check, "doc": doc, "shown": shown}
+    metadata = {"key": name, "check": check, "doc": doc, "shown": shown, "entries": entries}
     options: dict[str, Any] = {"metadata": metadata, "repr": not secret}
     return field(**options) if default is _REQUIRED else field(default=default, **options)
 
@@ -433,6 +476,50 @@ class Retry:
     )
 
 
+_USD = _number(0)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Spending caps in US dollars per calendar window (in `server.budgetTimezone`); none by
+    default. A request's cost counts once its answer has ended; see docs/cost.md."""
+
+    daily: float | None = _key(
+        "daily", _USD, default=None, doc="US dollars per calendar day", shown="none (no cap)"
+    )
+    weekly: float | None = _key(
+        "weekly", _USD, default=None, doc="US dollars per ISO week, from Monday 00:00", shown="none (no cap)"
+    )
+    monthly: float | None = _key(
+        "monthly", _USD, default=None, doc="US dollars per calendar month", shown="none (no cap)"
+    )
+
+    def limits(self) -> dict[str, float]:
+        """The windows that have a cap, and their caps: `{"daily": 20.0}`."""
+        caps = {"daily": self.daily, "weekly": self.weekly, "monthly": self.monthly}
+        return {window: cap for window, cap in caps.items() if cap is not None}
+
+
+def _budget_section() -> Any:
+    return field(default_factory=Budget, metadata={"key": "budget", "section": True, "check": None})
+
+
+@dataclass(frozen=True)
+class ClientKey:
+    """One named client key of `server.accessKeys`."""
+
+    name: str = _key(
+        "name",
+        _string,
+        doc="Unique, of letters, digits, `_`, `.`, `-` (up to 32); names the client in logs, metrics "
+        "(`client` label), `/health` and the status page",
+    )
+    key: str = _key(
+        "key", _string, secret=True, doc="What the client presents; compared in constant time, never forwarded"
+    )
+    budget: Budget = _budget_section()
+
+
 @dataclass(frozen=True)
 class Server:
     """Where the proxy listens and what it accepts."""
@@ -453,12 +540,20 @@ class Server:
         "never forwarded",
         shown="none: every client is served",
     )
-    access_keys: tuple[tuple[str, str], ...] = _key(
+    access_keys: tuple[ClientKey, ...] = _key(
         "accessKeys",
         _named_keys,
         default=(),
         secret=True,
-        doc="Named client keys, `[{name, key}]`; the name shows in logs, metrics and `/health`",
+        doc="Named client keys, `[{name, key, budget}]`; the name shows in logs, metrics and `/health`",
+        entries=ClientKey,
+    )
+    budget: Budget = _budget_section()  # the whole proxy's, every client together
+    budget_timezone: str = _key(
+        "budgetTimezone",
+        _timezone,
+        default="UTC",
+        doc="Where the budgets' days, weeks and months begin and end",
     )
     metrics_port: int | None = _key(
         "metricsPort",
@@ -660,7 +755,7 @@ class _Reader:
                 try:
                     changes[spec.name] = spec.metadata["check"](value)
                 except _Invalid as e:
-                    self.fail(where, f"expected {e.expected}, got {e.found or _kind(value)}")
+                    self.fail(where + e.at, f"expected {e.expected}, got {e.found or _kind(value)}")
         return replace(base, **changes)
 
     def set_option(self, sections: dict[str, Any], dotted: str, value: object) -> None:
@@ -711,7 +806,7 @@ class _Reader:
 
     def platform(self, endpoint: Endpoint, path: str) -> Endpoint:
         """The endpoint with its platform's defaults filled in from the environment, as the
-        platform's own SDK fills them (`providers/platforms.py` says how); a key that its
+        platform's own SDK fills them (`platforms.py` says how); a key that its
         provider does not use is a mistake, and one that it cannot do without is asked for."""
         platform, schema = PLATFORMS[endpoint.provider], _schema(Endpoint)
         for key in _PLATFORM_KEYS:
@@ -808,6 +903,8 @@ def _key_docs(cls: type, prefix: str) -> list[KeyDoc]:
             default = int(default) if default.is_integer() else default
         meta = spec.metadata
         docs.append(KeyDoc(path, accepts, default, meta["shown"], _variables(path), meta["doc"]))
+        if meta.get("entries") is not None:
+            docs += _key_docs(meta["entries"], f"{path}[]")
     return docs
 
 

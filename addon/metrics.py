@@ -142,6 +142,15 @@ class Metrics:
             "endpoint",
             "kind",
         )
+        # `model`: the price table's name for the model (`other` for an endpoint's `*` price)
+        self.cost = counter(
+            "cost_usd",
+            "What answers cost in US dollars, at list prices (a subscription's at what its API would "
+            "charge), by client, endpoint and the price table's model.",
+            "client",
+            "endpoint",
+            "model",
+        )
         self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
 
     def _attempts(self) -> None:
@@ -212,15 +221,13 @@ class Metrics:
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
 
-    def count_usage(self, endpoint: str, usage: list[Usage]) -> None:
-        if not usage:
-            return
-        # message_start carries input and cache figures, the final message_delta the output total
+    def count_usage(self, endpoint: str, usage: Usage) -> None:
+        """One answer's tokens (`sse.combined` of its events')."""
         totals = {
-            "input": max(u.input for u in usage),
-            "output": max(u.output for u in usage),
-            "cache_read": max(u.cache_read for u in usage),
-            "cache_creation": max(u.cache_creation for u in usage),
+            "input": usage.input,
+            "output": usage.output,
+            "cache_read": usage.cache_read,
+            "cache_creation": usage.cache_creation,
         }
         for kind, value in totals.items():
             if value:

@@ -21,14 +21,13 @@ from mitmproxy import connection, contentviews, ctx, http
 from .config import Config
 from .fleet import workers
 from .modes import listen_address
-from .ops.access import UNAUTHENTICATED
-from .ops.accounting import CLIENT_KEY, Accounting
 from .ops.dashboard import Dashboard
 from .ops.flowcap import FlowCap
 from .ops.inspection import annotate, mask_flow_keys
 from .ops.lifecycle import Lifecycle
 from .ops.service import Service
 from .ops.timeline import Timeline
+from .relay.accounting import CLIENT_KEY, Accounting
 from .relay.bodylimit import BodyLimit
 from .relay.departures import ClientLeft, Departures
 from .relay.handoff import Handoff, InFlight, respond
@@ -36,6 +35,7 @@ from .relay.resume import ResumingResponse, can_resume
 from .relay.sseview import stream_view
 from .request import ClientRequest, error_failure
 from .runtime import Lasting, Runtime
+from .state.access import UNAUTHENTICATED
 from .upstream import gateway
 from .upstream.failover import Outcome
 
@@ -62,6 +62,7 @@ class Fallback:
         self.body_limit = BodyLimit(self.handoff.bridge, self.accounting.refused_body)
         self.lifecycle = Lifecycle(self, self.lasting.metrics, self.lasting.events)
         self.timeline = Timeline(shared=workers.incidents_dir(), worker=workers.log_context().get("worker"))
+        self.lasting.events.listeners.append(self.timeline.record)
         self.dashboard = Dashboard(self, self.timeline, self.lifecycle.reload)
         self.service = Service(self, self.dashboard.allowed)
         self.addons = [self.lifecycle, *([FlowCap()] if inspected else [])]  # mitmproxy loads these too

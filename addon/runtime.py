@@ -24,8 +24,8 @@ from .fleet import workers
 from .fleet.shared_state import Describe, LocalState, RedisState, shared_state
 from .logs import EventLog
 from .metrics import Metrics
-from .ops.access import Access
 from .providers import Provider
+from .state.access import Access
 from .state.endpoints import EndpointPool
 from .state.policy import RetryBudget
 from .state.routing import Router
@@ -120,6 +120,6 @@ class Runtime:
 def secrets_of(config: Config) -> list[str]:
     """Every key and password of the config, for the log to mask."""
     secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
-    secrets += [key for _, key in config.server.access_keys] + [config.state.redis.url or ""]
+    secrets += [client.key for client in config.server.access_keys] + [config.state.redis.url or ""]
     secrets.append(urlsplit(config.state.redis.url or "").password or "")
     return [s for s in secrets if s]

@@ -131,12 +131,14 @@ def error_status(event: Event) -> int:
 
 
 class Usage(NamedTuple):
-    """The token counts of an answer's `usage`."""
+    """The token counts of an answer's `usage`; cache writes also split by how long they last."""
 
     input: int = 0
     output: int = 0
     cache_read: int = 0
     cache_creation: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
 
 
 USAGE_EVENTS = (b"message_start", b"message_delta")  # the events `usage_of` reads
@@ -150,14 +152,48 @@ def usage_of(event: Event) -> Usage | None:
         usage = (event.json() or {}).get("usage")
     else:
         return None
-    if not isinstance(usage, dict):
+    return usage_from(usage) if isinstance(usage, dict) else None
+
+
+def message_usage(body: bytes) -> Usage | None:
+    """Token usage of a whole (not streamed) message, as its JSON body says."""
+    if b'"usage"' not in body:
         return None
+    try:
+        message = json.loads(body)
+    except ValueError:
+        return None
+    usage = message.get("usage") if isinstance(message, dict) else None
+    return usage_from(usage) if isinstance(usage, dict) else None
+
+
+def usage_from(usage: dict[str, Any]) -> Usage:
+    """A `usage` object's counts. Cache writes are split by `cache_creation`'s
+    `ephemeral_5m_input_tokens` and `ephemeral_1h_input_tokens`; writes it does not account
+    for (all of them, when an endpoint sends no split) count as 5-minute writes."""
+    created = int_or_zero(usage.get("cache_creation_input_tokens"))
+    split = usage.get("cache_creation")
+    five = hour = 0
+    if isinstance(split, dict):
+        five = int_or_zero(split.get("ephemeral_5m_input_tokens"))
+        hour = int_or_zero(split.get("ephemeral_1h_input_tokens"))
+    five += max(created - five - hour, 0)
     return Usage(
         input=int_or_zero(usage.get("input_tokens")),
         output=int_or_zero(usage.get("output_tokens")),
         cache_read=int_or_zero(usage.get("cache_read_input_tokens")),
-        cache_creation=int_or_zero(usage.get("cache_creation_input_tokens")),
+        cache_creation=five + hour,
+        cache_write_5m=five,
+        cache_write_1h=hour,
     )
+
+
+def combined(usages: list[Usage]) -> Usage:
+    """One answer's usage from its events: `message_start` carries the input and cache
+    counts, the last `message_delta` the output so far; each count only grows."""
+    if len(usages) == 1:
+        return usages[0]
+    return Usage(*(max(counts) for counts in zip(*usages, strict=True)))
 
 
 def int_or_zero(value: object) -> int:

@@ -6,7 +6,7 @@ import yaml
 
 from addon.config import Config, load_config
 from addon.ops import advice
-from addon.ops.access import Access
+from addon.state.access import Access
 
 MODE = ["reverse:https://api.anthropic.com@8765"]
 ENV_KEY = "sk-ant-api03-environment-key-0123456789"

@@ -18,7 +18,7 @@ from addon.config import (
     load_config,
     mask_secret,
 )
-from addon.providers.platforms import is_anthropic_host
+from addon.platforms import is_anthropic_host
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.yaml"
 KEY = "sk-ant-api03-" + "s3cr3t" * 10
@@ -676,7 +676,7 @@ def test_bad_state_names_the_key(tmp_path: Path, text: str, message: str) -> Non
 def test_named_access_keys(tmp_path: Path) -> None:
     text = "server: {accessKeys: [{name: alice, key: '${A}'}, {name: bob, key: k-bob-123456789}]}\n"
     server = load(tmp_path, text, env={"A": "k-alice-123456789"}).server
-    assert server.access_keys == (("alice", "k-alice-123456789"), ("bob", "k-bob-123456789"))
+    assert [(c.name, c.key) for c in server.access_keys] == [("alice", "k-alice-123456789"), ("bob", "k-bob-123456789")]
     assert "k-alice" not in repr(server)
 
 

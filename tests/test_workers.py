@@ -26,10 +26,10 @@ import httpx
 import pytest
 import yaml
 
+from addon import launch
 from addon.config import load_config
 from addon.fakes.anthropic import Behavior
 from addon.fleet import workers
-from addon.lean import master as lean
 
 from .conftest import clean_env, endpoints_config, free_port, wait_until
 from .test_failover import MESSAGE
@@ -319,7 +319,7 @@ def test_workers_that_keep_dying_at_start_stop_the_supervisor(tmp_path, primary)
     sets = [f"mode=reverse:{primary.url}@{port}", f"fallback_config={config}", "no_such_option=1"]
     started = time.monotonic()
     result = subprocess.run(
-        lean.command(sets),
+        launch.command(sets),
         capture_output=True,
         text=True,
         env=clean_env(tmp_path / "home"),

@@ -35,12 +35,11 @@ from urllib.parse import urlencode, urlsplit
 
 import yaml
 
-from .. import __version__
+from .. import __version__, launch
 from ..config import Config, ConfigError, Server, default_config_path, load_config
 from ..fleet import workers
-from ..lean import master as lean
-from ..ops.access import ACCESS_HEADER, DEFAULT_CLIENT
 from ..ops.flowcap import DEFAULT_MAX_FLOWS
+from ..state.access import ACCESS_HEADER, DEFAULT_CLIENT
 from ..state.endpoints import reason_text
 from ..state.limits import parse_time
 
@@ -153,7 +152,7 @@ def proxy_command(
     if log_level is not None:
         settings.append(f"fallback_log_level={log_level}")
     if not web:
-        return lean.command(settings)
+        return launch.command(settings)
     if web_max_flows is not None:
         settings.append(f"fallback_web_max_flows={web_max_flows}")
     # -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module
@@ -243,7 +242,7 @@ def is_running(pid: int) -> bool:
         command = (proc / "cmdline").read_bytes()
     except (OSError, IndexError):
         return True  # no /proc here: trust the signal check
-    return state != "Z" and (str(lean.SCRIPT).encode() in command or b"mitmproxy" in command)
+    return state != "Z" and (str(launch.SCRIPT).encode() in command or b"mitmproxy" in command)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
@@ -576,7 +575,7 @@ def cmd_open(args: argparse.Namespace) -> int:
 def page_key(server: Server, name: str | None) -> tuple[str, str]:
     """Which key the browser gets: the one named, else server.accessKey, else the first of
     server.accessKeys; ("", "") when the proxy needs none."""
-    keys = dict(server.access_keys)
+    keys = {client.name: client.key for client in server.access_keys}
     if server.access_key:
         keys = {DEFAULT_CLIENT: server.access_key, **keys}
     if name is None:

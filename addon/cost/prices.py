@@ -100,23 +100,34 @@ class PriceTable:
     def price(self, endpoint: str, provider: str, model: str | None) -> Price | None:
         """The price of `model` on `endpoint`: the endpoint's own, else Claude's (not for
         an OpenAI-format endpoint, whose models are priced only from the config)."""
+        found = self.resolve(endpoint, provider, model)
+        return None if found is None else found[1]
+
+    def resolve(self, endpoint: str, provider: str, model: str | None) -> tuple[str, Price] | None:
+        """The table's name for `model` on `endpoint` (an endpoint's `*` entry is `*`) and its price."""
         own = self.endpoints.get(endpoint, {})
         if model is not None and model in own:
-            return own[model]
+            return model, own[model]
         if ANY_MODEL in own:
-            return own[ANY_MODEL]
+            return ANY_MODEL, own[ANY_MODEL]
         if provider == "openai" or model is None:
             return None
-        return self.claude(model)
+        name = self.claude_name(model)
+        return None if name is None else (name, self.models[name])
 
     def claude(self, model: str) -> Price | None:
         """Claude's price of a model id of any platform; the longest known name it starts with."""
+        name = self.claude_name(model)
+        return None if name is None else self.models[name]
+
+    def claude_name(self, model: str) -> str | None:
+        """The table's name for a Claude model id of any platform, if it has one."""
         found = _PLATFORM_ID.match(model.lower())
         name = _DATED.sub("", found["model"] if found else model.lower())
         if name in self.models:
-            return self.models[name]
+            return name
         known = [key for key in self.models if _extends(name, key)]
-        return self.models[max(known, key=len)] if known else None
+        return max(known, key=len) if known else None
 
     def cost(self, endpoint: str, provider: str, model: str | None, tokens: Tokens) -> float | None:
         """What `tokens` cost on `endpoint` (USD); None when the model has no price."""

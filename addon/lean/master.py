@@ -25,17 +25,7 @@ if not __package__:
     __package__ = f"{_here.parent.name}.{_here.name}"
 
 from ..fleet import workers
-
-# -O: mitmproxy type-checks every message's fields, and the event of every layer call,
-# only `if __debug__`; a serving proxy need not pay that (7-8% of a request's CPU).
-# -P: no current directory on sys.path, so a stray attr.py there cannot shadow a module.
-PYTHON_FLAGS = ("-O", "-P")
-SCRIPT = Path(__file__).resolve()
-
-
-def command(specs: list[str]) -> list[str]:
-    """How to start the lean master with `--set` specs."""
-    return [sys.executable, *PYTHON_FLAGS, str(SCRIPT), *(a for s in specs for a in ("--set", s))]
+from ..launch import command
 
 
 def parse(argv: list[str]) -> list[str]:

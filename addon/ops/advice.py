@@ -15,8 +15,8 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 
 from ..config import Config, mask_secret
 from ..fleet import workers
-from ..providers.platforms import is_anthropic_host
-from .access import Access
+from ..platforms import is_anthropic_host
+from ..state.access import Access
 
 Advice = tuple[str, dict[str, object]]  # an event name and its fields
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from .. import __version__
 from ..config import Config, Endpoint
+from ..platforms import OAUTH_BETA
 from ..providers import CredentialsError, for_endpoint
-from ..providers.platforms import OAUTH_BETA
 from ..request import AttemptFailed, ClientRequest
 from ..upstream.client import UpstreamClient
 

@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from ..config import mask_secret
+from ..state.access import ACCESS_HEADER
 from ..state.endpoints import HEALTHY, reason_text
-from .access import ACCESS_HEADER
 from .service import Host, RuntimeView
 from .timeline import Timeline
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from mitmproxy import http
 
 from ..config import mask_secret
+from ..state.access import ACCESS_HEADER, AUTH_HEADERS
 from ..upstream.failover import Outcome
-from .access import ACCESS_HEADER, AUTH_HEADERS
 
 META_KEY = "claude-code-fallback"
 

@@ -23,10 +23,10 @@ from ..config import Config
 from ..fleet import workers
 from ..fleet.shared_state import LocalState
 from ..metrics import Metrics
+from ..state.access import Access
 from ..state.endpoints import COOLING, EndpointPool
 from ..state.policy import RetryBudget
 from ..state.routing import Router
-from .access import Access
 
 HEALTH_PATH = "/health"
 METRICS_PATH = "/metrics"

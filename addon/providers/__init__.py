@@ -21,9 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from .. import config  # the module, not its names: config.py is still loading when it reads .platforms
+from .. import config
+from ..platforms import PLATFORMS
 from ..request import retry_after_seconds
-from .platforms import PLATFORMS
 
 if TYPE_CHECKING:
     from ..config import Endpoint

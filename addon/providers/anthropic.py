@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..config import Endpoint, mask_secret
+from ..platforms import OAUTH_BETA
 from . import NOT_FORWARDED, Outgoing, Provider, compact_json
-from .platforms import OAUTH_BETA
 
 if TYPE_CHECKING:
     from ..request import ClientRequest

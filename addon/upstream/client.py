@@ -84,6 +84,7 @@ class UpstreamResponse:
     broken: StreamBroken | None = None  # what `read_whole` met, for the relay to meet again
     translator: providers.Translator | None = None  # a platform's body into Anthropic's
     url: str = ""  # where the request went, as the platform addresses it
+    model: str | None = None  # the model the endpoint was asked for (after the endpoint's `models`)
 
     @property
     def is_event_stream(self) -> bool:
@@ -137,6 +138,7 @@ class UpstreamResponse:
                 if len(body) > limit:
                     break
             else:
+                self.read_usage(body)
                 return bytes(body)
         except StreamBroken as e:
             self.broken = e
@@ -146,6 +148,18 @@ class UpstreamResponse:
         self.held = [bytes(body)]
         self.rest = rest
         return None
+
+    def read_usage(self, body: bytearray) -> None:
+        """A whole message's usage, from its JSON body (a translated one's too)."""
+        if self.status != 200 or content_type(self.headers) != "application/json":
+            return
+        decode = sse.decoder_for(header_value(self.headers, b"content-encoding"))
+        try:
+            usage = sse.message_usage(decode(bytes(body))) if decode else None
+        except Exception:  # a body whose encoding lies: relayed as it is, its usage unknown
+            usage = None
+        if usage is not None:
+            self.usage.append(usage)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The held bytes, then the rest as it arrives; raises StreamBroken if the upstream fails."""
@@ -380,6 +394,7 @@ class UpstreamClient:
             copy_limit=self.copy_limit,
             body_check=BodyCheck.for_encoding(resp.headers.get("content-encoding")),
             url=outgoing.url,
+            model=endpoint.map_model(request.model) if request.model else None,
         )
         if resp.status >= 400 and (
             provider.reads_errors

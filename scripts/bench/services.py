@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from addon.lean import master as lean_master
+from addon import launch
 
 from . import REPO, BenchError
 from .procfs import listening_ports, process_tree, start_time
@@ -197,9 +197,9 @@ def proxy_command(spec: ProxySpec, port: int, config: Path | None) -> list[str]:
     common = ["listen_host=127.0.0.1", "connection_strategy=lazy", "termlog_verbosity=warn"]
     lean = [f"mode=reverse:{spec.target}@{port}", *common]
     if config is None and spec.lean:  # the floor: the stream-only addon in the lean master
-        return [sys.executable, *lean_master.PYTHON_FLAGS, str(STREAM_ADDON), *_sets(lean)]
+        return [sys.executable, *launch.PYTHON_FLAGS, str(STREAM_ADDON), *_sets(lean)]
     if config is not None and spec.runner == "lean":  # as `ccf start` runs it
-        return lean_master.command([*lean, f"fallback_config={config}"])
+        return launch.command([*lean, f"fallback_config={config}"])
     mode = f"reverse:{spec.target}@{port}"
     command = [str(MITMDUMP), "-q", "--mode", mode, *_sets([*common, "flow_detail=0"])]
     if config is None:

@@ -25,7 +25,7 @@ class Access:
     request's key belongs to, and the request without that key, for the endpoint."""
 
     def __init__(self, server: Server) -> None:
-        keys = list(server.access_keys)
+        keys = [(client.name, client.key) for client in server.access_keys]
         if server.access_key:
             keys.append((DEFAULT_CLIENT, server.access_key))
         self.keys = [(name, key.encode()) for name, key in keys]

@@ -15,10 +15,10 @@ from mitmproxy import http
 
 from ..logs import EventLog
 from ..metrics import Metrics
-from ..relay.handoff import InFlight
-from ..relay.resume import ResumingResponse
 from ..request import StreamBroken
-from .access import UNAUTHENTICATED
+from ..state.access import UNAUTHENTICATED
+from .handoff import InFlight
+from .resume import ResumingResponse
 
 CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access key, on the flow
 
