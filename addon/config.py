@@ -481,8 +481,9 @@ _USD = _number(0)
 
 @dataclass(frozen=True)
 class Budget:
-    """Spending caps in US dollars per calendar window (in `server.budgetTimezone`); none by
-    default. A request's cost counts once its answer has ended; see docs/cost.md."""
+    """Spending caps in US dollars per calendar window (in `server.budgetTimezone`), of one client
+    (`server.accessKeys[].budget`) or of all together (`server.budget`); none by default. What
+    an answer bills counts once it has ended (cost/budgets.py)."""
 
     daily: float | None = _key(
         "daily", _USD, default=None, doc="US dollars per calendar day", shown="none (no cap)"
@@ -500,10 +501,6 @@ class Budget:
         return {window: cap for window, cap in caps.items() if cap is not None}
 
 
-def _budget_section() -> Any:
-    return field(default_factory=Budget, metadata={"key": "budget", "section": True, "check": None})
-
-
 @dataclass(frozen=True)
 class ClientKey:
     """One named client key of `server.accessKeys`."""
@@ -513,11 +510,16 @@ class ClientKey:
         _string,
         doc="Unique, of letters, digits, `_`, `.`, `-` (up to 32); names the client in logs, metrics "
         "(`client` label), `/health` and the status page",
+        shown="required",
     )
     key: str = _key(
-        "key", _string, secret=True, doc="What the client presents; compared in constant time, never forwarded"
+        "key",
+        _string,
+        secret=True,
+        doc="What the client presents; compared in constant time, never forwarded",
+        shown="required",
     )
-    budget: Budget = _budget_section()
+    budget: Budget = field(default_factory=Budget, metadata={"key": "budget", "section": True, "check": None})
 
 
 @dataclass(frozen=True)
@@ -548,7 +550,8 @@ class Server:
         doc="Named client keys, `[{name, key, budget}]`; the name shows in logs, metrics and `/health`",
         entries=ClientKey,
     )
-    budget: Budget = _budget_section()  # the whole proxy's, every client together
+    # the whole proxy's, every client together
+    budget: Budget = field(default_factory=Budget, metadata={"key": "budget", "section": True, "check": None})
     budget_timezone: str = _key(
         "budgetTimezone",
         _timezone,
@@ -654,6 +657,14 @@ class State:
     redis: RedisSettings = field(
         default_factory=RedisSettings, metadata={"key": "redis", "section": True, "check": None}
     )
+    usage_file: str | None = _key(
+        "usageFile",
+        _string,
+        default=None,
+        doc="The SQLite file that keeps what each client spent (`ccf usage` reads it), relative to the "
+        "config file's folder; with `backend: redis` the fleet's Redis keeps it instead",
+        shown="`usage.db` in ccf's home (`$CLAUDE_FALLBACK_HOME`, else `~/.claude-code-fallback`)",
+    )
 
 
 @dataclass(frozen=True)
@@ -671,7 +682,8 @@ class Routing:
         "sessionAffinity",
         _boolean,
         default=True,
-        doc="With `least-utilized`, a session stays on the endpoint that last served it while it is usable",
+        doc="With `least-utilized`, a session stays on the endpoint that last served it while it is usable; "
+        "`false` turns `cacheAware` off too",
     )
     step_aside_at: float | None = _key(
         "stepAsideAt",
@@ -680,6 +692,96 @@ class Routing:
         doc="A fraction: an endpoint whose fullest window is at or above it is skipped while another "
         "is usable",
         shown="none (off)",
+    )
+    cache_aware: bool = _key(
+        "cacheAware",
+        _boolean,
+        default=True,
+        doc="Keep each session where its prompt cache is warm: a tool loop where it began, a session "
+        "back from a failover while that is cheaper than a cache rebuild, a session that must move "
+        "where its cache is warm (off with `sessionAffinity: false`)",
+    )
+    cache_ttl_scale: float = _key(
+        "cacheTtlScale",
+        _number(0.001, 10),
+        default=1.0,
+        doc="Multiplies the prompt-cache lifetimes the routing assumes (5 minutes, or an hour for "
+        '`"ttl": "1h"`)',
+    )
+
+
+_RATE_KEYS = ("input", "output", "cacheWrite5m", "cacheWrite1h", "cacheRead")
+_PRICE_SHAPE = (
+    "{input, output, cacheWrite5m, cacheWrite1h, cacheRead, longContext} (input and output required)"
+)
+
+
+def _price(value: Any, at: str, long: bool = False) -> dict[str, Any]:
+    """One model's prices in US dollars per million tokens, checked key by key; a problem
+    names its place (`at`: `.claude-opus-4-8.input`)."""
+    shape = "{above, input, output, cacheWrite5m, cacheWrite1h, cacheRead}" if long else _PRICE_SHAPE
+    if not isinstance(value, dict):
+        raise _Invalid(f"a mapping {shape}", _kind(value), at)
+    allowed = ("above", *_RATE_KEYS) if long else (*_RATE_KEYS, "longContext")
+    for key in value:
+        if key not in allowed:
+            raise _Invalid(f"one of the keys {', '.join(allowed)}", "an unknown key", f"{at}.{key}")
+    for key in ("above", "input", "output") if long else ("input", "output"):
+        if value.get(key) is None:
+            raise _Invalid("a number >= 0", "nothing: it is required", f"{at}.{key}")
+    checked: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "longContext":
+            checked[key] = _price(item, f"{at}.longContext", long=True)
+            continue
+        check = _integer(0) if key == "above" else _number(0)
+        try:
+            checked[key] = check(item)
+        except _Invalid as e:
+            unit = "" if key == "above" else " (US dollars per million tokens)"
+            raise _Invalid(e.expected + unit, e.found, f"{at}.{key}") from None
+    return checked
+
+
+def _model_prices(value: Any, at: str = "") -> tuple[tuple[str, dict[str, Any]], ...]:
+    """`pricing.models`: model name -> its prices; `*` stands for every model (on an endpoint)."""
+    expected = f"a mapping of model names to prices {_PRICE_SHAPE}"
+    if not isinstance(value, dict):
+        raise _Invalid(expected, _kind(value), at)
+    for name in value:
+        if not isinstance(name, str) or not name.strip():
+            raise _Invalid(expected, f"model name {_describe(name)}", at)
+    return tuple((str(name), _price(spec, f"{at}.{name}")) for name, spec in value.items())
+
+
+def _endpoint_prices(value: Any) -> tuple[tuple[str, tuple[tuple[str, dict[str, Any]], ...]], ...]:
+    """`pricing.endpoints`: endpoint name -> model name (or `*`) -> its prices."""
+    expected = 'a mapping of endpoint names to mappings of model names (or "*") to prices'
+    if not isinstance(value, dict):
+        raise _Invalid(expected, _kind(value))
+    return tuple((str(name), _model_prices(models, f".{name}")) for name, models in value.items())
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What tokens cost, in US dollars per million, over the prices this version ships (cost/prices.yaml)."""
+
+    models: tuple[tuple[str, dict[str, Any]], ...] = _key(
+        "models",
+        _model_prices,
+        default=(),
+        doc="Model name → `{input, output, cacheWrite5m, cacheWrite1h, cacheRead, longContext: {above, "
+        "input, output, …}}` in US dollars per million tokens; adds a model or replaces its shipped "
+        "prices. A cache price left out is its multiple of `input` (1.25, 2, 0.1)",
+        shown="none: the shipped prices",
+    )
+    endpoints: tuple[tuple[str, tuple[tuple[str, dict[str, Any]], ...]], ...] = _key(
+        "endpoints",
+        _endpoint_prices,
+        default=(),
+        doc='Endpoint name → model name or `"*"` (every model) → prices of the same shape; they come '
+        "first on that endpoint, and are the only prices an OpenAI-format endpoint has",
+        shown="none",
     )
 
 
@@ -691,6 +793,7 @@ _SECTIONS: dict[str, type] = {
     "streaming": Streaming,
     "routing": Routing,
     "state": State,
+    "pricing": Pricing,
 }
 _ENV_OPTIONS = {
     "CLAUDE_FALLBACK_PORT": "server.port",
@@ -712,6 +815,7 @@ class Config:
     streaming: Streaming = field(default_factory=Streaming)
     routing: Routing = field(default_factory=Routing)
     state: State = field(default_factory=State)
+    pricing: Pricing = field(default_factory=Pricing)
     source: str | None = None
 
     @property
@@ -1030,6 +1134,13 @@ def load_config(
         _Reader(str(file) if file else "defaults", problems).fail(
             "state.redis.url", "required when state.backend is redis, like redis://127.0.0.1:6379/0"
         )
+    named = {endpoint.name for endpoint in endpoints or ()}
+    for name, _ in sections["pricing"].endpoints if endpoints else ():
+        if name not in named:
+            _Reader(str(file) if file else "defaults", problems).fail(
+                f"pricing.endpoints.{name}",
+                f"no endpoint has this name; the endpoints are {', '.join(sorted(named))}",
+            )
     if problems or not endpoints:
         raise ConfigError("\n".join(problems))
     return Config(tuple(endpoints), source=str(file) if file else None, **sections)

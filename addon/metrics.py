@@ -101,11 +101,40 @@ class _StateCollector(Collector):
         )
 
 
+class Budgets(Protocol):
+    """The spend caps (cost/budgets.py), as the metrics see them."""
+
+    def used(self) -> list[tuple[str, str, float]]: ...
+
+
+class _NoBudgets:
+    def used(self) -> list[tuple[str, str, float]]:
+        return []
+
+
+class _BudgetCollector(Collector):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        # `client` is a key's name from the config, or `*` for the whole proxy's budget
+        used = GaugeMetricFamily(
+            f"{NAMESPACE}_budget_used_ratio",
+            "How much of each budget is spent (1 is all of it), by client (`*`: the whole proxy) "
+            "and window: daily, weekly, monthly.",
+            labels=["client", "window"],
+        )
+        for client, window, ratio in self.metrics.budgets.used():
+            used.add_metric([client, window], ratio)
+        yield used
+
+
 class Metrics:
     """The proxy's Prometheus metrics; endpoint states are read from `pool` when scraped."""
 
     def __init__(self, pool: EndpointPool, backend: Backend | None = None) -> None:
         self.backend: Backend = backend or _ALWAYS_UP  # the fleet's shared state, once started
+        self.budgets: Budgets = _NoBudgets()  # the spend caps, once the process has them
         self.registry = CollectorRegistry()
         self._requests()
         self._attempts()
@@ -118,6 +147,7 @@ class Metrics:
             MultiProcessCollector(self.exposition)
         self.exposition.register(_EndpointCollector(pool))
         self.exposition.register(_StateCollector(self))
+        self.exposition.register(_BudgetCollector(self))
 
     def _requests(self) -> None:
         """Client requests: their outcomes, durations and the tokens their answers used."""
@@ -145,11 +175,18 @@ class Metrics:
         # `model`: the price table's name for the model (`other` for an endpoint's `*` price)
         self.cost = counter(
             "cost_usd",
-            "What answers cost in US dollars, at list prices (a subscription's at what its API would "
-            "charge), by client, endpoint and the price table's model.",
+            "What answers cost in US dollars at the price table's rates (a subscription's at what "
+            "Anthropic's API would charge), by client, endpoint and the table's name for the model.",
             "client",
             "endpoint",
             "model",
+        )
+        self.budget_refusals = counter(
+            "budget_refusals",
+            "Requests refused because a budget was spent, by the budget's client (`*`: the whole "
+            "proxy's) and window.",
+            "client",
+            "window",
         )
         self.reloads = counter("config_reloads", "Config reloads by result: success or error.", "result")
 
@@ -164,6 +201,13 @@ class Metrics:
         )
         self.failovers = counter(
             "failovers", "Requests that moved from one endpoint to the next.", "from_endpoint", "to_endpoint"
+        )
+        self.cache_routed = counter(
+            "cache_routed",
+            "Requests the prompt-cache rules sent to another endpoint than the strategy's first choice, "
+            "by rule: tool_loop, stay_warm, to_warm.",
+            "endpoint",
+            "rule",
         )
         self.stale_retries = counter(
             "upstream_stale_retries",

@@ -57,7 +57,9 @@ class Fallback:
         self.lasting = Lasting()
         self.runtime: Runtime | None = None
         self.handoff = Handoff(inspected, direct)
-        self.accounting = Accounting(self.lasting.metrics, self.lasting.events)
+        self.accounting = Accounting(
+            self.lasting.metrics, self.lasting.events, self.lasting.usage, self.lasting.budgets.spend
+        )
         self.departures = Departures()
         self.body_limit = BodyLimit(self.handoff.bridge, self.accounting.refused_body)
         self.lifecycle = Lifecycle(self, self.lasting.metrics, self.lasting.events)
@@ -162,6 +164,8 @@ class Fallback:
         for task in list(self.lasting.tasks):
             task.cancel()
         await self.handoff.stop()
+        await self.lasting.budgets.flush()  # spend not yet in the fleet's store
+        await self.lasting.usage.stop()  # the last usage counts, before Redis's client closes
         await self.lasting.shared.stop()
         await self.lasting.client.stop()
 
@@ -178,14 +182,17 @@ class Fallback:
         body = flow.request.raw_content or b""
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
         client = flow.metadata[CLIENT_KEY] = runtime.access.client(headers) or UNAUTHENTICATED
-        refusal = None
+        refusal, outcome = None, "rejected"
         if client == UNAUTHENTICATED:
             refusal = error_failure(401, "authentication_error", "This proxy needs its access key.")
+        elif over := self.lasting.budgets.refusal(client, flow.request.method, flow.request.path):
+            refusal, outcome = over.failure(), "over_budget"
+            self.lasting.metrics.budget_refusals.labels(over.scope, over.window).inc()
         elif self.body_limit.exceeded(body):
             refusal = self.body_limit.failure()
         if refusal is not None:
             respond(flow, refusal)
-            self.accounting.account(flow, "rejected")
+            self.accounting.account(flow, outcome)
             return
         request = ClientRequest.parse(
             flow.request.method, flow.request.path, runtime.access.strip(headers), body
@@ -209,6 +216,8 @@ class Fallback:
         state = InFlight(outcome, started)
         if self.inspected:
             annotate(flow, outcome)
+        if outcome.response is not None:  # what is left of a budget 80 % spent
+            outcome.response.headers += self.lasting.budgets.headers(flow.metadata[CLIENT_KEY])
         if outcome.response is None:
             assert outcome.failure is not None
             respond(flow, outcome.failure)
@@ -267,6 +276,7 @@ class Fallback:
         """Swaps in what `config` makes; the endpoints' states and sessions carry over."""
         self.runtime = Runtime.build(config, self.runtime, self.lasting, workers.log_context())
         self.body_limit.limit = config.server.max_body_bytes
+        self.accounting.prices = self.runtime.prices
         if self.ready.is_set():  # before that, `running` sets mitmproxy's streaming option
             # once the option being handled is set: a config may come as `set fallback_config`
             asyncio.get_running_loop().call_soon(self.body_limit.stream_past_limit)

@@ -1,12 +1,14 @@
 """The proxy as one config makes it, swapped whole on reload.
 
 `Runtime` holds what is built from one config: the config itself, the routing, the
-client access keys and the failover loop that joins them to the endpoints. A reload
+client access keys, the failover loop that joins them to the endpoints, and the prices
+answers are counted at (the shipped table under the config's `pricing`). A reload
 builds a new one and the addon swaps it in with one assignment, so a request reads one
 config from start to end and no collaborator keeps a piece of an old one. What outlives
 a config is `Lasting`, made once per process and updated in place: the endpoints' health,
-the event log, the retry budget's window, the upstream connections, the metrics and the
-fleet's shared state.
+the event log, the retry budget's window, the upstream connections, the metrics, the
+fleet's shared state, what clients spent against their budgets, and the usage store that
+keeps what each answer used and cost.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import Config
+from .cost.budgets import Budgets
+from .cost.prices import PriceTable, shipped
+from .cost.store import RedisBackend, SqliteBackend, UsageStore, usage_path
 from .fleet import workers
 from .fleet.shared_state import Describe, LocalState, RedisState, shared_state
 from .logs import EventLog
@@ -42,11 +47,14 @@ class Lasting:
     budget: RetryBudget = field(default_factory=lambda: RetryBudget(0.2, 10))
     shared: LocalState = field(default_factory=LocalState)
     metrics: Metrics = field(init=False)
+    budgets: Budgets = field(init=False)  # the spend caps; `budget` above is the retry budget
     client: UpstreamClient = field(init=False)
+    usage: UsageStore = field(default_factory=UsageStore)  # what each answer used and cost, kept
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.pool, self.shared)
+        self.budgets = self.metrics.budgets = Budgets(self.events)
         self.client = UpstreamClient(Config(endpoints=()), 0, self.metrics.stale_retries)
 
     async def share(self, config: Config, describe: Describe) -> None:
@@ -57,9 +65,18 @@ class Lasting:
         self.shared = self.metrics.backend = shared
         self.budget.elsewhere = shared.budget_elsewhere
         await shared.start(self.pool, describe)
+        if isinstance(shared, RedisState) and shared.name == "redis":  # the fleet's: one total
+            await self.usage.start(RedisBackend(shared.redis, config.state.redis.key_prefix), self.events)
+        else:  # a file of this machine's, which a proxy's workers share
+            await self.usage.start(SqliteBackend(usage_path(config, os.environ)), self.events)
         if isinstance(shared, RedisState):  # a Redis that is away is no reason to wait long
+            self.budgets.store = shared
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(shared.connected.wait(), 1.0)
+            await self.budgets.sync()  # the fleet's spend so far, before the first request
+            self.spawn(self.budgets.share())
+        else:
+            await self.budgets.restore(self.usage)
 
     def spawn(self, coroutine: Any) -> None:
         """Runs background work that the process cancels when it stops."""
@@ -76,6 +93,7 @@ class Runtime:
     router: Router
     access: Access
     failover: Failover
+    prices: PriceTable  # the shipped prices with the config's `pricing` over them
 
     @classmethod
     def build(
@@ -94,7 +112,18 @@ class Runtime:
         )
         lasting.budget.ratio = config.retry.budget_ratio
         lasting.budget.min_retries = config.retry.budget_min_retries
-        router = Router(config.routing, previous.router.sessions if previous else None)
+        lasting.budgets.configure(config.server)
+        pricing = config.pricing
+        prices = shipped().over(
+            dict(pricing.models), {name: dict(models) for name, models in pricing.endpoints}
+        )
+        router = Router(
+            config.routing,
+            previous.router.sessions if previous else None,
+            previous.router.caches if previous else None,
+            prices,  # what a session's turns and its cache rebuilds cost, for the cache rules
+            counted=lambda endpoint, rule: lasting.metrics.cache_routed.labels(endpoint, rule).inc(),
+        )
         failover = Failover(
             config,
             lasting.pool,
@@ -105,7 +134,7 @@ class Runtime:
             router,
             lasting.shared,
         )
-        runtime = cls(config, router, Access(config.server), failover)
+        runtime = cls(config, router, Access(config.server), failover, prices=prices)
         runtime.prepare(lasting.client.configure(config, renewed), lasting)
         return runtime
 

@@ -27,6 +27,8 @@ if str(ROOT) not in sys.path:  # the repository's addon, as the tests import it
 
 from addon import config, metrics  # noqa: E402
 from addon.cli import commands as cli  # noqa: E402
+from addon.cost.budgets import Budgets  # noqa: E402
+from addon.logs import EventLog  # noqa: E402
 from addon.state.endpoints import EndpointPool, EndpointState  # noqa: E402
 from addon.state.limits import Window  # noqa: E402
 
@@ -36,13 +38,17 @@ SECTIONS = {
     "endpoints": "Each entry of `endpoints` (an endpoint given as a plain URL is its `baseUrl`). "
     "The platforms' keys are explained in [Claude on the clouds](../clouds.md) and "
     "[OpenAI-format endpoints](../openai.md).",
-    "server": "Access keys and workers: [Running it for a team](../team.md).",
+    "server": "Access keys and workers: [Running it for a team](../team.md); budgets: "
+    "[Cost](../cost.md#budgets).",
     "retry": "What fails over, cooldowns and the retry budget: [How failover works](../failover.md).",
     "logging": "",
     "timeouts": "Durations in milliseconds.",
     "streaming": "The preamble hold, resume and rate-limit headers: [Streams](../failover.md#streams).",
-    "routing": "Usage windows and sessions: [Claude subscriptions](../subscriptions.md).",
-    "state": "A fleet sharing state through Redis: [Running it for a team](../team.md).",
+    "routing": "Usage windows and sessions: [Claude subscriptions](../subscriptions.md); prompt "
+    "caches: [Failover that keeps the cache](../cost.md#failover-that-keeps-the-cache).",
+    "state": "A fleet sharing state through Redis: [Running it for a team](../team.md); where spend "
+    "is kept: [Cost](../cost.md#where-counts-are-kept).",
+    "pricing": "Prices in US dollars per million tokens, over the shipped ones: [Cost](../cost.md).",
 }
 
 
@@ -96,11 +102,14 @@ def registry_families() -> list[tuple[str, str, list[str], str]]:
     """Each metric family /metrics serves: (series, type, labels, help), in registry order.
 
     The endpoint gauges are read from the pool at scrape time, so the pool holds one endpoint
-    with a usage window: its families then carry their labels as a real scrape does.
+    with a usage window, and the budgets one budget: their families then carry their labels
+    as a real scrape does.
     """
     endpoint = config.Endpoint(name="primary", base_url=config.DEFAULT_BASE_URL)
     state = EndpointState(endpoint, windows={"5h": Window(0.5, "allowed", time.time() + 3600)})
     registry = metrics.Metrics(EndpointPool([state]))
+    registry.budgets = Budgets(EventLog())
+    registry.budgets.configure(config.Server(budget=config.Budget(daily=1.0)))
     declared = {
         wrapper._name: list(wrapper._labelnames)
         for wrapper in vars(registry).values()

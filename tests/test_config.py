@@ -676,7 +676,8 @@ def test_bad_state_names_the_key(tmp_path: Path, text: str, message: str) -> Non
 def test_named_access_keys(tmp_path: Path) -> None:
     text = "server: {accessKeys: [{name: alice, key: '${A}'}, {name: bob, key: k-bob-123456789}]}\n"
     server = load(tmp_path, text, env={"A": "k-alice-123456789"}).server
-    assert [(c.name, c.key) for c in server.access_keys] == [("alice", "k-alice-123456789"), ("bob", "k-bob-123456789")]
+    pairs = [(client.name, client.key) for client in server.access_keys]
+    assert pairs == [("alice", "k-alice-123456789"), ("bob", "k-bob-123456789")]
     assert "k-alice" not in repr(server)
 
 

@@ -71,9 +71,10 @@ def alert_exprs() -> list[str]:
 
 @pytest.fixture
 def busy_proxy(proxy_factory, primary, backup) -> Proxy:
-    """A proxy after a failover, tokens, usage windows, a cooldown, a reload and a stream abort."""
+    """A proxy after a failover, tokens, usage windows, a cooldown, a reload and a stream abort,
+    with a budget."""
     backup.account = Account(Window("5h", utilization=0.5, per_request=0.0))
-    proxy = proxy_factory(endpoints_config(primary, backup))
+    proxy = proxy_factory(endpoints_config(primary, backup, server={"budget": {"monthly": 1000}}))
     primary.behavior = Behavior(kind="status", status=429)
     assert stream_text(proxy) == "Hello from the fake."
     backup.behavior = Behavior(kind="close_mid_stream", text="one two three four", after_events=5)

@@ -347,6 +347,9 @@ RUN_BY = {
     "ccf status": ["tests/test_cli.py::test_start_status_stop_round_trip"],
     "ccf logs": ["tests/test_cli.py::test_start_status_stop_round_trip"],
     "ccf stop": ["tests/test_cli.py::test_start_status_stop_round_trip"],
+    "ccf usage": [
+        "tests/test_usage.py::test_an_answers_tokens_and_cost_reach_the_metric_the_log_line_the_page_and_ccf_usage"
+    ],
     "ccf demo": [
         "tests/test_cli.py::test_demo_fails_over_to_the_backup",
         "tests/test_cli.py::test_demo_accounts_spreads_sessions_over_two_subscriptions",

@@ -99,6 +99,32 @@ def test_sets_pipelines_and_errors(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", CLIENTS)
+def test_spend_adds_up_keeps_its_expiry_and_refuses_what_is_not_a_number(tmp_path, kind):
+    async def run() -> None:
+        clock = Clock()
+        hub, url = await served(tmp_path, clock)
+        redis = client(url, kind)
+        assert await redis.incrbyfloat("spend:alice", 0.25) == 0.25
+        assert await redis.expire("spend:alice", 60) is True
+        assert await redis.incrbyfloat("spend:alice", 1.5) == 1.75
+        assert await redis.expire("spend:nobody", 60) is False
+        clock.now += 59
+        assert await redis.get("spend:alice") == "1.75"  # an addition keeps the key's expiry
+        clock.now += 2
+        assert await redis.get("spend:alice") is None
+        await redis.set("word", "abc")
+        await redis.sadd("set", "a")
+        with pytest.raises((ResponseError, resp.ResponseError), match="not a valid float"):
+            await redis.incrbyfloat("word", 1.0)
+        with pytest.raises((ResponseError, resp.ResponseError), match="WRONGTYPE"):
+            await redis.incrbyfloat("set", 1.0)
+        await redis.aclose()
+        await hub.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", CLIENTS)
 def test_published_messages_reach_subscribers_only(tmp_path, kind):
     async def run() -> None:
         hub, url = await served(tmp_path)
@@ -193,8 +219,15 @@ def test_the_workers_client_answers_as_redis_py_does_from_a_real_redis(redis_ser
             await redis.srem(key + "instances", "a", "c"),
             await redis.smembers(key + "instances"),
             await redis.smembers(key + "empty"),
+            await redis.incrbyfloat(key + "spend", 0.25),
+            await redis.incrbyfloat(key + "spend", 1.5),
+            await redis.expire(key + "spend", 60),
+            await redis.expire(key + "nothing", 60),
         ]
         pipe = redis.pipeline(transaction=False)
+        pipe.incrbyfloat(key + "spend", 0.125)
+        pipe.expire(key + "spend", 60)
+        pipe.mget([key + "spend", key + "nothing"])
         pipe.publish(key + "events", "nobody listens")
         pipe.set(key + "instance:a", "{}", ex=3)
         pipe.sadd(key + "instances", "a")

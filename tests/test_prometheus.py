@@ -32,6 +32,7 @@ def test_promtool_accepts_the_metrics(proxy, primary):
     result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     assert b"ccf_tokens_total" in text and b"ccf_failovers_total" in text
+    assert b'ccf_cost_usd_total{client="' in text  # priced: the fake answers claude-sonnet-4-6
 
 
 @pytest.mark.skipif(shutil.which("prometheus") is None, reason=f"prometheus not found: {needs}")
@@ -96,7 +97,7 @@ def test_promtool_accepts_the_alert_rules_and_their_tests_pass():
 
     checked = promtool("check", "rules", "alerts.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 6 rules found" in checked.stdout
+    assert "SUCCESS: 7 rules found" in checked.stdout
     tested = promtool("test", "rules", "alerts_test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr
     assert "SUCCESS" in tested.stdout

@@ -201,6 +201,8 @@ def test_least_utilized_spreads_new_sessions_and_keeps_running_ones(proxy_factor
         "sessionAffinity": True,
         "stepAsideAt": None,
         "sessions": 3,
+        "cacheAware": True,
+        "cacheTtlScale": 1.0,
     }
 
 

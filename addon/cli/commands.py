@@ -3,10 +3,11 @@
 `dev` and `web` run mitmdump or mitmweb with the addon in the foreground; `start`, `stop`,
 `status` and `logs` manage one background proxy per home directory ($CLAUDE_FALLBACK_HOME,
 else ~/.claude-code-fallback), found through its pid file, and `open` shows its status page;
-`init`, `env`, `check` and `demo` help set it up. The options of the original Node tool
-(`--config/-c`, `--port/-p`, `--host/-h`, `--log-level`) are accepted before or after the
-subcommand, so `-h` means `--host` and only `--help` prints help. Exit codes: 0 ok,
-1 failure, 2 usage or config error, 3 not running (`status`, `open`).
+`init`, `env`, `check` and `demo` help set it up; `usage` says what clients spent. The
+options of the original Node tool (`--config/-c`, `--port/-p`, `--host/-h`, `--log-level`)
+are accepted before or after the subcommand, so `-h` means `--host` and only `--help`
+prints help. Exit codes: 0 ok, 1 failure, 2 usage or config error, 3 not running
+(`status`, `open`).
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ import yaml
 
 from .. import __version__, launch
 from ..config import Config, ConfigError, Server, default_config_path, load_config
+from ..cost.store import read_store
 from ..fleet import workers
 from ..ops.flowcap import DEFAULT_MAX_FLOWS
 from ..state.access import ACCESS_HEADER, DEFAULT_CLIENT
 from ..state.endpoints import reason_text
 from ..state.limits import parse_time
+from . import usage
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent.parent / "fallback.py"
@@ -591,6 +594,23 @@ def own_key(server: Server) -> str:
     return page_key(server, None)[1]
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Reads the usage store itself, not the proxy: it answers while the proxy is down."""
+    settings = resolve(args)
+    since = args.since if args.since is not None else usage.since("24h")
+    try:
+        where, rows = read_store(settings.config, os.environ, since)
+    except Exception as e:  # a Redis that is away, a file that is not SQLite
+        raise CommandFailed(f"cannot read the usage store: {type(e).__name__}: {e}") from None
+    if args.json:
+        print(json.dumps(usage.document(rows, since, args.by)))
+        return OK
+    print(format_table(usage.table(rows, args.by)))
+    print()
+    print("\n".join(usage.footer(rows, since, where)))
+    return OK
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     path = log_file()
     if not path.is_file():
@@ -911,6 +931,7 @@ COMMANDS: dict[str, tuple[Command, str]] = {
     "env": (cmd_env, "print the shell lines that point Claude Code at the proxy"),
     "check": (cmd_check, "validate the config and try each endpoint once"),
     "demo": (cmd_demo, "watch a failover between two fake endpoints, no API key needed"),
+    "usage": (cmd_usage, "show what each client spent, per endpoint and model (tokens and US dollars)"),
 }
 
 
@@ -921,6 +942,7 @@ PAGES = {
     ),
     **dict.fromkeys(("init", "env", "check"), "docs/getting-started.md#point-claude-code-at-the-proxy"),
     "demo": "docs/getting-started.md#no-api-key-at-hand-ccf-demo",
+    "usage": "docs/cost.md#ccf-usage",
 }
 
 
@@ -949,6 +971,12 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, parser_of in sub.items():
         parser_of.set_defaults(func=COMMANDS[name][0])
+    add_options(sub)
+    return parser
+
+
+def add_options(sub: Mapping[str, argparse.ArgumentParser]) -> None:
+    """Each command's own options."""
     sub["stop"].add_argument(
         "--timeout", type=float, default=40.0, metavar="S", help="seconds before SIGKILL (40)"
     )
@@ -982,7 +1010,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub["demo"].add_argument(
         "--accounts", action="store_true", help="two subscription accounts sharing sessions instead"
     )
-    return parser
+    sub["usage"].add_argument(
+        "--since",
+        type=usage.since,
+        metavar="PERIOD",
+        help="how far back, in whole hours: 24h (the default), 7d, 30d, 2w, …",
+    )
+    sub["usage"].add_argument(
+        "--by", choices=usage.GROUPS, help="one row per client, endpoint or model (default: per all three)"
+    )
+    sub["usage"].add_argument(
+        "--json", action="store_true", help='print {"since": <unix>, "rows": [...]} (docs/cost.md)'
+    )
 
 
 def run(command: Command, args: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ records when a client went away mid-answer (`disconnects`), and
 path suffix, so a base URL with a provider prefix (`<url>/api/anthropic`) works too.
 With an `account` set it plays a Claude subscription: each Messages request uses up its
 usage windows, answers carry the `anthropic-ratelimit-unified-*` headers, and a spent
-window means a 429, or a 200 billed as overage when the account allows it.
+window means a 429, or a 200 billed as overage when the account allows it. With a
+`prompt_cache` (`fakes.caching.PromptCache`) it plays the API's prompt cache: answers report
+the cache reads and writes of each prompt in their `usage`.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
+from .caching import PromptCache, with_usage
 from .server import (
     EVENT_STREAM,
     JSON,
@@ -183,6 +186,8 @@ class Behavior:
     then close) and `huge_headers` (one 200 KB header line) break HTTP on any route.
     `thinking` puts a signed thinking block before the text, `tool_input` (a JSON object's
     text) a `tool_use` block after it, streamed as the API streams them.
+    `cache_read`, `cache_write_5m` and `cache_write_1h` are the prompt-cache tokens an
+    answer's `usage` reports (`cache_creation` splits the writes by lifetime).
     `headers` are added to every response that has headers. Frozen, so it can be shared
     between threads and scripts; build a new one to change it.
     """
@@ -198,6 +203,9 @@ class Behavior:
     delay: float = 0.0
     thinking: str = ""
     tool_input: str = ""
+    cache_read: int = 0
+    cache_write_5m: int = 0
+    cache_write_1h: int = 0
 
     def __post_init__(self) -> None:
         # Accept any pairs (a list, say) but keep the value hashable for the header cache.
@@ -459,6 +467,18 @@ def _rich_stream_events(msg_id: str, model: str, b: Behavior) -> list[bytes]:
     ]
 
 
+def _cache_usage(b: Behavior) -> dict[str, object]:
+    """The prompt-cache part of an answer's `usage`, as `b` says it."""
+    return {
+        "cache_read_input_tokens": b.cache_read,
+        "cache_creation_input_tokens": b.cache_write_5m + b.cache_write_1h,
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": b.cache_write_5m,
+            "ephemeral_1h_input_tokens": b.cache_write_1h,
+        },
+    }
+
+
 def error_body(status: int, message: str | None = None) -> bytes:
     """The Anthropic JSON error body the real API sends with `status`."""
     kind = ERROR_TYPES.get(status, "api_error")
@@ -495,6 +515,7 @@ class FakeAnthropic(FakeServer[Behavior]):
     def __init__(self, name: str = "fake", port: int = 0) -> None:
         super().__init__(name, port, Behavior())
         self.account: Account | None = None
+        self.prompt_cache: PromptCache | None = None  # set: answers report cache reads and writes
         self.disconnects: list[float] = []
         self.cut_gate: threading.Event | None = None  # `close_mid_stream` waits for it, if set
         self.events_sent = 0  # SSE events sent, to tell when a stream is under way
@@ -503,12 +524,13 @@ class FakeAnthropic(FakeServer[Behavior]):
     # -- what tests read ------------------------------------------------------------------
 
     def reset(self) -> None:
-        """Forget requests, disconnects, script, `keep`, `account` and the connection faults;
-        answer `ok` again."""
+        """Forget requests, disconnects, script, `keep`, `account`, `prompt_cache` and the
+        connection faults; answer `ok` again."""
         with self._cond:
             super().reset()
             self.disconnects.clear()
             self.account = None
+            self.prompt_cache = None
             self.cut_gate = None
             self.events_sent = 0
 
@@ -641,18 +663,25 @@ class FakeAnthropic(FakeServer[Behavior]):
         msg_id = f"msg_fake_{x.number}"
         if (refused := refusal(x.seen.body, model)) is not None:
             return await self._send_error(x, b, 400, refused)
+        cache = self.prompt_cache
+        usage = cache.use(x.seen.json()) if cache is not None else None
+        if usage is None and (b.cache_read or b.cache_write_5m or b.cache_write_1h):
+            usage = _cache_usage(b)
         kind = b.kind
         if kind in ("bad_chunked", "truncated_gzip", "short_body") or (
             not stream and kind in ("ok", "large", "huge_headers")
         ):
             size = b.body_size if kind in ("ok", "large") else 0
-            return await self._send_json(x, b, 200, _message_body(msg_id, model, b.text, size))
+            body = _message_body(msg_id, model, b.text, size)
+            return await self._send_json(x, b, 200, body if usage is None else with_usage(body, usage, False))
         if b.thinking or b.tool_input:
             events = _rich_stream_events(msg_id, model, b)
         elif kind == "large" and len(b.text) < b.body_size:
             events = _stream_events(msg_id, model, _deltas(b.text + "x" * (b.body_size - len(b.text))))
         else:
             events = _stream_events(msg_id, model, _cached_deltas(b.text))
+        if usage is not None:
+            events[0] = with_usage(events[0], usage, True)
         after = b.after_events
         if kind == "sse_error_first":
             return await self._send_sse(x, b, [_SSE_OVERLOADED], "end")

@@ -4,7 +4,7 @@ Workers (`server.workers` > 1) share endpoint state as a fleet does (shared_stat
 Redis's protocol. Without a Redis of the user's, the supervisor runs this store on a
 private UNIX socket. It speaks the part of Redis's protocol (RESP2) that shared_state.py uses,
 with the same meaning, and answers anything else with an error: PING, SET (EX, PX, NX),
-GET, MGET, DEL, SADD, SREM, SMEMBERS, PUBLISH and SUBSCRIBE. So the workers share state
+GET, MGET, DEL, INCRBYFLOAT, EXPIRE, SADD, SREM, SMEMBERS, PUBLISH and SUBSCRIBE. So the workers share state
 through the code a fleet uses (with resp_client.py's client in place of redis-py), and a user
 needs nothing more to run them.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
@@ -151,6 +152,30 @@ class Hub:
         values = [self.live(key) for key in args]
         return array([bulk(None if isinstance(v, set) else v) for v in values])
 
+    def incrbyfloat(self, _: _Connection, args: list[bytes]) -> Reply:
+        """Adds to a number kept as text, keeping the key's expiry, as Redis does."""
+        key, value = args[0], self.live(args[0])
+        if isinstance(value, set):
+            return WRONG_TYPE
+        try:
+            total = float(value or b"0") + float(args[1])
+        except ValueError:
+            return error("value is not a valid float")
+        if not math.isfinite(total):
+            return error("increment would produce NaN or Infinity")
+        self.values[key] = text = repr(total).removesuffix(".0").encode()
+        return bulk(text)
+
+    def expire(self, _: _Connection, args: list[bytes]) -> Reply:
+        try:
+            seconds = int(args[1])
+        except ValueError:
+            return error("value is not an integer or out of range")
+        if self.live(args[0]) is None:
+            return integer(0)
+        self.expiry[args[0]] = self.clock() + seconds
+        return integer(1)
+
     def delete(self, _: _Connection, args: list[bytes]) -> Reply:
         return integer(sum(self.forget(key) for key in args if self.live(key) is not None))
 
@@ -225,6 +250,8 @@ COMMANDS: dict[bytes, tuple[int, Callable[[Hub, _Connection, list[bytes]], Reply
     b"GET": (1, Hub.get),
     b"MGET": (1, Hub.mget),
     b"DEL": (1, Hub.delete),
+    b"INCRBYFLOAT": (2, Hub.incrbyfloat),
+    b"EXPIRE": (2, Hub.expire),
     b"SADD": (2, Hub.sadd),
     b"SREM": (2, Hub.srem),
     b"SMEMBERS": (1, Hub.smembers),

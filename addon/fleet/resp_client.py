@@ -6,7 +6,8 @@ private UNIX socket of their supervisor's, and redis-py (about 75 modules, 7.6 M
 worker) would be most of what a worker holds beyond one process. This client sends the
 same commands over RESP2 and gives the same results as redis-py's asyncio client with
 `decode_responses=True`: `ping` True, `set` True or None, `get` a str or None, `mget` a
-list, `smembers` a set, counts as ints, an error reply raised as `ResponseError`.
+list, `smembers` a set, `incrbyfloat` a float, `expire` a bool, counts as ints, an error
+reply raised as `ResponseError`.
 
 A call waits for its reply on a connection of its own (one opened when none is idle), so
 a call cancelled by its caller's timeout leaves no reply behind for the next one.
@@ -61,7 +62,13 @@ def ok(reply: Any) -> bool | None:
     return True if reply == "OK" else None
 
 
-RESULTS: dict[str, Callable[[Any], Any]] = {"PING": lambda reply: reply == "PONG", "SET": ok, "SMEMBERS": set}
+RESULTS: dict[str, Callable[[Any], Any]] = {
+    "PING": lambda reply: reply == "PONG",
+    "SET": ok,
+    "SMEMBERS": set,
+    "INCRBYFLOAT": float,
+    "EXPIRE": bool,
+}
 
 
 def result(command: Command, reply: Any) -> Any:
@@ -103,6 +110,12 @@ class Commands:
 
     def delete(self, *keys: str) -> Any:
         return self._send(("DEL", *keys))
+
+    def incrbyfloat(self, key: str, amount: float) -> Any:
+        return self._send(("INCRBYFLOAT", key, repr(amount)))
+
+    def expire(self, key: str, seconds: int) -> Any:
+        return self._send(("EXPIRE", key, seconds))
 
     def sadd(self, key: str, *members: str) -> Any:
         return self._send(("SADD", key, *members))

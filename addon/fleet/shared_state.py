@@ -9,7 +9,9 @@ applies it as the message arrives. Around that:
   budget is the fleet's;
 - a session's endpoint is written when it changes, and read when an instance meets a
   session it does not know;
-- each instance keeps a heartbeat key with a time to live: that is the fleet view.
+- each instance keeps a heartbeat key with a time to live: that is the fleet view;
+- what clients spent (cost/budgets.py) is added up in keys per client and window
+  (`INCRBYFLOAT`), read back with each batch of additions and once a second.
 Redis is never needed to serve. A request waits for it only to claim a probe or to look up
 a session it has not seen, and never longer than `state.redis.timeout`; without an answer
 in time it goes on alone. The writes and the heartbeat run in the background with a
@@ -28,7 +30,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import RedisSettings
@@ -323,6 +325,27 @@ class RedisState(LocalState):
         except Exception:
             return None  # no answer in time: routing decides afresh
 
+    # -- spend (cost/budgets.py) ---------------------------------------------------------------
+
+    async def add_spend(
+        self, adds: Mapping[str, tuple[float, int]], keys: Sequence[str]
+    ) -> list[float | None] | None:
+        """Adds each amount to its key (`INCRBYFLOAT`; the key kept that many seconds), then
+        reads `keys`: the fleet's sums. None when the store is away: nothing was added."""
+        if not self.up:
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        for key, (amount, ttl) in adds.items():
+            pipe.incrbyfloat(self.prefix + key, amount)
+            pipe.expire(self.prefix + key, ttl)
+        pipe.mget([self.prefix + key for key in keys])
+        try:
+            *_, values = await self._call(pipe.execute())
+        except Exception as e:
+            self._mark_down(e)
+            return None
+        return [_amount(value) for value in values]
+
     # -- heartbeat, budget, fleet -------------------------------------------------------------
 
     def _instance_key(self, instance: str) -> str:
@@ -374,6 +397,14 @@ class RedisState(LocalState):
             self._mark_down(e)
             return None
         return [self.others[m] for m in members if m in self.others]
+
+
+def _amount(value: str | None) -> float | None:
+    """A spend key's value as a number; None for a key that is not there (or not a number)."""
+    try:
+        return None if value is None else float(value)
+    except ValueError:
+        return None
 
 
 def redis_clients(url: str, timeout: float) -> tuple[Any, Any]:

@@ -17,7 +17,9 @@ import hmac
 import json
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from urllib.parse import urlsplit
 from mitmproxy import http
 
 from ..config import mask_secret
+from ..cost.store import UsageStore, grouped, hour_of
+from ..metrics import Metrics
 from ..state.access import ACCESS_HEADER
 from ..state.endpoints import HEALTHY, reason_text
 from .service import Host, RuntimeView
@@ -37,6 +41,7 @@ SUMMARY_PATH = "/dashboard/summary"
 RELOAD_PATH = "/dashboard/reload"
 ROUTES = frozenset({*(("GET", p) for p in PAGE_PATHS), ("GET", SUMMARY_PATH), ("POST", RELOAD_PATH)})
 COOKIE = "ccf_session"
+PROMPT_KINDS = frozenset({"input", "cache_read", "cache_creation"})  # of ccf_tokens_total
 SERVING = "serving"
 DISABLED = "disabled"
 
@@ -149,11 +154,15 @@ class Dashboard:
         _, health = self.host.health()
         endpoints: list[dict[str, Any]] = health["endpoints"]
         serving = serving_endpoint(endpoints)
+        shares = cache_read_shares(self.host.lasting.metrics)
+        warm = Counter(name for _, name in self.current().router.caches.warm_sessions())
         for endpoint in endpoints:
             endpoint["state"] = SERVING if endpoint["name"] == serving else endpoint["status"]
             endpoint["reasonText"] = reason_text(endpoint["reason"], endpoint["lastStatus"])
             p50 = self.timeline.headers_p50(endpoint["name"])
             endpoint["timeToHeadersP50Ms"] = None if p50 is None else round(p50 * 1000, 1)
+            endpoint["cacheReadShare"] = shares.get(endpoint["name"])
+            endpoint["warmSessions"] = warm[endpoint["name"]]
             if endpoint["lastError"]:
                 endpoint["lastErrorDetail"] = self.timeline.causes.get(endpoint["name"])
         endpoints += [
@@ -175,7 +184,46 @@ class Dashboard:
             "endpoints": endpoints,
             "history": self.timeline.history(e["name"] for e in endpoints if e["state"] != DISABLED),
             "incidents": self.timeline.recent_incidents(),
+            "spend": spend_today(self.host.lasting.usage),
         }
+
+
+def spend_today(usage: UsageStore) -> dict[str, Any] | None:
+    """What each client and each endpoint spent since midnight (the proxy's time zone, from the
+    hour it falls in), as the usage store last read it; None until it has been read once."""
+    midnight = datetime.now().astimezone().replace(hour=0, minute=0, second=0, microsecond=0)
+    since = hour_of(midnight.timestamp())
+    rows = usage.totals(since)
+    if rows is None:
+        return None
+
+    def by(what: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": client if what == "client" else endpoint,
+                "requests": totals.requests,
+                "costUsd": totals.cost,
+                "billedUsd": totals.billed_usd,
+            }
+            for client, endpoint, _, totals in grouped(rows, what)
+        ]
+
+    return {"since": since, "clients": by("client"), "endpoints": by("endpoint")}
+
+
+def cache_read_shares(metrics: Metrics) -> dict[str, float]:
+    """Per endpoint, the share of prompt tokens read from its cache since the proxy started:
+    `ccf_tokens_total` of kind cache_read over input, cache_read and cache_creation."""
+    prompt: dict[str, float] = {}
+    read: dict[str, float] = {}
+    (tokens,) = metrics.collect(metrics.tokens)
+    for family in tokens:
+        for sample in family.samples:
+            kind, name = sample.labels["kind"], sample.labels["endpoint"]
+            if sample.name.endswith("_total") and kind in PROMPT_KINDS:
+                prompt[name] = prompt.get(name, 0.0) + sample.value
+                read[name] = read.get(name, 0.0) + (sample.value if kind == "cache_read" else 0.0)
+    return {name: read[name] / total for name, total in prompt.items() if total}
 
 
 def serving_endpoint(endpoints: list[dict[str, Any]]) -> str | None:

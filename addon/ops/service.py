@@ -20,6 +20,8 @@ from mitmproxy import http
 
 from .. import __version__, sse
 from ..config import Config
+from ..cost.budgets import Budgets
+from ..cost.store import UsageStore
 from ..fleet import workers
 from ..fleet.shared_state import LocalState
 from ..metrics import Metrics
@@ -60,6 +62,12 @@ class LastingView(Protocol):
 
     @property
     def budget(self) -> RetryBudget: ...
+
+    @property
+    def budgets(self) -> Budgets: ...
+
+    @property
+    def usage(self) -> UsageStore: ...
 
 
 class Host(Protocol):
@@ -134,11 +142,14 @@ class Service:
             "state": lasting.shared.mode,
             "workers": workers.this_worker(),
             "clients": metrics.requests_by_client(),
+            "budgets": lasting.budgets.document(),
             "routing": {
                 "strategy": routing.strategy,
                 "sessionAffinity": router.affinity,
                 "stepAsideAt": routing.step_aside_at,
                 "sessions": len(router.sessions),
+                "cacheAware": router.keeps_caches,
+                "cacheTtlScale": routing.cache_ttl_scale,
             },
             "endpoints": endpoints,
         }

@@ -1,22 +1,30 @@
-"""Accounting for each client request, once it has ended: its outcome, tokens and log line.
+"""Accounting for each client request, once it has ended: its outcome, tokens, cost and log line.
 
 Every request ends in exactly one `account` call: in `ccf_requests_total` and the request
 duration by outcome and client, and one `request` line in the log. An answer that reached
 the client (whole, streamed or cut) is first read for its outcome by `answered`: the
-tokens its parts reported, and a cut stream's reason.
+tokens each of its parts reported, what they cost at the runtime's prices (cost/spend.py),
+counted in `ccf_tokens_total` and `ccf_cost_usd_total` and added to the usage store; and
+a cut stream's reason.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from mitmproxy import http
 
+from ..cost.prices import PriceTable, shipped
+from ..cost.spend import Spend, spend_of
+from ..cost.store import UsageStore
 from ..logs import EventLog
 from ..metrics import Metrics
 from ..request import StreamBroken
+from ..sse import combined
 from ..state.access import UNAUTHENTICATED
+from ..upstream.client import UpstreamResponse
 from .handoff import InFlight
 from .resume import ResumingResponse
 
@@ -26,9 +34,18 @@ CLIENT_KEY = "claude-code-fallback-client"  # the name of the client's access ke
 class Accounting:
     """Counts and logs each request's end, per client."""
 
-    def __init__(self, metrics: Metrics, events: EventLog) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        events: EventLog,
+        usage: UsageStore,
+        on_spend: Callable[[str, float], None] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.events = events
+        self.usage = usage
+        self.on_spend = on_spend  # told each billed cost (client, USD): the budgets (cost/budgets.py)
+        self.prices: PriceTable = shipped()  # the runtime's, set as each config is installed
 
     def answered(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
         """An answer has reached the client, whole or cut."""
@@ -39,8 +56,7 @@ class Accounting:
         parts = [upstream]
         if isinstance(state.relay, ResumingResponse):
             parts, error = state.relay.parts, error or state.relay.broken
-        for part in parts:
-            self.metrics.count_usage(part.endpoint.name, part.usage)
+        spent = [self.spent(flow, part) for part in parts if part.usage]
         if error is None:
             result = "success" if upstream.status < 400 else "client_error"
         else:
@@ -50,7 +66,21 @@ class Accounting:
             self.events.event(
                 "stream_aborted", logging.WARNING, endpoint=name, reason=reason, detail=str(error)
             )
-        self.account(flow, result, state.started, upstream.status, name, len(state.outcome.attempts))
+        attempts = len(state.outcome.attempts)
+        self.account(flow, result, state.started, upstream.status, name, attempts, upstream.model, spent)
+
+    def spent(self, flow: http.HTTPFlow, part: UpstreamResponse) -> Spend:
+        """What one endpoint's answer used and cost: counted, and kept in the usage store."""
+        usage = combined(part.usage)
+        client = flow.metadata.get(CLIENT_KEY, UNAUTHENTICATED)
+        spend = spend_of(client, part.endpoint, part.model, usage, part.headers, self.prices)
+        self.metrics.count_usage(spend.endpoint, usage)
+        if spend.cost is not None:
+            self.metrics.cost.labels(client, spend.endpoint, spend.label).inc(spend.cost)
+        self.usage.add(spend)
+        if spend.cost is not None and spend.billed and self.on_spend is not None:
+            self.on_spend(client, spend.cost)
+        return spend
 
     def refused_body(self) -> None:
         """A body past the limit, refused before it was read: no flow hook will tell."""
@@ -64,6 +94,8 @@ class Accounting:
         status: int | None = None,
         endpoint: str | None = None,
         attempts: int | None = None,
+        model: str | None = None,
+        spent: list[Spend] | None = None,
     ) -> None:
         """One request's outcome: in the metrics, the per-client counts and one log line."""
         client = flow.metadata.get(CLIENT_KEY, UNAUTHENTICATED)
@@ -83,4 +115,29 @@ class Accounting:
             outcome=result,
             attempts=attempts,
             duration_ms=round(duration * 1000, 1),
+            model=model,
+            **spend_fields(spent or []),
         )
+
+
+def spend_fields(spent: list[Spend]) -> dict[str, object]:
+    """The log line's tokens and cost: those of every part of the answer, added up (a
+    resumed stream's parts may come from several endpoints). None of them when no part
+    reported usage; `cost_usd` is left out when no part has a price."""
+    if not spent:
+        return {}
+    costs = [spend.cost for spend in spent if spend.cost is not None]
+    total = {
+        kind: sum(getattr(spend.tokens, kind) for spend in spent)
+        for kind in ("input", "output", "cache_read", "cache_write_5m", "cache_write_1h")
+    }
+    return {
+        "input_tokens": total["input"],
+        "output_tokens": total["output"],
+        "cache_read_tokens": total["cache_read"],
+        "cache_write_tokens": total["cache_write_5m"] + total["cache_write_1h"],
+        "cache_write_5m_tokens": total["cache_write_5m"],
+        "cache_write_1h_tokens": total["cache_write_1h"],
+        "cost_usd": round(sum(costs), 8) if costs else None,
+        "billed": any(spend.billed for spend in spent),
+    }

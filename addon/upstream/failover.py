@@ -284,6 +284,7 @@ class _Run:
         self.deadline = started + failover.config.timeouts.total
         failover.budget.record_request(started)
         self.session = session_of(request)
+        self.prompt = failover.router.prompt(request, self.session)  # what the cache rules read
         self.outcome = Outcome()
         self.plan = Plan([], 0, failover.claim_probe)
         self.failures: list[AttemptFailed] = []
@@ -333,7 +334,7 @@ class _Run:
         failover, request, session = self.failover, self.request, self.session
         if session and failover.router.affinity and failover.router.sessions.get(session) is None:
             await failover.session_elsewhere(session)
-        order = failover.router.order(failover.pool, session)
+        order = failover.router.order(failover.pool, session, self.prompt)
         declined = {
             s.name: why for s in order if (why := failover.client.provider(s.endpoint).declines(request))
         }
@@ -356,13 +357,15 @@ class _Run:
             )
         self.previous = state
         try:
-            self.outcome.response = await failover.attempt(
+            self.outcome.response = response = await failover.attempt(
                 state, self.request, plan, self.outcome, self.deadline
             )
         except AttemptFailed as failure:
             self.failures.append(failure)
             raise
-        if failover.router.served(self.session, state):
+        # A stream's usage so far is its message_start's, read with the held preamble.
+        prompt = self.prompt if response.status < 300 else None
+        if failover.router.served(self.session, state, prompt, response.usage):
             failover.shared.session_moved(self.session or "", state.name)
 
     def wait(self, retry_state: RetryCallState) -> float:

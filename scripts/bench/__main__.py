@@ -2,7 +2,7 @@
 
 The command line and the run: the phases in turn, with the CPU other processes used
 meanwhile, then the description, the table and the notes (and `--json`, every figure).
-`--platforms` and `--fleet` run the other benchmarks instead. The exit status is 0 when
+`--platforms`, `--fleet` and `--cache-day` run the other benchmarks instead. The exit status is 0 when
 every figure was measured, 1 when a measurement broke.
 """
 
@@ -68,6 +68,12 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="instead: the Redis-shared state against the memory backend, and how soon a "
         "cooldown reaches another instance (--quick and --json apply)",
     )
+    instead.add_argument(
+        "--cache-day",
+        action="store_true",
+        help="instead: a day of Claude Code sessions with an outage of the primary, and what the "
+        "prompt cache made of it under three routings (--quick and --json apply)",
+    )
     parser.add_argument(
         "--ccr",
         type=Path,
@@ -95,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import fleet
 
         return fleet.main(passed)
+    if args.cache_day:
+        from . import cache_day
+
+        return cache_day.main(passed)
     if not MITMDUMP.exists():
         print(f"bench: {MITMDUMP} not found; run with the venv's python", file=sys.stderr)
         return 1
