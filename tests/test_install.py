@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,8 +28,15 @@ def run_ccf(site: Path, home: Path, *args: str) -> subprocess.CompletedProcess[s
 
 
 def test_a_built_wheel_runs_the_demo_and_ships_the_example_config(tmp_path):
+    # Built from a copy: a checkout's own build/ may hold modules it no longer has.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(".git", ".venv*", "build", "site", "*.egg-info", "__pycache__"),
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -40,7 +48,8 @@ def test_a_built_wheel_runs_the_demo_and_ships_the_example_config(tmp_path):
         names = archive.namelist()
         archive.extractall(site)
     assert "claude_code_fallback/fallback.py" in names and "claude_code_fallback/lean/master.py" in names
-    assert "claude_code_fallback/dashboard.html" in names  # the status page
+    assert "claude_code_fallback/ops/dashboard.html" in names  # the status page
+    assert "claude_code_fallback/cost/prices.yaml" in names  # the price table
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "ccf = claude_code_fallback.cli:main" in (site / entry_points).read_text()
     example = site / "claude_code_fallback" / "config.example.yaml"
