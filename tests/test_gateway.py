@@ -164,9 +164,14 @@ def test_claude_codes_headers_and_unknown_fields_reach_the_endpoint(via: Gateway
 
 @each(PROVIDERS)
 def test_messages_is_matched_on_its_path_whatever_the_query(via: Gateway) -> None:
-    # the SDK's beta resource posts to /v1/messages?beta=true, as Claude Code does
-    with sdk(via.proxy).beta.messages.stream(**MESSAGE) as stream:
-        text = stream.get_final_text()
+    # Claude Code posts to /v1/messages?beta=true (the SDK's beta resource did too, before 1.x)
+    with httpx.stream(
+        "POST", via.proxy.url + "/v1/messages?beta=true", json=dict(MESSAGE, stream=True), timeout=10
+    ) as response:
+        body = response.read().decode()
+    assert response.status_code == 200 and "event: message_stop" in body
+    events = [json.loads(line[6:]) for line in body.splitlines() if line.startswith("data: ")]
+    text = "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
     expected = fakeopenai.TEXT.text if via.provider == "openai" else "Hello from the fake."
     assert text == expected
     (seen,) = via.fake.requests
