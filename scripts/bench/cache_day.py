@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from addon import sse
 from addon.cost.prices import Tokens, shipped
 from addon.fakes.anthropic import Behavior, FakeAnthropic
 from addon.fakes.caching import CHARS_PER_TOKEN, PromptCache
@@ -183,10 +184,10 @@ def body(session: Session, shared_tools: list[dict[str, Any]], messages: list[di
     return json.dumps(payload).encode()
 
 
-def usage_of(stream: bytes) -> dict[str, Any]:
-    for line in stream.split(b"\n"):
-        if line.startswith(b"data: ") and b'"message_start"' in line:
-            usage: dict[str, Any] = json.loads(line[6:])["message"]["usage"]
+def usage_of(stream: bytes) -> sse.Usage:
+    """The input side of a stream's usage, as the proxy reads it (its `message_start`)."""
+    for event in sse.EventReader().feed(stream):
+        if event.name == "message_start" and (usage := sse.usage_of(event)) is not None:
             return usage
     raise BenchError("a stream without message_start")
 
@@ -215,11 +216,10 @@ async def play(session: Session, url: str, speed: float, tally: Tally, client: a
             endpoint = r.headers.get("x-fake-name", "?")
         usage = usage_of(data)
         tally.by_endpoint[endpoint] = tally.by_endpoint.get(endpoint, 0) + 1
-        split = usage.get("cache_creation") or {}
-        tally.input += usage["input_tokens"]
-        tally.read += usage["cache_read_input_tokens"]
-        tally.written_5m += split.get("ephemeral_5m_input_tokens", 0)
-        tally.written_1h += split.get("ephemeral_1h_input_tokens", 0)
+        tally.input += usage.input
+        tally.read += usage.cache_read
+        tally.written_5m += usage.cache_write_5m
+        tally.written_1h += usage.cache_write_1h
 
 
 async def outage(primary: FakeAnthropic, speed: float) -> None:
