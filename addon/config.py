@@ -248,6 +248,8 @@ def _redis_url(value: Any) -> str:
     return value.strip()
 
 
+TELEMETRY_MODULE = "opentelemetry.exporter.otlp.proto.http"  # what the otel extra brings
+TELEMETRY_INSTALL = "pip install 'claude-code-fallback[otel]'"
 _REQUIRED: Any = object()
 _DEFAULT_STATUSES = frozenset({429, 500, 502, 503, 504, 529})
 
@@ -579,6 +581,13 @@ class Server:
         default=1,
         doc="Processes serving the port under `ccf start` and `ccf dev`",
     )
+    drain_seconds: float = _key(
+        "drainSeconds",
+        _number(0),
+        default=600.0,
+        doc="How long a stop or a restart lets answers in flight finish before it ends them; "
+        "Claude Code itself gives up on an answer after 600 s",
+    )
 
 
 @dataclass(frozen=True)
@@ -785,6 +794,112 @@ class Pricing:
     )
 
 
+_SAMPLERS = (
+    "parentbased_always_on",
+    "parentbased_always_off",
+    "parentbased_traceidratio",
+    "always_on",
+    "always_off",
+    "traceidratio",
+)
+
+
+@dataclass(frozen=True)
+class Telemetry:
+    """OpenTelemetry: a trace of each request, and metrics, sent over OTLP/HTTP (ops/telemetry.py).
+
+    A key left unset leaves the standard `OTEL_*` variable, else the SDK's default, in force;
+    one that is set wins over its variable.
+    """
+
+    enabled: bool = _key(
+        "enabled",
+        _boolean,
+        default=False,
+        doc="Send a trace of each request (and with `metrics`, metrics) to an OTLP/HTTP collector; "
+        "needs the `otel` extra",
+    )
+    endpoint: str | None = _key(
+        "endpoint",
+        _url,
+        default=None,
+        doc="The collector's OTLP/HTTP base URL; `/v1/traces` and `/v1/metrics` are appended",
+        shown="`OTEL_EXPORTER_OTLP_ENDPOINT`, else `http://localhost:4318`",
+    )
+    headers: tuple[tuple[str, str], ...] = _key(
+        "headers",
+        _pairs("header names"),
+        default=(),
+        secret=True,
+        doc="Headers sent with every export, such as a vendor's API key",
+        shown="`OTEL_EXPORTER_OTLP_HEADERS`, else none",
+    )
+    service_name: str | None = _key(
+        "serviceName",
+        _string,
+        default=None,
+        doc="The `service.name` the proxy's spans and metrics carry",
+        shown="`OTEL_SERVICE_NAME`, else `claude-code-fallback`",
+    )
+    resource_attributes: tuple[tuple[str, str], ...] = _key(
+        "resourceAttributes",
+        _pairs("attribute names"),
+        default=(),
+        doc="Resource attributes (`deployment.environment.name: prod`), over those of "
+        "`OTEL_RESOURCE_ATTRIBUTES`",
+        shown="`OTEL_RESOURCE_ATTRIBUTES`, else none",
+    )
+    sampler: str | None = _key(
+        "sampler",
+        _choice(*_SAMPLERS),
+        default=None,
+        doc="Which requests are traced; the `parentbased_` samplers follow a client's `traceparent`",
+        shown="`OTEL_TRACES_SAMPLER`, else `parentbased_always_on`",
+    )
+    sampler_arg: float | None = _key(
+        "samplerArg",
+        _number(0, 1),
+        default=None,
+        doc="The share of requests a `traceidratio` sampler traces",
+        shown="`OTEL_TRACES_SAMPLER_ARG`, else 1",
+    )
+    metrics: bool = _key(
+        "metrics",
+        _boolean,
+        default=False,
+        doc="Also send the `/metrics` series and the GenAI client metrics over OTLP, beside Prometheus",
+    )
+    export_interval: float | None = _key(
+        "exportInterval",
+        _ms(),
+        default=None,
+        doc="How often metrics are sent, with `metrics`",
+        shown="`OTEL_METRIC_EXPORT_INTERVAL`, else 60000",
+    )
+    schedule_delay: float | None = _key(
+        "scheduleDelay",
+        _ms(),
+        default=None,
+        doc="How long ended spans wait, at most, to be sent together",
+        shown="`OTEL_BSP_SCHEDULE_DELAY`, else 5000",
+    )
+    max_queue_size: int | None = _key(
+        "maxQueueSize",
+        _integer(1),
+        default=None,
+        doc="Ended spans waiting to be sent, at most; while the collector is slow or away, more are "
+        "dropped and counted in `ccf_telemetry_spans_dropped_total`, and no request waits",
+        shown="`OTEL_BSP_MAX_QUEUE_SIZE`, else 2048",
+    )
+    timeout: float | None = _key(
+        "timeout",
+        _ms(),
+        default=None,
+        doc="The longest one export may take, retries included",
+        shown="`OTEL_EXPORTER_OTLP_TIMEOUT`, else 10000",
+    )
+
+
 _SECTIONS: dict[str, type] = {
     "server": Server,
     "retry": Retry,
@@ -794,6 +909,7 @@ _SECTIONS: dict[str, type] = {
     "routing": Routing,
     "state": State,
     "pricing": Pricing,
+    "telemetry": Telemetry,
 }
 _ENV_OPTIONS = {
     "CLAUDE_FALLBACK_PORT": "server.port",
@@ -816,6 +932,7 @@ class Config:
     routing: Routing = field(default_factory=Routing)
     state: State = field(default_factory=State)
     pricing: Pricing = field(default_factory=Pricing)
+    telemetry: Telemetry = field(default_factory=Telemetry)
     source: str | None = None
 
     @property
@@ -1133,6 +1250,10 @@ def load_config(
     if state.backend == "redis" and not state.redis.url:
         _Reader(str(file) if file else "defaults", problems).fail(
             "state.redis.url", "required when state.backend is redis, like redis://127.0.0.1:6379/0"
+        )
+    if sections["telemetry"].enabled and _absent(TELEMETRY_MODULE):
+        _Reader(str(file) if file else "defaults", problems).fail(
+            "telemetry.enabled", f"needs the otel extra; install it: {TELEMETRY_INSTALL}"
         )
     named = {endpoint.name for endpoint in endpoints or ()}
     for name, _ in sections["pricing"].endpoints if endpoints else ():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter as Tally
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -140,14 +140,15 @@ class Metrics:
         self._attempts()
         self._streams()
         self._endpoints()
+        self._telemetry()
         # What /metrics serves: this registry, or with workers every worker's counts
         self.exposition = self.registry
         if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
             self.exposition = CollectorRegistry()
             MultiProcessCollector(self.exposition)
-        self.exposition.register(_EndpointCollector(pool))
-        self.exposition.register(_StateCollector(self))
-        self.exposition.register(_BudgetCollector(self))
+        self.collectors = [_EndpointCollector(pool), _StateCollector(self), _BudgetCollector(self)]
+        for collector in self.collectors:
+            self.exposition.register(collector)
 
     def _requests(self) -> None:
         """Client requests: their outcomes, durations and the tokens their answers used."""
@@ -262,6 +263,14 @@ class Metrics:
             "endpoint",
         )
 
+    def _telemetry(self) -> None:
+        """What became of the traces sent over OTLP (ops/telemetry.py)."""
+        self.spans_dropped = self._counter(
+            "telemetry_spans_dropped",
+            "Spans not sent to the OpenTelemetry collector because too many were waiting for it "
+            "(telemetry.maxQueueSize): it was slow or away.",
+        )
+
     def _counter(self, name: str, documentation: str, *labels: str) -> Counter:
         return Counter(name, documentation, labels, namespace=NAMESPACE, registry=self.registry)
 
@@ -279,6 +288,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.exposition)
+
+    def own(self) -> Iterable[Metric]:
+        """This process's series: with workers its own counts, where /metrics serves every
+        worker's summed (what OTLP sends, each worker under its own instance id)."""
+        if self.exposition is self.registry:
+            return self.registry.collect()
+        return [
+            *self.registry.collect(),
+            *(family for collector in self.collectors for family in collector.collect()),
+        ]
 
     def collect(self, *metrics: MetricWrapperBase) -> list[list[Metric]]:
         """Each metric's families as /metrics serves them: with workers, summed over all.

@@ -4,8 +4,8 @@ Each request is sent by the addon itself to the first healthy endpoint, failing 
 before a byte reaches the client (upstream/failover.py). A short answer that is not a
 stream is then handed to mitmproxy whole; any other is relayed so that it streams
 (relay/handoff.py). What is built from the config is one `Runtime`, swapped whole on
-reload; the config's reading, reloads, the drain and the metrics port are a sibling addon
-(ops/lifecycle.py).
+reload; the config's reading, reloads and the metrics port are a sibling addon
+(ops/lifecycle.py), and how the process ends (a stop, or a restart) another (ops/drain.py).
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from .config import Config
 from .fleet import workers
 from .modes import listen_address
 from .ops.dashboard import Dashboard
+from .ops.drain import Drain
 from .ops.flowcap import FlowCap
 from .ops.inspection import annotate, mask_flow_keys
 from .ops.lifecycle import Lifecycle
 from .ops.service import Service
 from .ops.timeline import Timeline
 from .relay.accounting import CLIENT_KEY, Accounting
+from .relay.admission import Admission
 from .relay.bodylimit import BodyLimit
 from .relay.departures import ClientLeft, Departures
 from .relay.handoff import Handoff, InFlight, respond
@@ -57,17 +59,23 @@ class Fallback:
         self.lasting = Lasting()
         self.runtime: Runtime | None = None
         self.handoff = Handoff(inspected, direct)
+        lasting = self.lasting
         self.accounting = Accounting(
-            self.lasting.metrics, self.lasting.events, self.lasting.usage, self.lasting.budgets.spend
+            lasting.metrics, lasting.events, lasting.usage, lasting.budgets.spend, lasting.telemetry
         )
         self.departures = Departures()
         self.body_limit = BodyLimit(self.handoff.bridge, self.accounting.refused_body)
         self.lifecycle = Lifecycle(self, self.lasting.metrics, self.lasting.events)
+        self.drain = Drain(self, self.lasting.events)
+        self.admission = Admission(
+            self.drain.refusal, self.lasting.budgets, self.body_limit, self.lasting.metrics
+        )
         self.timeline = Timeline(shared=workers.incidents_dir(), worker=workers.log_context().get("worker"))
         self.lasting.events.listeners.append(self.timeline.record)
         self.dashboard = Dashboard(self, self.timeline, self.lifecycle.reload)
-        self.service = Service(self, self.dashboard.allowed)
-        self.addons = [self.lifecycle, *([FlowCap()] if inspected else [])]  # mitmproxy loads these too
+        self.service = Service(self, self.dashboard.allowed, self.drain.standing)
+        # mitmproxy loads these too
+        self.addons = [self.lifecycle, self.drain, *([FlowCap()] if inspected else [])]
         self.view = stream_view()
         self.inflight: dict[str, InFlight] = {}
         self.choosing = 0  # requests still failing over, not yet in `inflight`
@@ -134,6 +142,7 @@ class Fallback:
             self.accounting.account(flow, "internal_error")
             if flow.response is None and flow.live:
                 respond(flow, error_failure(500, "api_error", "Internal error in claude-code-fallback."))
+        self.drain.let_go(flow)
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         state = self.inflight.get(flow.id)
@@ -182,20 +191,13 @@ class Fallback:
         body = flow.request.raw_content or b""
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in flow.request.headers.fields]
         client = flow.metadata[CLIENT_KEY] = runtime.access.client(headers) or UNAUTHENTICATED
-        refusal, outcome = None, "rejected"
-        if client == UNAUTHENTICATED:
-            refusal = error_failure(401, "authentication_error", "This proxy needs its access key.")
-        elif over := self.lasting.budgets.refusal(client, flow.request.method, flow.request.path):
-            refusal, outcome = over.failure(), "over_budget"
-            self.lasting.metrics.budget_refusals.labels(over.scope, over.window).inc()
-        elif self.body_limit.exceeded(body):
-            refusal = self.body_limit.failure()
-        if refusal is not None:
-            respond(flow, refusal)
-            self.accounting.account(flow, outcome)
+        trace = self.lasting.telemetry.begin(flow.id, flow.request.method, flow.request.path, headers, client)
+        if (refused := self.admission.refusal(flow, client, body)) is not None:
+            respond(flow, refused[0])
+            self.accounting.account(flow, refused[1])
             return
         request = ClientRequest.parse(
-            flow.request.method, flow.request.path, runtime.access.strip(headers), body
+            flow.request.method, flow.request.path, runtime.access.strip(headers), body, trace
         )
         if self.inspected and runtime.config.logging.redact_keys:
             mask_flow_keys(flow)

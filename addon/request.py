@@ -3,7 +3,8 @@
 An attempt that another endpoint may do better becomes one `AttemptFailed` with a `kind`
 from one fixed set (`Kind`); a stream that breaks after its first byte, a `StreamBroken`;
 what the client gets when nothing was worth relaying, a `Failure`. The plan, the metrics
-and the logs all read these. Nothing here imports another module of the proxy but `sse`.
+and the logs all read these. A request carries its trace (`tracing`), which each layer tells
+what it did. Nothing here imports another module of the proxy but `sse` and `tracing`.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import email.utils
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from . import sse
+from .tracing import NO_TRACE, Trace
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,17 @@ class ClientRequest:
     streaming: bool
     model: str | None
     payload: dict[str, Any] | None
+    trace: Trace = field(default=NO_TRACE, compare=False, repr=False)  # told what each layer did
 
     @classmethod
-    def parse(cls, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> ClientRequest:
+    def parse(
+        cls,
+        method: str,
+        path: str,
+        headers: list[tuple[str, str]],
+        body: bytes,
+        trace: Trace = NO_TRACE,
+    ) -> ClientRequest:
         payload = None
         content_type = next((v for k, v in headers if k.lower() == "content-type"), "")
         if body and "json" in content_type.lower():
@@ -50,6 +60,7 @@ class ClientRequest:
             streaming=bool(payload and payload.get("stream") is True),
             model=model if isinstance(model, str) else None,
             payload=payload,
+            trace=trace,
         )
 
 

@@ -7,8 +7,8 @@ builds a new one and the addon swaps it in with one assignment, so a request rea
 config from start to end and no collaborator keeps a piece of an old one. What outlives
 a config is `Lasting`, made once per process and updated in place: the endpoints' health,
 the event log, the retry budget's window, the upstream connections, the metrics, the
-fleet's shared state, what clients spent against their budgets, and the usage store that
-keeps what each answer used and cost.
+fleet's shared state, what clients spent against their budgets, the usage store that
+keeps what each answer used and cost, and the telemetry (set up by the first config).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from .fleet import workers
 from .fleet.shared_state import Describe, LocalState, RedisState, shared_state
 from .logs import EventLog
 from .metrics import Metrics
+from .ops.telemetry import Telemetry
 from .providers import Provider
 from .state.access import Access
 from .state.endpoints import EndpointPool
@@ -51,11 +52,13 @@ class Lasting:
     client: UpstreamClient = field(init=False)
     usage: UsageStore = field(default_factory=UsageStore)  # what each answer used and cost, kept
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    telemetry: Telemetry = field(init=False)  # each request's trace, when the config turns it on
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.pool, self.shared)
         self.budgets = self.metrics.budgets = Budgets(self.events)
         self.client = UpstreamClient(Config(endpoints=()), 0, self.metrics.stale_retries)
+        self.telemetry = Telemetry(self.metrics, self.events)
 
     async def share(self, config: Config, describe: Describe) -> None:
         """Starts the shared state `config` names: a fleet's Redis, one proxy's workers' store, or none."""
@@ -110,6 +113,7 @@ class Runtime:
             log_context,
             config.logging.redact_keys,
         )
+        lasting.telemetry.configure(config.telemetry)
         lasting.budget.ratio = config.retry.budget_ratio
         lasting.budget.min_retries = config.retry.budget_min_retries
         lasting.budgets.configure(config.server)
@@ -150,5 +154,6 @@ def secrets_of(config: Config) -> list[str]:
     """Every key and password of the config, for the log to mask."""
     secrets = [e.api_key or "" for e in config.endpoints] + [config.server.access_key or ""]
     secrets += [client.key for client in config.server.access_keys] + [config.state.redis.url or ""]
+    secrets += [value for _, value in config.telemetry.headers]  # a vendor's key, as Honeycomb's
     secrets.append(urlsplit(config.state.redis.url or "").password or "")
     return [s for s in secrets if s]

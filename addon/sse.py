@@ -2,7 +2,8 @@
 
 The proxy never re-frames a stream: the client gets the upstream's bytes as they came.
 What it reads here is a decoded copy, to know whether content has started, whether the
-stream carried an error, and what the usage fields say.
+stream carried an error, and what the usage fields say (with the model that answered and why
+it stopped, which a trace shows).
 """
 
 from __future__ import annotations
@@ -144,27 +145,65 @@ class Usage(NamedTuple):
 USAGE_EVENTS = (b"message_start", b"message_delta")  # the events `usage_of` reads
 
 
+class Note(NamedTuple):
+    """What an answer says of itself beside its content: its usage, and, where the event or
+    body carries them, the model that answered and why it stopped (`stop_reason`)."""
+
+    usage: Usage
+    model: str | None = None
+    stop_reason: str | None = None
+
+
 def usage_of(event: Event) -> Usage | None:
     """Token usage from `message_start` (input side) or `message_delta` (output side)."""
+    note = note_of(event)
+    return note.usage if note is not None else None
+
+
+def note_of(event: Event) -> Note | None:
+    """The usage of `message_start` with its model, or of `message_delta` with its stop reason."""
     if event.name == "message_start":
-        usage = ((event.json() or {}).get("message") or {}).get("usage")
-    elif event.name == "message_delta":
-        usage = (event.json() or {}).get("usage")
-    else:
-        return None
-    return usage_from(usage) if isinstance(usage, dict) else None
+        data = event.json()
+        message = data.get("message") if isinstance(data, dict) else None
+        if not isinstance(message, dict):
+            return None
+        return _note(message.get("usage"), message.get("model"), None)
+    if event.name == "message_delta":
+        data = event.json()
+        if not isinstance(data, dict):
+            return None
+        delta = data.get("delta")
+        return _note(data.get("usage"), None, delta.get("stop_reason") if isinstance(delta, dict) else None)
+    return None
 
 
 def message_usage(body: bytes) -> Usage | None:
     """Token usage of a whole (not streamed) message, as its JSON body says."""
+    note = message_note(body)
+    return note.usage if note is not None else None
+
+
+def message_note(body: bytes) -> Note | None:
+    """The usage of a whole (not streamed) message, its model and stop reason."""
     if b'"usage"' not in body:
         return None
     try:
         message = json.loads(body)
     except ValueError:
         return None
-    usage = message.get("usage") if isinstance(message, dict) else None
-    return usage_from(usage) if isinstance(usage, dict) else None
+    if not isinstance(message, dict):
+        return None
+    return _note(message.get("usage"), message.get("model"), message.get("stop_reason"))
+
+
+def _note(usage: Any, model: Any, stop_reason: Any) -> Note | None:
+    if not isinstance(usage, dict):
+        return None
+    return Note(
+        usage_from(usage),
+        model if isinstance(model, str) else None,
+        stop_reason if isinstance(stop_reason, str) else None,
+    )
 
 
 def usage_from(usage: dict[str, Any]) -> Usage:

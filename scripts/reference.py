@@ -49,6 +49,8 @@ SECTIONS = {
     "state": "A fleet sharing state through Redis: [Running it for a team](../team.md); where spend "
     "is kept: [Cost](../cost.md#where-counts-are-kept).",
     "pricing": "Prices in US dollars per million tokens, over the shipped ones: [Cost](../cost.md).",
+    "telemetry": "Traces and metrics over OTLP, and the `OTEL_*` variables: [Telemetry](../telemetry.md). "
+    "Durations in milliseconds.",
 }
 
 

@@ -29,7 +29,8 @@ from .conftest import ACCESS_KEY, BACKUP_KEY, PRIMARY_KEY, endpoints_config, fre
 from .test_operations import WEB_AUTH, xsrf
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["start", "stop", "status", "logs", "open", "dev", "web", "init", "env", "check", "demo"]
+COMMANDS = ["start", "stop", "restart", "status", "logs", "open", "dev", "web"]
+COMMANDS += ["init", "env", "check", "demo"]
 DEAD_KEY = "sk-ant-test-DEADPORTSECRETKEY000000003"
 ENV_KEY = "sk-ant-env-ENVIRONMENTSECRETKEY0000004"
 ENV_COMMAND = [sys.executable, "-m", "addon.cli", "-p", "9124", "env"]

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from addon import config as schema
 from addon.cli import commands as cli
-from addon.config import load_config
+from addon.config import Server, load_config
 from addon.fakes.anthropic import FakeAnthropic
 from addon.metrics import Metrics
 from addon.state.endpoints import EndpointPool
@@ -347,6 +347,9 @@ RUN_BY = {
     "ccf status": ["tests/test_cli.py::test_start_status_stop_round_trip"],
     "ccf logs": ["tests/test_cli.py::test_start_status_stop_round_trip"],
     "ccf stop": ["tests/test_cli.py::test_start_status_stop_round_trip"],
+    "ccf restart": [
+        "tests/test_restart.py::test_a_restart_under_load_cuts_no_stream_and_refuses_no_connection"
+    ],
     "ccf usage": [
         "tests/test_usage.py::test_an_answers_tokens_and_cost_reach_the_metric_the_log_line_the_page_and_ccf_usage"
     ],
@@ -427,6 +430,14 @@ def test_the_prometheus_example_scrapes_the_job_the_alerts_expect():
     page = (DOCS / "operating.md").read_text(encoding="utf-8")
     alerts = [r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r]
     assert re.findall(r"^\| `(Ccf\w+)` \|", page, re.M) == alerts
+
+
+def test_the_kubernetes_example_probes_readiness_and_liveness_and_outwaits_the_drain():
+    pod = yaml.safe_load((DOCS / "examples" / "kubernetes.yml").read_text(encoding="utf-8"))
+    (container,) = pod["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert pod["terminationGracePeriodSeconds"] > Server().drain_seconds
 
 
 def test_every_test_the_pages_name_exists():

@@ -336,8 +336,12 @@ def test_a_stop_while_a_worker_is_starting_reaches_that_worker(tmp_path):
     listener = socket.socket()
 
     async def stop_at_once() -> None:
-        env = {**os.environ, workers.ENV_LISTEN: f"0:{listener.fileno()}"}
-        kept = asyncio.ensure_future(supervisor.keep(0, env, listener.fileno(), tmp_path))
+        supervisor.env = {
+            **os.environ,
+            workers.ENV_LISTEN: f"0:{listener.fileno()}",
+            workers.METRICS_DIR: str(tmp_path),
+        }
+        kept = asyncio.ensure_future(supervisor.keep(0))
         await asyncio.sleep(0)  # `keep` is now starting the worker
         assert not supervisor.workers
         supervisor.stop(signal.SIGTERM)

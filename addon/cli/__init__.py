@@ -1,4 +1,5 @@
-"""`ccf`: the command line (`commands`)."""
+"""`ccf`: the command line (`commands`), `ccf usage`'s tables (`usage`), and what the commands
+ask of running proxies (`restart`)."""
 
 from .commands import main, run_foreground
 

@@ -39,12 +39,12 @@ import yaml
 from .. import __version__, launch
 from ..config import Config, ConfigError, Server, default_config_path, load_config
 from ..cost.store import read_store
-from ..fleet import workers
+from ..fleet import handover, workers
 from ..ops.flowcap import DEFAULT_MAX_FLOWS
 from ..state.access import ACCESS_HEADER, DEFAULT_CLIENT
 from ..state.endpoints import reason_text
 from ..state.limits import parse_time
-from . import usage
+from . import restart, usage
 
 OK, FAILURE, USAGE, NOT_RUNNING = 0, 1, 2, 3
 ADDON_SCRIPT = Path(__file__).parent.parent / "fallback.py"
@@ -245,7 +245,9 @@ def is_running(pid: int) -> bool:
         command = (proc / "cmdline").read_bytes()
     except (OSError, IndexError):
         return True  # no /proc here: trust the signal check
-    return state != "Z" and (str(launch.SCRIPT).encode() in command or b"mitmproxy" in command)
+    # the lean master of any install or checkout: `ccf restart` may have started another's
+    master = str(Path(*launch.SCRIPT.parts[-2:])).encode()
+    return state != "Z" and (master in command or b"mitmproxy" in command)
 
 
 def wait_for_exit(pid: int, timeout: float) -> bool:
@@ -369,7 +371,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     settings = resolve(args)
-    home, pids, logs = home_dir(), pid_file(), log_file()
+    pids, logs = pid_file(), log_file()
     if (found := read_pid(pids)) is not None:
         pid, url = found
         if is_running(pid):
@@ -383,17 +385,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             f"cannot listen on {server.host}:{server.port}: {problem}. Another program is "
             "probably using that port; pick another one with --port or server.port."
         )
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
-    command = proxy_command(settings.config, settings.config_path, log_level=settings.log_level)
-    with logs.open("ab") as log:
-        offset = log.tell()
-        process = subprocess.Popen(
-            command,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # outlives this command and the terminal it ran in
-        )
+    process, offset = spawn(settings)
     write_pid(pids, process.pid, settings.url)
     try:
         up = wait_until_up(process, settings.url, START_DEADLINE)
@@ -417,6 +409,66 @@ def cmd_start(args: argparse.Namespace) -> int:
     return OK
 
 
+def spawn(settings: Settings, env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """The proxy, in the background, writing to the log file; and where in the log it began."""
+    home_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
+    command = proxy_command(settings.config, settings.config_path, log_level=settings.log_level)
+    with log_file().open("ab") as log:
+        offset = log.tell()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives this command and the terminal it ran in
+            env={**os.environ, **(env or {})},
+        )
+    return process, offset
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    try:
+        settings = resolve(args)
+    except CommandFailed as e:
+        raise CommandFailed(f"{e}\nnothing restarted: a proxy that runs still serves", e.code) from None
+    found = read_pid(pid_file())
+    ports = [settings.config.server.port]
+    if found is not None and found[1] and (recorded := urlsplit(found[1]).port):
+        ports.append(recorded)  # the port may be what the config changes
+    held = restart.holder(ports)
+    if held is None and found is not None and is_running(found[0]):  # it may be starting still
+        held = restart.holder(ports, wait=5.0)
+    if held is None:
+        if found is not None and is_running(found[0]):
+            print(f"pid {found[0]} cannot hand its port over (it predates `ccf restart`): stopping it first")
+            cmd_stop(argparse.Namespace(timeout=None, now=False, **vars(args)))
+        else:
+            print("not running: starting")
+        return cmd_start(args)
+    path, old = held
+    process, offset = spawn(settings, {handover.ENV_TAKEOVER: str(path)})
+    deadline = START_DEADLINE + 10 * settings.config.server.workers
+    try:
+        new = restart.wait_for_successor(process, settings.config.server.port, deadline)
+    except KeyboardInterrupt:
+        new = None
+    if new is None:
+        status = process.poll()
+        why = f"exited with status {status}" if status is not None else f"did not serve within {deadline:g} s"
+        terminate(process, 5)
+        print(f"last lines of {log_file()}:\n{tail_since(log_file(), offset, 20)}", file=sys.stderr)
+        raise CommandFailed(f"the new proxy {why}; pid {old['pid']} still serves. See {log_file()}")
+    write_pid(pid_file(), process.pid, settings.url)
+    print(
+        f"claude-code-fallback restarted on {settings.url}: pid {old['pid']} ({old.get('version')}) "
+        f"handed the port to pid {process.pid} ({new.get('version')})"
+    )
+    for was in restart.draining(int(old["address"][1]), besides=process.pid):
+        if was.get("pid") == old["pid"] and any(was.get(k) for k in ("streams", "choosing", "connections")):
+            print(f"pid {old['pid']} finishes {restart.carried(was)}, then exits (`ccf status` shows it)")
+    return OK
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     pids = pid_file()
     found = read_pid(pids)
@@ -428,17 +480,37 @@ def cmd_stop(args: argparse.Namespace) -> int:
         pids.unlink(missing_ok=True)
         print(f"not running (removed stale pid file for pid {pid})")
         return OK
-    print(f"stopping pid {pid}: in-flight requests may take up to {args.timeout:g} s to finish")
-    os.kill(pid, signal.SIGTERM)
-    if wait_for_exit(pid, args.timeout):
+    if args.now:
+        print(f"stopping pid {pid} now: answers in flight are cut")
+        os.kill(pid, signal.SIGINT)
+        for was in restart.draining(urlsplit(found[1] or "").port or 0, besides=pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(was["pid"]), signal.SIGINT)
+        timeout = 10.0
+    else:
+        timeout = args.timeout if args.timeout is not None else drain_seconds(args) + 10
+        print(
+            f"stopping pid {pid}: answers in flight may take up to {timeout - 10:g} s to finish "
+            "(`ccf stop --now` ends them)"
+        )
+        os.kill(pid, signal.SIGTERM)
+    if wait_for_exit(pid, timeout):
         print("stopped")
     else:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         wait_for_exit(pid, 5)
-        print(f"still running after {args.timeout:g} s; killed")
+        print(f"still running after {timeout:g} s; killed")
     pids.unlink(missing_ok=True)
     return OK
+
+
+def drain_seconds(args: argparse.Namespace) -> float:
+    """`server.drainSeconds` of the config, or its default when the config cannot be read now."""
+    try:
+        return resolve(args).config.server.drain_seconds
+    except CommandFailed:
+        return Server().drain_seconds
 
 
 def proxy_address(settings: Settings) -> tuple[int | None, str]:
@@ -467,6 +539,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  address   {url}")
     print(f"  uptime    {format_duration(float(health.get('uptimeSeconds') or 0))}")
     print(f"  streams   {health.get('activeStreams', 0)} in flight")
+    if drain := health.get("drain"):
+        print(f"  draining  ({drain.get('reason')}) answers in flight end by {drain.get('endsAt')}")
+    for was in restart.draining(settings.config.server.port, besides=pid):
+        print(f"  draining  pid {was.get('pid')} ({was.get('version')}): {restart.carried(was)}")
     if (count := (health.get("workers") or {}).get("count", 1)) > 1:
         print(f"  workers   {count} processes on one port")
     print(f"  state     {health.get('state', 'memory')}")
@@ -922,6 +998,7 @@ Command = Callable[[argparse.Namespace], int]
 COMMANDS: dict[str, tuple[Command, str]] = {
     "start": (cmd_start, "start the proxy in the background"),
     "stop": (cmd_stop, "stop the background proxy, letting in-flight requests finish"),
+    "restart": (cmd_restart, "start the installed code and hand it the port: nothing refused, nothing cut"),
     "status": (cmd_status, "show whether it runs and the state of each endpoint"),
     "logs": (cmd_logs, "print the background proxy's log"),
     "open": (cmd_open, "open the status page in a browser (the URL carries an access key once)"),
@@ -938,7 +1015,8 @@ COMMANDS: dict[str, tuple[Command, str]] = {
 # The page of the documentation (docs/ in the repository) that explains each command
 PAGES = {
     **dict.fromkeys(
-        ("ccf", "start", "stop", "status", "logs", "open", "dev", "web"), "docs/operating.md#commands"
+        ("ccf", "start", "stop", "restart", "status", "logs", "open", "dev", "web"),
+        "docs/operating.md#commands",
     ),
     **dict.fromkeys(("init", "env", "check"), "docs/getting-started.md#point-claude-code-at-the-proxy"),
     "demo": "docs/getting-started.md#no-api-key-at-hand-ccf-demo",
@@ -978,7 +1056,10 @@ def build_parser() -> argparse.ArgumentParser:
 def add_options(sub: Mapping[str, argparse.ArgumentParser]) -> None:
     """Each command's own options."""
     sub["stop"].add_argument(
-        "--timeout", type=float, default=40.0, metavar="S", help="seconds before SIGKILL (40)"
+        "--timeout", type=float, metavar="S", help="seconds before SIGKILL (server.drainSeconds + 10)"
+    )
+    sub["stop"].add_argument(
+        "--now", action="store_true", help="end answers in flight at once instead of letting them finish"
     )
     sub["status"].add_argument("--json", action="store_true", help="print the /health JSON")
     sub["status"].add_argument(

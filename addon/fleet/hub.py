@@ -18,6 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 SWEEP_EVERY = 60.0  # expired keys go at once when read; the sweep bounds what nobody reads
 
@@ -100,6 +101,33 @@ class Hub:
             await asyncio.sleep(SWEEP_EVERY)
             for key in list(self.expiry):
                 self.live(key)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every live key, for a successor's hub: values as text, expiries as seconds left."""
+        now = self.clock()
+        keys: dict[str, Any] = {}
+        for key in list(self.values):
+            value = self.live(key)
+            if value is None:
+                continue
+            shown: Any = (
+                sorted(v.decode("latin-1") for v in value)
+                if isinstance(value, set)
+                else value.decode("latin-1")
+            )
+            left = self.expiry[key] - now if key in self.expiry else None
+            keys[key.decode("latin-1")] = [shown, left]
+        return keys
+
+    def restore(self, keys: dict[str, Any]) -> None:
+        now = self.clock()
+        for key, (value, left) in keys.items():
+            stored = (
+                {v.encode("latin-1") for v in value} if isinstance(value, list) else value.encode("latin-1")
+            )
+            self.values[key.encode("latin-1")] = stored
+            if left is not None:
+                self.expiry[key.encode("latin-1")] = now + float(left)
 
     def live(self, key: bytes) -> bytes | set[bytes] | None:
         if (at := self.expiry.get(key)) is not None and at <= self.clock():

@@ -35,14 +35,18 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from mitmproxy.proxy import mode_specs
 
+from .. import __version__
 from ..config import Config, ConfigError
 from ..logs import EventLog
 from ..modes import listen_on, named_config
 from ..sse import error_body
+from .handover import ENV_TAKEOVER, Control, Predecessor, take_port
 from .hub import Hub, listening_socket
+from .listener import Listener
 
 ENV_INDEX = "CCF_WORKER_INDEX"  # this worker's number, from 0
 ENV_COUNT = "CCF_WORKERS"
@@ -56,10 +60,12 @@ METRICS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 # On a worker's channel: to it, a connection (its descriptor along); from it, once it
 # serves, READY, then a byte for each of its connections that closed.
 HANDED, READY, CLOSED = b"c", b"r", b"-"
+RETIRE_SIGNAL = signal.SIGUSR1  # to a worker: a successor serves; finish what you carry, then exit
 QUICK_DEATH = 5.0  # a worker that exits this soon after starting did not really start
 QUICK_DEATHS = 3  # in a row: give up, it would only fail again
 PARENT_CHECK = 1.0
-BACKLOG = 1024
+
+Serve = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]  # mitmproxy's handler
 
 
 def this_worker() -> dict[str, int]:
@@ -118,20 +124,19 @@ def mode_options(specs: list[str]) -> list[str]:
     return [spec.split("=", 1)[1] for spec in specs if spec.startswith("mode=")]
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, as mitmproxy would open it: every interface when `host` is empty."""
-    if not host and socket.has_dualstack_ipv6():
-        return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True, backlog=BACKLOG)
-    passive = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return socket.create_server((str(passive[0][4][0]), port), family=passive[0][0], backlog=BACKLOG)
-
-
 def listen_on_inherited(listen: str) -> None:
     """In a worker: mitmproxy's listener on the proxy's port is the supervisor's socket, for
     its address, but the worker never accepts from it: its connections come over `channel`."""
     port, fd, channel_fd = (int(part) for part in listen.split(":"))
-    shared = socket.socket(fileno=fd)
     channel = socket.socket(fileno=channel_fd)
+    serve_on(port, socket.socket(fileno=fd), lambda serve: take_connections(channel, serve))
+    if int(os.environ.get(ENV_INDEX, 0)) > 0:
+        tcp_only()
+
+
+def serve_on(port: int, shared: socket.socket, feed: Callable[[Serve], None]) -> None:
+    """mitmproxy's server on `port` is made on `shared`, for its address, but never accepts
+    from it: `feed` is given the server's handler and hands it each connection."""
     start_server = asyncio.start_server
 
     async def start_shared(client_connected_cb, host=None, port_=None, **kwargs):  # type: ignore[no-untyped-def]
@@ -139,15 +144,19 @@ def listen_on_inherited(listen: str) -> None:
             return await start_server(client_connected_cb, host, port_, **kwargs)
         server = await start_server(client_connected_cb, sock=shared, **kwargs)
         asyncio.get_running_loop().remove_reader(shared.fileno())
-        take_connections(channel, client_connected_cb)
+        feed(client_connected_cb)
         return server
 
     asyncio.start_server = start_shared  # type: ignore[assignment]
-    if int(os.environ.get(ENV_INDEX, 0)) > 0:
-        tcp_only()
 
 
-def take_connections(channel: socket.socket, serve: Callable[..., Awaitable[None]]) -> None:
+async def serve_accepted(connection: socket.socket, serve: Serve) -> None:
+    """Serves a connection accepted elsewhere as if mitmproxy's server had accepted it."""
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(), serve)
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, connection)
+
+
+def take_connections(channel: socket.socket, serve: Serve) -> None:
     """In a worker: serves each connection the supervisor sends, and tells it when one closes."""
     loop = asyncio.get_running_loop()
     channel.setblocking(False)
@@ -186,13 +195,9 @@ def take_connections(channel: socket.socket, serve: Callable[..., Awaitable[None
             if not fds:  # the supervisor is gone: watch_supervisor stops this worker
                 loop.remove_reader(channel.fileno())
                 return
-            task = loop.create_task(accepted(socket.socket(fileno=fds[0])))
+            task = loop.create_task(serve_accepted(socket.socket(fileno=fds[0]), counted))
             starting.add(task)  # held until it runs: the loop keeps only a weak reference
             task.add_done_callback(starting.discard)
-
-    async def accepted(connection: socket.socket) -> None:
-        protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(), counted)
-        await loop.connect_accepted_socket(lambda: protocol, connection)
 
     starting: set[asyncio.Task[None]] = set()
     loop.add_reader(channel.fileno(), receive)
@@ -224,88 +229,124 @@ async def watch_supervisor(stop: object) -> None:
 
 class Supervisor:
     """Runs `server.workers` worker processes on one port: hands each accepted connection to the
-    worker with the fewest, starts a worker again when one dies, and tells every worker to
-    reload or stop."""
+    worker with the fewest, starts a worker again when one dies, tells every worker to reload
+    or stop, and on a restart hands the port to its successor one worker at a time (or takes
+    it from its predecessor so)."""
 
     def __init__(self, specs: list[str], config: Config, command: list[str]) -> None:
         self.specs = specs
         self.count = config.server.workers
         self.command = command  # a worker's: the lean master's own, with the same specs
         self.state_backend = config.state.backend
+        self.drain_seconds = config.server.drain_seconds
         self.events = EventLog(config.logging.level, config.logging.format)
         self.workers: dict[int, asyncio.subprocess.Process] = {}
+        self.keeping: dict[int, asyncio.Task[None]] = {}  # each worker's keeper, while it keeps one
         self.channels: dict[int, socket.socket] = {}  # to each running worker: its connections
         self.connections: dict[int, int] = {}  # open ones, by worker
         self.serving: set[int] = set()  # the workers that said READY: a starting one gets none
+        self.retired: set[int] = set()  # told to finish and exit: a successor serves instead
         self.answering: set[asyncio.Task[None]] = set()  # connections answered while none serves
         self.announce = os.environ.pop(ENV_ANNOUNCE, "")  # printed once the first worker serves
         self.handed = 0
         self.stop_signal: int | None = None  # set once told to stop: what each worker is told
+        self.handed_over = False
+        self.drain_deadline: float | None = None
         self.exit_code = 0
+        self.address: tuple[str, int] = ("", 0)
+        self.listener: Listener | None = None
+        self.control: Control | None = None
+        self.hub: Hub | None = None
+        self.env: dict[str, str] = {}
+        self.finished = asyncio.Event()  # every worker has ended: the supervisor exits
+        self.readied = asyncio.Event()  # a worker said READY
 
     async def run(self) -> int:
         where = listen_on(mode_options(self.specs), settings(self.specs).get("listen_host", ""))
         if where is None:
             print("claude-code-fallback: server.workers needs a listening mode", file=sys.stderr)
             return 2
-        host, port = where
-        try:
-            listener = bind(host, port)
-        except OSError as e:
-            print(f"claude-code-fallback: cannot listen on {host or '*'}:{port}: {e}", file=sys.stderr)
-            return 1
+        listening, predecessor = take_port(where, os.environ.pop(ENV_TAKEOVER, ""))
+        self.address, self.listener = where, Listener(listening, self.hand)
+        self.control = Control(self, where[1])
         with tempfile.TemporaryDirectory(prefix="ccf-workers-") as private:
             metrics, incidents = Path(private, "metrics"), Path(private, "incidents")
             metrics.mkdir()
             incidents.mkdir()
-            env = {
+            self.env = {
                 **os.environ,
                 ENV_COUNT: str(self.count),
-                ENV_LISTEN: f"{port}:{listener.fileno()}",  # and each worker's channel
+                ENV_LISTEN: f"{where[1]}:{listening.fileno()}",  # and each worker's channel
                 ENV_SUPERVISOR: str(os.getpid()),
                 METRICS_DIR: str(metrics),
                 ENV_INCIDENTS: str(incidents),
             }
-            hub = None
             if self.state_backend != "redis":
                 path = str(Path(private, "state.sock"))
-                hub = Hub()
-                await hub.serve(listening_socket(path))
-                env[ENV_STATE] = f"unix://{path}"
+                self.hub = Hub()
+                self.hub.restore(predecessor.carried.get("hub") or {} if predecessor else {})
+                await self.hub.serve(listening_socket(path))
+                self.env[ENV_STATE] = f"unix://{path}"
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(signum, self.stop, signum)
             loop.add_signal_handler(signal.SIGHUP, self.tell, signal.SIGHUP)  # reload
-            self.events.event("workers_starting", workers=self.count, address=f"{host or '*'}:{port}")
-            handing = asyncio.ensure_future(self.hand_out(listener))
-            await asyncio.gather(*(self.keep(i, env, listener.fileno(), metrics) for i in range(self.count)))
-            handing.cancel()
-            if hub:
-                await hub.stop()
-        listener.close()
+            address = f"{where[0] or '*'}:{where[1]}"
+            self.events.event("workers_starting", workers=self.count, address=address)
+            self.control.start()
+            succession = asyncio.ensure_future(self.succeed(predecessor))
+            for index in range(self.count):
+                self.start_keeping(index)
+            await self.finished.wait()
+            succession.cancel()
+            if self.hub:
+                await self.hub.stop()
+        self.control.stop()
+        listening.close()
         return self.exit_code
 
-    async def hand_out(self, listener: socket.socket) -> None:
-        """Accepts each connection and sends it to the running worker with the fewest open;
-        while none serves (at start, or all restarting), answers it at once itself."""
-        loop = asyncio.get_running_loop()
-        listener.setblocking(False)
-        while True:
-            connection, _ = await loop.sock_accept(listener)
-            if not self.serving:
-                task = asyncio.ensure_future(answer_starting(connection))
-                self.answering.add(task)
-                task.add_done_callback(self.answering.discard)
-                continue
-            with connection:  # the worker has its own copy once sent
-                for index in self.by_load():
-                    try:
-                        socket.send_fds(self.channels[index], [HANDED], [connection.fileno()])
-                    except OSError:  # gone, or not taking any: the next one
-                        continue
-                    self.connections[index] += 1
-                    self.handed += 1
-                    break
+    async def succeed(self, predecessor: Predecessor | None) -> None:
+        """Takes the port over as workers come up, retiring one of the predecessor's for each
+        (capacity never drops); then answers the next successor."""
+        assert self.listener is not None and self.control is not None
+        if predecessor is None:
+            self.listener.resume()
+            await self.readied.wait()
+            self.control.publish()
+            return
+        retired = 0
+        while len(self.serving) < self.count:
+            await self.readied.wait()
+            self.readied.clear()
+            if self.serving:
+                self.listener.resume()
+            while retired < len(self.serving) and predecessor.left != 0:
+                await predecessor.retire()
+                retired += 1
+        await predecessor.retire_all()
+        self.control.publish()
+        await predecessor.done()
+        self.events.event(
+            "took_over", pid=predecessor.hello.get("pid"), version=predecessor.hello.get("version")
+        )
+
+    def hand(self, connection: socket.socket) -> None:
+        """Sends a connection to the serving worker with the fewest open; while none serves (at
+        start, or all restarting), answers it at once itself."""
+        if not self.serving:
+            task = asyncio.ensure_future(answer_starting(connection))
+            self.answering.add(task)
+            task.add_done_callback(self.answering.discard)
+            return
+        with connection:  # the worker has its own copy once sent
+            for index in self.by_load():
+                try:
+                    socket.send_fds(self.channels[index], [HANDED], [connection.fileno()])
+                except OSError:  # gone, or not taking any: the next one
+                    continue
+                self.connections[index] += 1
+                self.handed += 1
+                break
 
     def by_load(self) -> list[int]:
         """The serving workers, fewest open connections first; a tie goes round in turn."""
@@ -331,36 +372,49 @@ class Supervisor:
             told = b""
         if not told:  # the worker is gone
             asyncio.get_running_loop().remove_reader(channel.fileno())
-            self.not_serving(index)
+            self.serving.discard(index)
             return
-        if READY in told:
+        if READY in told and index not in self.retired:
             if not self.serving and self.announce:
                 print(self.announce, file=sys.stderr, flush=True)  # `ccf dev`: now it serves
                 self.announce = ""
             self.serving.add(index)
+            self.readied.set()
         self.connections[index] = max(0, self.connections[index] - told.count(CLOSED))
-
-    def not_serving(self, index: int) -> None:
-        self.serving.discard(index)
 
     def close_channel(self, index: int) -> None:
         channel = self.channels.pop(index)
         del self.connections[index]
-        self.not_serving(index)
+        self.serving.discard(index)
         asyncio.get_running_loop().remove_reader(channel.fileno())
         channel.close()
 
-    async def keep(self, index: int, env: dict[str, str], listen_fd: int, metrics: Path) -> None:
-        """Runs worker `index` until the supervisor stops, starting it again when it dies."""
+    def start_keeping(self, index: int) -> None:
+        task = asyncio.ensure_future(self.keep(index))
+        self.keeping[index] = task
+        task.add_done_callback(lambda _: self.kept(index))
+
+    def kept(self, index: int) -> None:
+        self.keeping.pop(index, None)
+        if not self.keeping and (self.stop_signal is not None or self.handed_over):
+            self.finished.set()
+
+    async def keep(self, index: int) -> None:
+        """Runs worker `index` until the supervisor stops or retires it, starting it again when it dies."""
         from prometheus_client import multiprocess
 
         quick_deaths = 0
-        while self.stop_signal is None:
+        listen_fd = int(self.env[ENV_LISTEN].split(":")[1])
+        while self.stop_signal is None and index not in self.retired:
             started = time.monotonic()
             channel = self.open_channel(index)
             process = await asyncio.create_subprocess_exec(
                 *self.command,
-                env={**env, ENV_INDEX: str(index), ENV_LISTEN: f"{env[ENV_LISTEN]}:{channel.fileno()}"},
+                env={
+                    **self.env,
+                    ENV_INDEX: str(index),
+                    ENV_LISTEN: f"{self.env[ENV_LISTEN]}:{channel.fileno()}",
+                },
                 pass_fds=(listen_fd, channel.fileno()),
                 start_new_session=True,  # Ctrl-C reaches the supervisor, which tells each worker once
             )
@@ -368,12 +422,16 @@ class Supervisor:
             self.workers[index] = process
             if self.stop_signal is not None:  # told while this one was starting: `tell` missed it
                 process.send_signal(self.stop_signal)
+            elif index in self.retired:
+                process.send_signal(RETIRE_SIGNAL)
             code = await process.wait()
             del self.workers[index]
             self.close_channel(index)
-            multiprocess.mark_process_dead(process.pid, str(metrics))
+            multiprocess.mark_process_dead(process.pid, self.env[METRICS_DIR])
             if self.stop_signal is not None:
                 self.exit_code = self.exit_code or code
+                return
+            if index in self.retired:
                 return
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
             if quick_deaths >= QUICK_DEATHS:
@@ -389,11 +447,70 @@ class Supervisor:
     def stop(self, signum: int) -> None:
         self.stop_signal = signum
         self.tell(signum)
+        if not self.keeping:
+            self.finished.set()
 
     def tell(self, signum: int) -> None:
         for process in self.workers.values():
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signum)
+
+    # -- what a successor asks (handover.py) ----------------------------------------------
+
+    def hello(self) -> tuple[dict[str, Any], socket.socket]:
+        assert self.listener is not None
+        return {
+            **self.status(),
+            "carry": {"hub": self.hub.snapshot() if self.hub else {}},
+        }, self.listener.socket
+
+    async def retire(self) -> int:
+        """Retires one worker, a serving one first; the last one retired stops the accepting."""
+        assert self.listener is not None
+        live = [i for i in sorted(self.keeping) if i not in self.retired]
+        if candidates := [i for i in live if i in self.serving] or live:
+            index = candidates[-1]
+            self.retired.add(index)
+            self.serving.discard(index)
+            if (process := self.workers.get(index)) is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(RETIRE_SIGNAL)
+            if self.drain_deadline is None:
+                self.drain_deadline = time.time() + self.drain_seconds
+            self.events.event("worker_retiring", worker=index)
+        left = len(live) - (1 if candidates else 0)
+        if left == 0:
+            self.listener.pause()
+        return left
+
+    def resume(self) -> None:
+        """The successor left before it held the port: every worker slot serves again."""
+        if not self.retired or self.handed_over or self.stop_signal is not None:
+            return
+        assert self.listener is not None
+        retired, self.retired, self.drain_deadline = self.retired, set(), None
+        for index in retired:
+            if index not in self.keeping:
+                self.start_keeping(index)
+        self.listener.resume()
+        self.events.event("resumed", logging.WARNING, workers=len(retired))
+
+    def released(self) -> None:
+        self.handed_over = True
+        if not self.keeping:
+            self.finished.set()
+
+    def status(self) -> dict[str, Any]:
+        state = "stopping" if self.stop_signal is not None else "retiring" if self.retired else "serving"
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "address": list(self.address),
+            "workers": len([i for i in self.keeping if i not in self.retired]),
+            "state": state,
+            "connections": sum(self.connections.values()),
+            "drainDeadline": self.drain_deadline,
+        }
 
 
 STARTING_BODY = b'{"status": "starting"}'

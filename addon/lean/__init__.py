@@ -1,1 +1,2 @@
-"""The lean mitmproxy master that `ccf` runs (`master`), and its hook dispatcher (`dispatch`)."""
+"""The lean mitmproxy master that `ccf` runs (`master`), its hook dispatcher (`dispatch`), and
+its part in a restart (`succession`)."""

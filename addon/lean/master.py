@@ -24,8 +24,9 @@ if not __package__:
     sys.path.insert(0, str(_here.parent.parent))
     __package__ = f"{_here.parent.name}.{_here.name}"
 
-from ..fleet import workers
+from ..fleet import handover, workers
 from ..launch import command
+from ..modes import listen_on
 
 
 def parse(argv: list[str]) -> list[str]:
@@ -48,6 +49,7 @@ async def serve(specs: list[str], *ours: object) -> None:
     from ..proxy import Fallback
     from ..relay import direct
     from . import dispatch as hooks
+    from .succession import Standing, hold, listen
 
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
     for noisy in ("asyncio", "hpack", "quic"):
@@ -59,6 +61,11 @@ async def serve(specs: list[str], *ours: object) -> None:
     hooks.install(lean.addons)
     tls = tlsconfig.TlsConfig()
     ours = ours or (Fallback(inspected=False, direct=True),)
+    standing = None
+    where = listen_on(workers.mode_options(specs), workers.settings(specs).get("listen_host", ""))
+    if isinstance(ours[0], Fallback) and where is not None and workers.ENV_LISTEN not in os.environ:
+        listener, predecessor = listen(where, os.environ.pop(handover.ENV_TAKEOVER, ""))
+        standing = Standing(ours[0], listener, where)
     lean.addons.add(
         termlog.TermLog(),
         core.Core(),
@@ -87,14 +94,20 @@ async def serve(specs: list[str], *ours: object) -> None:
     watching: asyncio.Future[None] | None = None
     if workers.ENV_SUPERVISOR in os.environ:
         watching = asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
+        if isinstance(ours[0], Fallback):  # a rolling restart: from the start, not once running
+            loop.add_signal_handler(workers.RETIRE_SIGNAL, ours[0].drain.retire, True)
     elif (line := os.environ.pop(workers.ENV_ANNOUNCE, "")) and isinstance(ours[0], Fallback):
         watching = asyncio.ensure_future(announce_when(ours[0].ready, line))
     # What is loaded by now lives as long as the process: keep it out of the collector's
     # full passes, which otherwise stop every stream for 40-70 ms a few times a minute.
     gc.freeze()
+    holding = asyncio.ensure_future(hold(standing, predecessor)) if standing else None
     await lean.run()
-    if watching is not None:
-        watching.cancel()
+    for task in (watching, holding):
+        if task is not None:
+            task.cancel()
+    if standing is not None:
+        standing.control.stop()
     loop.set_exception_handler(quiet_cancellations)
 
 

@@ -3,8 +3,9 @@
 A sibling addon of `Fallback` (mitmproxy composes its own addons the same way): it owns
 the options that name and watch the config, reads the config on start, when an option
 changes, on SIGHUP, when the file changes and on `fallback.reload`, and hands each good
-one to the request path (`Serving.install`); a bad one keeps the running config. On the
-first SIGTERM, answers in flight get `fallback_shutdown_grace` seconds to finish.
+one to the request path (`Serving.install`); a bad one keeps the running config.
+
+How the process ends is its sibling's, drain.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import Iterable
 from typing import Any, Protocol
 
@@ -55,13 +55,12 @@ class Serving(Protocol):
 
 
 class Lifecycle:
-    """Reads, watches and reloads the config; drains on SIGTERM; serves the metrics port."""
+    """Reads, watches and reloads the config; serves the metrics port."""
 
     def __init__(self, serving: Serving, metrics: Metrics, events: EventLog) -> None:
         self.serving = serving
         self.metrics = metrics
         self.events = events
-        self.draining = False
         self.config_mtime: float | None = None
         self.metrics_server: Any = None
 
@@ -81,12 +80,6 @@ class Lifecycle:
             str,
             "",
             "Overrides logging.level of the config (trace, debug, info, warn, error).",
-        )
-        loader.add_option(
-            "fallback_shutdown_grace",
-            int,
-            30,
-            "Seconds that in-flight responses get to finish after SIGTERM before the proxy exits.",
         )
         loader.add_option(
             "fallback_watch_config",
@@ -118,10 +111,8 @@ class Lifecycle:
         source = runtime.config.source
         self.events.event("started", version=__version__, endpoints=endpoints, config=source)
         loop = asyncio.get_running_loop()
-        # Replaces mitmproxy's own SIGTERM handler: streams in flight get to finish first.
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop.add_signal_handler(signal.SIGHUP, self.reload_here)
-            loop.add_signal_handler(signal.SIGTERM, self.drain)
         self.serving.spawn(self.watch_file())
         self.start_metrics_server()
 
@@ -186,38 +177,6 @@ class Lifecycle:
             if mtime != self.config_mtime:
                 self.config_mtime = mtime
                 self.reload_here()
-
-    def drain(self) -> None:
-        """First SIGTERM: let in-flight responses finish (up to the grace period), then exit.
-        A second SIGTERM exits at once."""
-        if self.draining:
-            ctx.master.shutdown()
-            return
-        self.draining = True
-        grace = ctx.options.fallback_shutdown_grace
-        busy = self.serving.busy()
-        # A stop that waits on answers is worth a line at the default level: it says why
-        # the process is still there.
-        self.events.event(
-            "draining",
-            logging.WARNING if any(busy.values()) else logging.INFO,
-            active_streams=busy["streams"],
-            choosing=busy["choosing"],
-            grace_seconds=grace,
-        )
-        self.serving.spawn(self.shutdown_when_idle(time.monotonic() + grace))
-
-    async def shutdown_when_idle(self, deadline: float) -> None:
-        while any(self.serving.busy().values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        busy = self.serving.busy()
-        self.events.event(
-            "stopping",
-            logging.WARNING if any(busy.values()) else logging.INFO,
-            cut_streams=busy["streams"],
-            cut_requests=busy["choosing"],
-        )
-        ctx.master.shutdown()
 
     def start_metrics_server(self) -> None:
         config = self.serving.current()

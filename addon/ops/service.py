@@ -1,6 +1,8 @@
-"""The proxy's own answers on its port: `/health` and `/metrics`.
+"""The proxy's own answers on its port: `/health`, `/readyz`, `/livez` and `/metrics`.
 
-`/health` is for load balancers, `ccf status` and people; `/metrics` for Prometheus. With
+`/health` is for load balancers, `ccf status` and people; `/metrics` for Prometheus.
+`/readyz` says whether this process takes new work (503 while it starts or drains) and
+`/livez` whether it runs at all, for Kubernetes' probes; neither needs a key. With
 `server.accessKey` or `server.accessKeys` set, a gateway listens beyond loopback, so both
 tell only a client that presents a key (as a header, a bearer token, or the status page's
 cookie) what they know: endpoints, their errors, the team's key names and request counts.
@@ -26,12 +28,14 @@ from ..fleet import workers
 from ..fleet.shared_state import LocalState
 from ..metrics import Metrics
 from ..state.access import Access
-from ..state.endpoints import COOLING, EndpointPool
+from ..state.endpoints import COOLING, EndpointPool, iso_time
 from ..state.policy import RetryBudget
 from ..state.routing import Router
 
 HEALTH_PATH = "/health"
+READY_PATH, LIVE_PATH = "/readyz", "/livez"
 METRICS_PATH = "/metrics"
+JSON = {"content-type": "application/json"}
 METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -95,20 +99,30 @@ class Service:
     """The proxy's own answers on its port, `/health` and `/metrics`, and this instance's heartbeat
     document for the fleet."""
 
-    def __init__(self, host: Host, allowed: Callable[[http.Request], bool]) -> None:
+    def __init__(
+        self, host: Host, allowed: Callable[[http.Request], bool], standing: Callable[[], dict[str, Any]]
+    ) -> None:
         self.host = host
         self.allowed = allowed  # whether a request presents the proxy's key (see dashboard.py)
+        self.standing = standing  # whether the process serves or drains (lifecycle.py)
 
     async def serve(self, flow: http.HTTPFlow) -> bool:
-        """Answers `GET /health` and `GET /metrics`; False for anything else."""
+        """Answers `GET /health`, `/readyz`, `/livez` and `/metrics`; False for anything else."""
         request = flow.request
         if request.method != "GET":
             return False
         path = request.path.split("?", 1)[0]
-        if path not in (HEALTH_PATH, METRICS_PATH):
+        if path not in (HEALTH_PATH, READY_PATH, LIVE_PATH, METRICS_PATH):
             return False
         allowed = self.allowed(request)
-        if path == HEALTH_PATH:
+        if path == LIVE_PATH:
+            flow.response = http.Response.make(200, '{"status": "alive"}', JSON)
+        elif path == READY_PATH:
+            ready = self.standing()["state"] == "serving"
+            flow.response = http.Response.make(
+                200 if ready else 503, '{"status": "%s"}' % ("ready" if ready else "draining"), JSON
+            )
+        elif path == HEALTH_PATH:
             status, document = self.health()
             if not allowed:
                 document = {"status": document["status"]}
@@ -134,8 +148,10 @@ class Service:
         endpoints = [state.snapshot(routing.step_aside_at) for state in lasting.pool]
         usable = sum(1 for e in endpoints if e["status"] != COOLING)
         status = "ok" if usable == len(endpoints) else "degraded" if usable else "unavailable"
+        standing = self.standing()
+        draining = standing["state"] != "serving"
         document = {
-            "status": status,
+            "status": "draining" if draining else status,
             "version": __version__,
             "uptimeSeconds": round(time.time() - self.host.started_at, 3),
             "activeStreams": metrics.streams_now(),
@@ -153,7 +169,9 @@ class Service:
             },
             "endpoints": endpoints,
         }
-        return (200 if usable else 503), document
+        if draining:
+            document["drain"] = {"reason": standing["state"], "endsAt": iso_time(standing["drainDeadline"])}
+        return (200 if usable and not draining else 503), document
 
     def describe(self) -> dict[str, Any]:
         """This instance, as the fleet sees it in its heartbeat."""

@@ -5,7 +5,7 @@ duration by outcome and client, and one `request` line in the log. An answer tha
 the client (whole, streamed or cut) is first read for its outcome by `answered`: the
 tokens each of its parts reported, what they cost at the runtime's prices (cost/spend.py),
 counted in `ccf_tokens_total` and `ccf_cost_usd_total` and added to the usage store; and
-a cut stream's reason.
+a cut stream's reason. The request's trace (tracing.py) ends there too.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from ..metrics import Metrics
 from ..request import StreamBroken
 from ..sse import combined
 from ..state.access import UNAUTHENTICATED
+from ..tracing import NO_TRACE, Traces
 from ..upstream.client import UpstreamResponse
 from .handoff import InFlight
 from .resume import ResumingResponse
@@ -40,11 +41,13 @@ class Accounting:
         events: EventLog,
         usage: UsageStore,
         on_spend: Callable[[str, float], None] | None = None,
+        traces: Traces = NO_TRACE,
     ) -> None:
         self.metrics = metrics
         self.events = events
         self.usage = usage
         self.on_spend = on_spend  # told each billed cost (client, USD): the budgets (cost/budgets.py)
+        self.traces = traces  # each request's trace, ended with its request (ops/telemetry.py)
         self.prices: PriceTable = shipped()  # the runtime's, set as each config is installed
 
     def answered(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:
@@ -57,6 +60,7 @@ class Accounting:
         if isinstance(state.relay, ResumingResponse):
             parts, error = state.relay.parts, error or state.relay.broken
         spent = [self.spent(flow, part) for part in parts if part.usage]
+        reason = None
         if error is None:
             result = "success" if upstream.status < 400 else "client_error"
         else:
@@ -66,8 +70,10 @@ class Accounting:
             self.events.event(
                 "stream_aborted", logging.WARNING, endpoint=name, reason=reason, detail=str(error)
             )
-        attempts = len(state.outcome.attempts)
-        self.account(flow, result, state.started, upstream.status, name, attempts, upstream.model, spent)
+        attempts, last = len(state.outcome.attempts), parts[-1]
+        self.account(
+            flow, result, state.started, upstream.status, name, attempts, upstream.model, spent, last, reason
+        )
 
     def spent(self, flow: http.HTTPFlow, part: UpstreamResponse) -> Spend:
         """What one endpoint's answer used and cost: counted, and kept in the usage store."""
@@ -96,8 +102,12 @@ class Accounting:
         attempts: int | None = None,
         model: str | None = None,
         spent: list[Spend] | None = None,
+        answer: UpstreamResponse | None = None,
+        broke: str | None = None,
     ) -> None:
-        """One request's outcome: in the metrics, the per-client counts and one log line."""
+        """One request's outcome: in the metrics, the per-client counts, one log line, and the
+        end of its trace, with the answer's last part and why its stream broke, if it did."""
+        self.traces.pop(flow.id).end(result, status, spent or (), answer, broke)
         client = flow.metadata.get(CLIENT_KEY, UNAUTHENTICATED)
         self.metrics.requests.labels(result, client).inc()
         if started is None:

@@ -143,6 +143,7 @@ def continuation(request: ClientRequest, answer: list[dict[str, Any]]) -> Client
         streaming=True,
         model=request.model,
         payload=payload,
+        trace=request.trace,
     )
 
 

@@ -85,6 +85,8 @@ class UpstreamResponse:
     translator: providers.Translator | None = None  # a platform's body into Anthropic's
     url: str = ""  # where the request went, as the platform addresses it
     model: str | None = None  # the model the endpoint was asked for (after the endpoint's `models`)
+    answered_model: str | None = None  # the model the answer names (`message_start`'s, a body's)
+    stop_reason: str | None = None  # why the answer stopped, once it says (`message_delta`'s, a body's)
 
     @property
     def is_event_stream(self) -> bool:
@@ -120,9 +122,15 @@ class UpstreamResponse:
             self.events = None
             return []
         for event in events:
-            if (usage := sse.usage_of(event)) is not None:
-                self.usage.append(usage)
+            if (note := sse.note_of(event)) is not None:
+                self.noted(note)
         return events
+
+    def noted(self, note: sse.Note) -> None:
+        """Keeps what the answer says of itself: its usage, the model that answered, why it stopped."""
+        self.usage.append(note.usage)
+        self.answered_model = note.model or self.answered_model
+        self.stop_reason = note.stop_reason or self.stop_reason
 
     async def read_whole(self, limit: int) -> bytes | None:
         """The body, when it ends cleanly within `limit` bytes.
@@ -155,11 +163,11 @@ class UpstreamResponse:
             return
         decode = sse.decoder_for(header_value(self.headers, b"content-encoding"))
         try:
-            usage = sse.message_usage(decode(bytes(body))) if decode else None
+            note = sse.message_note(decode(bytes(body))) if decode else None
         except Exception:  # a body whose encoding lies: relayed as it is, its usage unknown
-            usage = None
-        if usage is not None:
-            self.usage.append(usage)
+            note = None
+        if note is not None:
+            self.noted(note)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The held bytes, then the rest as it arrives; raises StreamBroken if the upstream fails."""

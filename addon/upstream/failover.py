@@ -95,14 +95,17 @@ class Failover:
         plan.record(state)
         started = time.monotonic()
         probing = state.probe_in_flight
+        traced = request.trace.attempt(state.endpoint, request)
         try:
             judge = functools.partial(self._judge, state, request, plan)
             response = await self.client.send(state.endpoint, request, deadline, judge)
         except AttemptFailed as failure:
             self._attempt_failed(state, failure, plan, outcome, time.monotonic() - started)
             self._release_probe(state, probing)
+            traced.failed(failure, failure.cools)
             raise
-        except BaseException:
+        except BaseException as error:
+            traced.abandoned(error)
             state.released()
             self._release_probe(state, probing)
             raise
@@ -118,6 +121,7 @@ class Failover:
         elif probing:
             self.shared.recovered(state)
         self._release_probe(state, probing)
+        traced.answered(response, bool(until))
         return response
 
     def _release_probe(self, state: EndpointState, probing: bool) -> None:
@@ -161,6 +165,7 @@ class Failover:
 
     async def resume(self, request: ClientRequest, broken: str, reason: Kind) -> UpstreamResponse | None:
         """Continues a stream that broke mid-answer on the next endpoint that answers."""
+        request.trace.resumed(broken, reason)
         if state := self.pool.get(broken):
             self.endpoint_failed(state, AttemptFailed(broken, reason, "stream broke mid-answer"))
         response = (await self.run(request)).response

@@ -2,8 +2,8 @@
 
 The command line and the run: the phases in turn, with the CPU other processes used
 meanwhile, then the description, the table and the notes (and `--json`, every figure).
-`--platforms`, `--fleet` and `--cache-day` run the other benchmarks instead. The exit status is 0 when
-every figure was measured, 1 when a measurement broke.
+`--platforms`, `--fleet`, `--cache-day`, `--otel` and `--restart` run the other benchmarks
+instead. The exit status is 0 when every figure was measured, 1 when a measurement broke.
 """
 
 from __future__ import annotations
@@ -74,6 +74,18 @@ def arguments(argv: list[str] | None) -> argparse.Namespace:
         help="instead: a day of Claude Code sessions with an outage of the primary, and what the "
         "prompt cache made of it under three routings (--quick and --json apply)",
     )
+    instead.add_argument(
+        "--otel",
+        action="store_true",
+        help="instead: the proxy with OpenTelemetry off and on (every request traced), side by "
+        "side: throughput, latency and CPU per request and per relayed event (--quick and --json apply)",
+    )
+    instead.add_argument(
+        "--restart",
+        action="store_true",
+        help="instead: `ccf restart` under long streams and a steady load, against `ccf stop` then "
+        "`ccf start`, counted at the client (--quick and --json apply)",
+    )
     parser.add_argument(
         "--ccr",
         type=Path,
@@ -105,6 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         from . import cache_day
 
         return cache_day.main(passed)
+    if args.otel:
+        from . import otel  # imports opentelemetry-proto, which the rest does without
+
+        return otel.main(passed)
+    if args.restart:
+        from . import restart
+
+        return restart.main(passed)
     if not MITMDUMP.exists():
         print(f"bench: {MITMDUMP} not found; run with the venv's python", file=sys.stderr)
         return 1
