@@ -448,6 +448,10 @@ def test_the_starting_answer_is_a_whole_http_response():
         head.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in head and body == b'{"status": "starting"}'
     )
     assert b"content-length: %d" % len(body) in head
+    ready = asyncio.run(exchange(b"GET /readyz HTTP/1.1\r\nhost: x\r\n\r\n"))
+    assert ready.startswith(b"HTTP/1.1 503 ") and ready.endswith(b'{"status": "starting"}')
+    alive = asyncio.run(exchange(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n"))
+    assert alive.startswith(b"HTTP/1.1 200 ") and alive.endswith(b'{"status": "alive"}')
     probe = asyncio.run(exchange(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n"))
     assert probe.endswith(b"\r\n\r\n")  # a HEAD gets no body
 

@@ -519,9 +519,10 @@ HEAD_LIMIT = 1 << 16
 
 
 async def answer_starting(connection: socket.socket) -> None:
-    """Before any worker serves: a 503 at once, not a wait of seconds. `/health` says
-    `{"status": "starting"}` (a load balancer's check), anything else gets Anthropic's
-    `overloaded_error` with `retry-after: 1`, which clients retry on."""
+    """Before any worker serves: a 503 at once, not a wait of seconds. `/health` and `/readyz`
+    say `{"status": "starting"}` (a load balancer's check), `/livez` answers 200, and
+    anything else gets Anthropic's `overloaded_error` with `retry-after: 1`, which clients
+    retry on."""
     loop = asyncio.get_running_loop()
     with connection:
         connection.setblocking(False)
@@ -533,11 +534,14 @@ async def answer_starting(connection: socket.socket) -> None:
                         break
                     head += data
         method, _, rest = head.partition(b" ")
-        health = rest.split(b" ", 1)[0].split(b"?", 1)[0] == b"/health"
-        body = STARTING_BODY if health else OVERLOADED_BODY
+        path = rest.split(b" ", 1)[0].split(b"?", 1)[0]
+        body = STARTING_BODY if path in (b"/health", b"/readyz") else OVERLOADED_BODY
+        status = b"503 Service Unavailable"
+        if path == b"/livez":  # starting is alive
+            body, status = b'{"status": "alive"}', b"200 OK"
         response = (
-            b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            b"HTTP/1.1 %b\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % (status, len(body))
         )
         with contextlib.suppress(OSError):
             await loop.sock_sendall(connection, response if method == b"HEAD" else response + body)
