@@ -370,6 +370,26 @@ def test_metrics_go_over_otlp_too_and_prometheus_keeps_them(proxy, collector):
 # -- a collector that is away ----------------------------------------------------------------------
 
 
+def test_each_worker_exports_its_spans_with_its_own_instance_id(proxies, upstreams, collector):
+    """With `server.workers`, every worker sends its own spans, told apart by `service.instance.id`."""
+    upstreams[2].reset()
+    workers = proxies(
+        endpoints_config(upstreams[2], server={"workers": 2}, telemetry=telemetry(collector.url))
+    )
+    since = time.time_ns()
+
+    def instances() -> set[str] | None:
+        # each request on a new connection: the supervisor hands them out in turn, once the
+        # second worker serves too (the proxy answers as soon as the first does)
+        assert post(workers).status_code == 200
+        with collector.lock:
+            seen = {s.resource.get("service.instance.id") for s in collector.spans if s.start >= since}
+        return seen if len(seen) >= 2 else None
+
+    found = wait_until(instances, 20, "spans from both workers")
+    assert len(found) == 2 and None not in found
+
+
 def settings(collector: str) -> dict[str, Any]:
     """Spans sent every 50 ms, at most 4 waiting, 300 ms for an export: a dead collector shows fast."""
     return telemetry(collector, maxQueueSize=4, timeout=300)
