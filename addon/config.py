@@ -806,7 +806,7 @@ _SAMPLERS = (
 
 @dataclass(frozen=True)
 class Telemetry:
-    """OpenTelemetry: a trace of each request, and metrics, sent over OTLP/HTTP (ops/telemetry.py).
+    """OpenTelemetry: a trace of each request, and metrics, sent over OTLP/HTTP (telemetry/).
 
     A key left unset leaves the standard `OTEL_*` variable, else the SDK's default, in force;
     one that is set wins over its variable.

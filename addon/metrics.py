@@ -264,7 +264,7 @@ class Metrics:
         )
 
     def _telemetry(self) -> None:
-        """What became of the traces sent over OTLP (ops/telemetry.py)."""
+        """What became of the traces sent over OTLP (telemetry/)."""
         self.spans_dropped = self._counter(
             "telemetry_spans_dropped",
             "Spans not sent to the OpenTelemetry collector because too many were waiting for it "

@@ -29,12 +29,12 @@ from .fleet import workers
 from .fleet.shared_state import Describe, LocalState, RedisState, shared_state
 from .logs import EventLog
 from .metrics import Metrics
-from .ops.telemetry import Telemetry
 from .providers import Provider
 from .state.access import Access
 from .state.endpoints import EndpointPool
 from .state.policy import RetryBudget
 from .state.routing import Router
+from .telemetry.switch import Telemetry
 from .upstream.client import UpstreamClient
 from .upstream.failover import Failover
 

@@ -3,7 +3,7 @@ ended, a stream continued elsewhere, and the request's end.
 
 A request carries its trace (`ClientRequest.trace`), as an httpx request carries a `trace`
 extension that httpcore calls at each step: the failover and the accounting tell it what
-happened, and what records it (ops/telemetry.py, with OpenTelemetry) stays out of their way.
+happened, and what records it (telemetry/, with OpenTelemetry) stays out of their way.
 With telemetry off every request carries `NO_TRACE`, whose methods do nothing, and nothing
 of OpenTelemetry is loaded. This module imports nothing of the proxy when it runs, so that
 every layer may read it.
@@ -12,12 +12,13 @@ every layer may read it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from .config import Endpoint
-    from .cost.spend import Spend
-    from .request import ClientRequest
+# What a trace is told of, named after the proxy's own types but not imported: every layer
+# reads this module, so it may import none of them.
+Endpoint = Any  # config.Endpoint
+Spend = Any  # cost.spend.Spend: what one part of an answer used and cost
+ClientRequest = Any  # request.ClientRequest
 
 
 class Answer(Protocol):

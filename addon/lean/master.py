@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 if not __package__:
     # Run as a script (`python -P master.py`): import the package this file belongs to.
@@ -24,9 +25,8 @@ if not __package__:
     sys.path.insert(0, str(_here.parent.parent))
     __package__ = f"{_here.parent.name}.{_here.name}"
 
-from ..fleet import handover, workers
+from ..fleet import workers
 from ..launch import command
-from ..modes import listen_on
 
 
 def parse(argv: list[str]) -> list[str]:
@@ -49,7 +49,7 @@ async def serve(specs: list[str], *ours: object) -> None:
     from ..proxy import Fallback
     from ..relay import direct
     from . import dispatch as hooks
-    from .succession import Standing, hold, listen
+    from .succession import hold, stand
 
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: termlog_verbosity filters
     for noisy in ("asyncio", "hpack", "quic"):
@@ -61,11 +61,7 @@ async def serve(specs: list[str], *ours: object) -> None:
     hooks.install(lean.addons)
     tls = tlsconfig.TlsConfig()
     ours = ours or (Fallback(inspected=False, direct=True),)
-    standing = None
-    where = listen_on(workers.mode_options(specs), workers.settings(specs).get("listen_host", ""))
-    if isinstance(ours[0], Fallback) and where is not None and workers.ENV_LISTEN not in os.environ:
-        listener, predecessor = listen(where, os.environ.pop(handover.ENV_TAKEOVER, ""))
-        standing = Standing(ours[0], listener, where)
+    standing = stand(specs, ours[0]) if isinstance(ours[0], Fallback) else None
     lean.addons.add(
         termlog.TermLog(),
         core.Core(),
@@ -87,28 +83,35 @@ async def serve(specs: list[str], *ours: object) -> None:
     # A service's log should not grow two lines for every health check or connection;
     # `ccf web` or `mitmdump -s addon/fallback.py` show connection-level detail.
     logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
-        loop.add_signal_handler(signum, lean.shutdown)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    watching: asyncio.Future[None] | None = None
-    if workers.ENV_SUPERVISOR in os.environ:
-        watching = asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
-        if isinstance(ours[0], Fallback):  # a rolling restart: from the start, not once running
-            loop.add_signal_handler(workers.RETIRE_SIGNAL, ours[0].drain.retire, True)
-    elif (line := os.environ.pop(workers.ENV_ANNOUNCE, "")) and isinstance(ours[0], Fallback):
-        watching = asyncio.ensure_future(announce_when(ours[0].ready, line))
+    watching = watch(lean, ours[0])
     # What is loaded by now lives as long as the process: keep it out of the collector's
     # full passes, which otherwise stop every stream for 40-70 ms a few times a minute.
     gc.freeze()
-    holding = asyncio.ensure_future(hold(standing, predecessor)) if standing else None
+    holding = asyncio.ensure_future(hold(standing)) if standing else None
     await lean.run()
     for task in (watching, holding):
         if task is not None:
             task.cancel()
     if standing is not None:
         standing.control.stop()
-    loop.set_exception_handler(quiet_cancellations)
+    asyncio.get_running_loop().set_exception_handler(quiet_cancellations)
+
+
+def watch(lean: Any, ours: object) -> asyncio.Future[None] | None:
+    """Signals, and what a worker or `ccf dev` waits for beside serving."""
+    from ..proxy import Fallback
+
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # SIGTERM becomes a drain once the addon runs
+        loop.add_signal_handler(signum, lean.shutdown)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if workers.ENV_SUPERVISOR in os.environ:
+        if isinstance(ours, Fallback):  # a rolling restart: from the start, not once running
+            loop.add_signal_handler(workers.RETIRE_SIGNAL, ours.drain.retire, True)
+        return asyncio.ensure_future(workers.watch_supervisor(lean.shutdown))
+    if (line := os.environ.pop(workers.ENV_ANNOUNCE, "")) and isinstance(ours, Fallback):
+        return asyncio.ensure_future(announce_when(ours.ready, line))
+    return None
 
 
 async def announce_when(ready: asyncio.Event, line: str) -> None:

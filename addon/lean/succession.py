@@ -16,8 +16,9 @@ from typing import Any
 
 from .. import __version__
 from ..fleet import workers
-from ..fleet.handover import Control, Predecessor, take_port
+from ..fleet.handover import ENV_TAKEOVER, Control, Predecessor, take_port
 from ..fleet.listener import Listener
+from ..modes import listen_on
 from ..proxy import Fallback
 from ..state import carry
 
@@ -25,10 +26,17 @@ from ..state import carry
 class Standing:
     """This process, as its successor sees it."""
 
-    def __init__(self, fallback: Fallback, listener: Listener, address: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        fallback: Fallback,
+        listener: Listener,
+        address: tuple[str, int],
+        predecessor: Predecessor | None,
+    ) -> None:
         self.fallback = fallback
         self.listener = listener
         self.address = address
+        self.predecessor = predecessor  # the process this one takes the port from, if any
         self.control = Control(self, address[1])
 
     def hello(self) -> tuple[dict[str, Any], socket.socket]:
@@ -59,6 +67,16 @@ class Standing:
         }
 
 
+def stand(specs: list[str], fallback: Fallback) -> Standing | None:
+    """This process on the port the `--set` specs name, taken from the predecessor `ccf restart`
+    names, if any; None for a worker (its supervisor holds the port) or without a port."""
+    where = listen_on(workers.mode_options(specs), workers.settings(specs).get("listen_host", ""))
+    if where is None or workers.ENV_LISTEN in os.environ:
+        return None
+    listener, predecessor = listen(where, os.environ.pop(ENV_TAKEOVER, ""))
+    return Standing(fallback, listener, where, predecessor)
+
+
 def listen(where: tuple[str, int], takeover: str) -> tuple[Listener, Predecessor | None]:
     """The port, taken from the predecessor at `takeover` if any, with mitmproxy's server made on
     it and fed by this process's own accept loop."""
@@ -80,9 +98,9 @@ def listen(where: tuple[str, int], takeover: str) -> tuple[Listener, Predecessor
     return listener, predecessor
 
 
-async def hold(standing: Standing, predecessor: Predecessor | None) -> None:
+async def hold(standing: Standing) -> None:
     """Once this process serves: takes the port from `predecessor`, then answers the next successor."""
-    fallback = standing.fallback
+    fallback, predecessor = standing.fallback, standing.predecessor
     # The first to wait for `ready` (this runs before the port takes a connection), so the first
     # woken: the predecessor's cooldowns are in place before any request is served.
     await fallback.ready.wait()

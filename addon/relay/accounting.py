@@ -47,7 +47,7 @@ class Accounting:
         self.events = events
         self.usage = usage
         self.on_spend = on_spend  # told each billed cost (client, USD): the budgets (cost/budgets.py)
-        self.traces = traces  # each request's trace, ended with its request (ops/telemetry.py)
+        self.traces = traces  # each request's trace, ended with its request (telemetry/switch.py)
         self.prices: PriceTable = shipped()  # the runtime's, set as each config is installed
 
     def answered(self, flow: http.HTTPFlow, state: InFlight, error: BaseException | None) -> None:

@@ -51,7 +51,7 @@ from ..metrics import Metrics
 from ..request import ClientRequest
 from ..state.routing import session_of
 from ..tracing import NO_TRACE, Answer, Failed, Trace
-from .otel_metrics import Meters
+from .meters import Meters
 
 SERVICE = "claude-code-fallback"
 # `gen_ai.provider.name` of each platform, as the conventions name them

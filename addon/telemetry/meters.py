@@ -1,6 +1,6 @@
 """Metrics over OTLP, beside Prometheus: the `/metrics` series and the GenAI client metrics.
 
-Loaded only with `telemetry.metrics` (otel_traces.py makes it). The GenAI client metrics of
+Loaded only with `telemetry.metrics` (spans.py makes it). The GenAI client metrics of
 OpenTelemetry's semantic conventions v1.41.0, `gen_ai.client.token.usage` and
 `gen_ai.client.operation.duration`, are the SDK's histograms with the buckets the
 conventions give, recorded as each request ends. The Prometheus series are read from the

@@ -4,7 +4,7 @@
 request its trace, which the failover tells of each attempt and the accounting ends
 (tracing.py says what a trace is told). While `telemetry.enabled` is off, or the standard
 `OTEL_SDK_DISABLED` is set, every request gets `NO_TRACE` and nothing of OpenTelemetry is
-imported: the SDK's side (`otel_traces`, `otel_metrics`) loads with the first config that
+imported: the SDK's side (`spans`, `meters`) loads with the first config that
 turns it on. An SDK is set up once in a process, so a reload that changes the section says
 that the change waits for the next start.
 """
@@ -21,7 +21,7 @@ from ..metrics import Metrics
 from ..tracing import NO_TRACE, Trace
 
 if TYPE_CHECKING:
-    from .otel_traces import Tracer
+    from .spans import Tracer
 
 OPEN_LIMIT = 10_000  # traces of requests not yet ended; past it the oldest is let go unsent
 
@@ -43,7 +43,7 @@ class Telemetry:
             if settings.enabled and disabled_by_environment():
                 self.events.event("telemetry_off", logging.WARNING, reason="OTEL_SDK_DISABLED is set")
             elif settings.enabled:
-                from .otel_traces import Tracer
+                from .spans import Tracer
 
                 self.tracer = Tracer(settings, self.metrics, self.events)
             return
