@@ -301,15 +301,21 @@ def post_status(port: int) -> int:
         connection.close()
 
 
-def test_a_stop_drains_visibly_and_refuses_new_work_cleanly(ccf: Cli, primary: FakeAnthropic) -> None:
-    """Row 59: while a stream finishes, /health and /readyz say draining, new work gets a 503 to retry."""
-    primary.behavior = Behavior(kind="ok", text=WORDS, event_delay=0.1)
+def streaming(ccf: Cli, primary: FakeAnthropic, text: str) -> tuple[int, int, Load]:
+    """`ccf start`, and one stream of `text` (an event every 0.1 s) in flight through it: the
+    port, the proxy's pid, and the load that reads the stream."""
+    primary.behavior = Behavior(kind="ok", text=text, event_delay=0.1)
     port = configured(ccf, primary)
     assert ccf("start").returncode == 0
-    pid = ccf.pid()
     load = Load(port)
     load.run(load.one_stream)
     primary.wait_for_requests(1)
+    return port, ccf.pid(), load
+
+
+def test_a_stop_drains_visibly_and_refuses_new_work_cleanly(ccf: Cli, primary: FakeAnthropic) -> None:
+    """Row 59: while a stream finishes, /health and /readyz say draining, new work gets a 503 to retry."""
+    port, pid, load = streaming(ccf, primary, WORDS)
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: health(port)["status"] == "draining", 10, "the drain to show")
     assert cli_module.fetch(f"http://127.0.0.1:{port}/health")[0] == 503  # type: ignore[index]
@@ -330,13 +336,7 @@ def test_a_stop_drains_visibly_and_refuses_new_work_cleanly(ccf: Cli, primary: F
 
 def test_stop_now_cuts_at_once(ccf: Cli, primary: FakeAnthropic) -> None:
     """Row 60: `ccf stop --now` (or a second SIGTERM) does not wait for answers in flight."""
-    primary.behavior = Behavior(kind="ok", text=" ".join(["w"] * 300), event_delay=0.1)  # 30 s
-    port = configured(ccf, primary)
-    assert ccf("start").returncode == 0
-    pid = ccf.pid()
-    load = Load(port)
-    load.run(load.one_stream)
-    primary.wait_for_requests(1)
+    _, pid, load = streaming(ccf, primary, " ".join(["w"] * 300))  # 30 s
     began = time.monotonic()
     result = ccf("stop", "--now")
     assert result.returncode == 0 and "stopped" in result.stdout, result.stdout

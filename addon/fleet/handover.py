@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..config import default_config_path
+from ..logs import EventLog
 
 ENV_TAKEOVER = "CCF_TAKEOVER"  # set by `ccf restart`: the control socket of the process to replace
 TIMEOUT = 10.0  # for an answer on the control socket; `retire` answers at once
@@ -313,6 +314,15 @@ class Predecessor:
         with contextlib.suppress(OSError, HandoverError):
             await asyncio.to_thread(self.peer.ask, "done")
         self.peer.close()
+
+    async def hand_over(self, control: Control, events: EventLog) -> None:
+        """The end of a takeover: what is left of the old process retires, `control` becomes
+        the port's (before `done`, so that a restart never finds nobody), and the old one
+        goes once idle."""
+        await self.retire_all()
+        control.publish()
+        await self.done()
+        events.event("took_over", pid=self.hello.get("pid"), version=self.hello.get("version"))
 
 
 def take_port(where: tuple[str, int], takeover: str) -> tuple[socket.socket, Predecessor | None]:

@@ -323,12 +323,7 @@ class Supervisor:
             while retired < len(self.serving) and predecessor.left != 0:
                 await predecessor.retire()
                 retired += 1
-        await predecessor.retire_all()
-        self.control.publish()
-        await predecessor.done()
-        self.events.event(
-            "took_over", pid=predecessor.hello.get("pid"), version=predecessor.hello.get("version")
-        )
+        await predecessor.hand_over(self.control, self.events)
 
     def hand(self, connection: socket.socket) -> None:
         """Sends a connection to the serving worker with the fewest open; while none serves (at

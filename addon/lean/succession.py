@@ -109,9 +109,6 @@ async def hold(standing: Standing) -> None:
         runtime = fallback.runtime
         assert runtime is not None
         carry.restore(predecessor.carried, fallback.lasting.pool, runtime.router.sessions)
-        await predecessor.retire_all()
-    standing.control.publish()
-    if predecessor is not None:
-        await predecessor.done()
-        was = predecessor.hello
-        fallback.lasting.events.event("took_over", pid=was.get("pid"), version=was.get("version"))
+        await predecessor.hand_over(standing.control, fallback.lasting.events)
+    else:
+        standing.control.publish()
